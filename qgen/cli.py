@@ -1,0 +1,69 @@
+"""``python -m qgen``: a LightningCLI whose stage is chosen by the module class.
+
+    python -m qgen fit --config configs/sft.yaml
+    python -m qgen fit --config configs/sft.yaml --ckpt_path last          # resume the newest run
+    python -m qgen fit --model qgen.SFTModule --print_config > my.yaml      # a complete config
+
+``--ckpt_path last`` is resolved to ``lightning_logs/version_N/checkpoints/last.ckpt`` of the newest
+version that has one (the logger's ``save_dir``), so resuming needs no path typing.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import ArgsType, LightningCLI
+
+import callbacks  # noqa: F401  (registers callback classes for `trainer.callbacks` in YAML)
+from qgen.data import QuestionDataModule
+from qgen.records import DataError
+
+
+def find_last_checkpoint(root: str = "lightning_logs") -> str:
+    """The newest ``version_N/checkpoints/last.ckpt`` under ``root``."""
+    found = glob.glob(os.path.join(root, "**", "checkpoints", "last.ckpt"), recursive=True)
+    if not found:
+        raise FileNotFoundError(f"--ckpt_path last: no last.ckpt under {root}/; run `fit` first or give a path")
+    return max(found, key=os.path.getmtime)
+
+
+class QGenCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer")
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path") == "last":
+            config = self.config[subcommand]
+            save_dir = config.trainer.default_root_dir or "."
+            logger = config.trainer.get("logger")
+            if hasattr(logger, "init_args") and logger.init_args.get("save_dir"):
+                save_dir = logger.init_args.save_dir
+            elif save_dir == ".":
+                save_dir = "lightning_logs"
+            config.ckpt_path = find_last_checkpoint(save_dir)
+            print(f"resuming from {config.ckpt_path}")
+        super()._parse_ckpt_path()
+
+
+def cli_main(args: ArgsType = None, run: bool = True) -> QGenCLI:
+    return QGenCLI(
+        LightningModule,
+        QuestionDataModule,
+        subclass_mode_model=True,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+def main() -> None:
+    try:
+        cli_main()
+    except DataError as err:  # bad input: one clear line, not a traceback
+        print(f"qgen: data error: {err}", file=sys.stderr)
+        sys.exit(2)

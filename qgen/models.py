@@ -1,0 +1,242 @@
+"""Backbone loading in one place: HF causal LMs, LoRA / QLoRA via peft + bitsandbytes, and the embedded default.
+
+The *embedded default* (``model_name_or_path: null``) is a tiny Qwen3-architecture model with random
+weights from a fixed seed and a byte-level BPE tokenizer trained on the project's bundled ``data/`` with a
+Qwen-style chat template. It is built offline on first use and cached (``$QGEN_CACHE`` or
+``~/.cache/qgen``), keyed by a hash of the bundled data and the build settings, so every process of a
+run (DDP ranks included) loads the very same files. Nothing on this path touches the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+BUNDLED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+EMBEDDED_VERSION = 2  # bump when the build below changes
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapter settings (peft).
+
+    Args:
+        r: rank of the update matrices.
+        alpha: scaling numerator (the update is scaled by alpha / r).
+        dropout: dropout on the adapter input.
+        target_modules: module names to adapt, or "all-linear".
+    """
+
+    r: int = 32
+    alpha: int = 64
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+
+
+@dataclass
+class EmbeddedSpec:
+    """Shape of the embedded default model (a tiny Qwen3)."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 64
+    max_position_embeddings: int = 2048
+    seed: int = 1234
+
+
+def cache_root() -> str:
+    return os.environ.get("QGEN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qgen")
+
+
+def _bundled_files(data_dir: str) -> list[str]:
+    files = sorted(glob.glob(os.path.join(data_dir, "*.jsonl")))
+    if not files:
+        raise FileNotFoundError(f"no bundled *.jsonl question files in {data_dir}: the embedded default is built from them")
+    return files
+
+
+def embedded_path(spec: EmbeddedSpec | None = None, data_dir: str = BUNDLED_DATA) -> str:
+    """Folder of the embedded default model + tokenizer, built on first call (process-safe)."""
+    spec = spec or EmbeddedSpec()
+    digest = hashlib.sha256(json.dumps([EMBEDDED_VERSION, vars(spec)]).encode())
+    for f in _bundled_files(data_dir):
+        with open(f, "rb") as fh:
+            digest.update(fh.read())
+    path = os.path.join(cache_root(), f"embedded-{digest.hexdigest()[:16]}")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    os.makedirs(cache_root(), exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # DDP ranks and parallel tests wait for one builder
+        if not os.path.exists(os.path.join(path, "config.json")):
+            tmp = tempfile.mkdtemp(dir=cache_root(), prefix=".build-")
+            _build_embedded(tmp, spec, data_dir)
+            os.replace(tmp, path)
+    return path
+
+
+def _corpus(data_dir: str) -> list[str]:
+    """Training text for the tokenizer: bundled records rendered exactly as the SFT examples see them."""
+    from qgen.records import read_source
+    from qgen.tasks import TASKS, prompt_messages, target_text
+
+    texts = []
+    for rec in read_source("jsonl", data_dir).records:
+        for task in TASKS:
+            messages = prompt_messages(task, rec, partner=rec) + [{"role": "assistant", "content": target_text(rec)}]
+            texts.extend(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return texts
+
+
+def _build_embedded(out: str, spec: EmbeddedSpec, data_dir: str) -> None:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    bpe = Tokenizer(models.BPE())
+    # Han characters and digits stand alone (as in Qwen's splitting of digits), so a small corpus cannot
+    # fuse whole Chinese sentences into single tokens; words and merges form inside the byte-level pieces.
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[\u3400-\u9fff\uf900-\ufaff]|\d"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(_corpus(data_dir), trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"]
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    config = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        head_dim=spec.head_dim,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
+    with _fork_rng(spec.seed):
+        model = Qwen3ForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _fork_rng(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def resolve(model_name_or_path: str | None) -> str:
+    """The folder or hub id to load: the embedded default when ``None``."""
+    return embedded_path() if model_name_or_path is None else model_name_or_path
+
+
+def load_tokenizer(model_name_or_path: str | None, padding_side: Literal["left", "right"] = "right"):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve(model_name_or_path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        raise ValueError(f"tokenizer of {model_name_or_path!r} has no chat template; qgen needs one to build prompts")
+    tok.padding_side = padding_side
+    return tok
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_causal_lm(
+    model_name_or_path: str | None,
+    lora: LoraSpec | None = None,
+    quantization: Literal["nf4", "int8"] | None = None,
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    gradient_checkpointing: bool = False,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Load a causal LM, optionally quantized (bitsandbytes) and wrapped with a LoRA adapter (peft).
+
+    Quantized weights are loaded straight onto ``device`` (bitsandbytes quantizes on load); everything
+    else is loaded on CPU and moved by Lightning.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if quantization is not None and lora is None:
+        raise ValueError("quantization (QLoRA) needs a LoRA adapter: quantized base weights cannot be trained")
+    kwargs: dict = {"dtype": _DTYPES[dtype]}
+    if quantization is not None:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quantization == "nf4",
+            load_in_8bit=quantization == "int8",
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_DTYPES[dtype],
+        )
+        kwargs["device_map"] = {"": str(device or "cpu")}
+    model = AutoModelForCausalLM.from_pretrained(resolve(model_name_or_path), **kwargs)
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"
+        )
+        model = get_peft_model(model, config)
+        if gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as it finds them
+
+
+def trainable_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Only the entries of ``state_dict`` that belong to trainable parameters (LoRA weights under LoRA)."""
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state_dict.items() if k in names}
+
+
+def copy_embedded(dst: str) -> str:
+    """Copy the embedded default's files to ``dst`` (used by tests that need a private copy)."""
+    shutil.copytree(embedded_path(), dst, dirs_exist_ok=True)
+    return dst

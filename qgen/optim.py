@@ -1,0 +1,37 @@
+"""Learning-rate schedule shared by every stage: linear warmup, then cosine decay to a floor."""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+
+class WarmupCosineLR(LRScheduler):
+    """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` x the base LR.
+
+    Args:
+        optimizer: the wrapped optimizer.
+        warmup_steps: optimizer steps of linear warmup from 0.
+        total_steps: optimizer steps of the whole run; ``null`` = the trainer's estimate
+            (``trainer.estimated_stepping_batches``), filled in by the module.
+        min_lr_ratio: the LR at the end of the decay, as a fraction of the base LR.
+    """
+
+    def __init__(self, optimizer: Optimizer, warmup_steps: int = 10, total_steps: int | None = None,
+                 min_lr_ratio: float = 0.1, last_epoch: int = -1):  # fmt: skip
+        if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
+            raise ValueError("scheduler: warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
+        self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        total = self.total_steps or (self.warmup_steps + 1)
+        progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def get_lr(self) -> list[float]:
+        return [base * self.factor(self.last_epoch) for base in self.base_lrs]

@@ -1,0 +1,127 @@
+"""Stage 1, supervised fine-tuning: assistant-only cross-entropy on the question-bank task mixture.
+
+The loss of an optimizer step is the token mean over *all* its target tokens (every accumulated
+micro-batch, every rank): the data pipeline attaches the step's token count to each micro-batch
+(``step_tokens``), so ``accumulate_grad_batches=4`` with batch 2 equals batch 8 exactly. Logits are only
+computed for target positions, in checkpointed chunks (:func:`qgen.losses.token_nll`).
+
+Checkpoints hold the trainable weights only (the LoRA adapter under LoRA / QLoRA), the optimizer and
+scheduler state, the data position and the RNG states, so ``--ckpt_path last`` continues the exact run.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import SumMetric
+
+from qgen.checkpointing import get_rng_states, set_rng_states
+from qgen.losses import token_nll
+from qgen.models import LoraSpec, load_causal_lm, trainable_state_dict
+from qgen.optim import WarmupCosineLR
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+
+
+def default_scheduler(optimizer: torch.optim.Optimizer) -> WarmupCosineLR:
+    return WarmupCosineLR(optimizer)
+
+
+class SFTModule(L.LightningModule):
+    """Supervised fine-tuning of a causal LM (full, LoRA or QLoRA).
+
+    Args:
+        model_name_or_path: local HF folder or hub id; ``null`` = the embedded default tiny Qwen3.
+        lora: LoRA adapter settings; ``null`` = full fine-tuning.
+        quantization: ``nf4`` or ``int8`` base weights via bitsandbytes (QLoRA; needs ``lora``).
+        dtype: dtype of the base weights.
+        gradient_checkpointing: recompute activations in backward to save memory.
+        optimizer: optimizer factory (default AdamW, lr 2e-4).
+        scheduler: LR scheduler factory (default warmup + cosine; ``total_steps`` from the trainer).
+        loss_chunk_size: target tokens per output-layer chunk in the loss.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        lora: LoraSpec | None = LoraSpec(),
+        quantization: Literal["nf4", "int8"] | None = None,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        gradient_checkpointing: bool = False,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable = default_scheduler,
+        loss_chunk_size: int = 1024,
+    ):
+        super().__init__()
+        if quantization is not None and lora is None:
+            raise ValueError("model.quantization needs model.lora: quantized base weights cannot be fully fine-tuned")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.lora = LoraSpec(**lora) if isinstance(lora, dict) else lora
+        self.model: torch.nn.Module | None = None
+        self.strict_loading = False  # checkpoints hold trainable weights only
+        self.val_nll, self.val_tokens = SumMetric(), SumMetric()
+        self._step_started = 0.0
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        self.model = load_causal_lm(hp.model_name_or_path, self.lora, hp.quantization, hp.dtype,
+                                    hp.gradient_checkpointing, device=device)  # fmt: skip
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def nll(self, batch: dict[str, torch.Tensor], normalizer=None):
+        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"])
+        head = self.model.get_output_embeddings().weight
+        return token_nll(hidden, head, batch["labels"], normalizer, self.hparams.loss_chunk_size)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.nll(batch, batch.get("step_tokens"))
+        self.log("train/loss", out.loss, prog_bar=True)
+        self.log("train/token_nll", out.nll_sum / out.tokens.clamp(min=1))
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return out.loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._step_started
+        self.log("train/tokens_per_s", batch["attention_mask"].sum().item() / max(elapsed, 1e-9), prog_bar=True)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self.nll(batch)
+        self.val_nll.update(out.nll_sum)
+        self.val_tokens.update(out.tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_nll.compute() / self.val_tokens.compute().clamp(min=1)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(loss))
+        self.val_nll.reset(), self.val_tokens.reset()
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        scheduler = self.scheduler_factory(optimizer)
+        if getattr(scheduler, "total_steps", 0) is None:
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
+        checkpoint["rng_states"] = get_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
