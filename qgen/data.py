@@ -7,9 +7,9 @@ template and tokenized once, with the loss on assistant tokens only.
 
 Two details make training exact rather than approximately right:
 
-- **Resumable order.** The train sampler's order is a pure function of (seed, epoch); the DataModule's
-  ``state_dict`` records how many batches of the epoch were consumed, and on ``--ckpt_path`` resume the
-  sampler starts after them instead of re-reading the epoch from its first batch.
+- **Resumable order.** The train sampler's order is a pure function of (seed, epoch); the train loader's
+  ``state_dict`` (in the checkpoint) records how many batches of the epoch were consumed, and on
+  ``--ckpt_path`` resume the sampler starts after them instead of re-reading the epoch from its start.
 - **Token-exact gradient accumulation.** Each sample carries the number of target tokens in its whole
   optimizer step (all micro-batches, all ranks), so the loss is normalised by the step's token count: an
   accumulated step of 4 x 2 gives the same gradient as one batch of 8 (the per-micro-batch mean does not).
@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 from collections import Counter
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -140,6 +141,29 @@ class ResumableSampler(DistributedSampler):
         return order
 
 
+class StatefulDataLoader(DataLoader):
+    """A DataLoader that Lightning treats as resumable (its ``_Stateful`` protocol).
+
+    Its state is the number of batches of the current epoch that the trainer consumed (read from the
+    trainer's progress counters, so prefetched batches do not count); ``load_state_dict`` makes the
+    :class:`ResumableSampler` start after them.
+    """
+
+    def __init__(self, *args: Any, progress: Any = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.progress = progress  # () -> (epoch, batches consumed in it)
+
+    def state_dict(self) -> dict[str, int]:
+        if self.progress is None:
+            return {}
+        epoch, batches = self.progress()
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if "epoch" in state and isinstance(self.sampler, ResumableSampler):
+            self.sampler.resume_at(state["epoch"], state["batches"])
+
+
 def _resolve_path(path: str) -> str:
     """Relative paths are read from the working directory, else from the project root."""
     if os.path.isabs(path) or os.path.exists(path) or any(c in path for c in "*?["):
@@ -202,7 +226,6 @@ class QuestionDataModule(L.LightningDataModule):
         self.records: dict[str, list[Question]] | None = None
         self.datasets: dict[str, TokenizedDataset] = {}
         self.summary: dict[str, Any] = {}
-        self._resume: tuple[int, int] | None = None
         self.tokenizer = None
 
     # -------------------------------------------------------------------------------------------- loading
@@ -268,24 +291,32 @@ class QuestionDataModule(L.LightningDataModule):
 
     def _write_summary(self) -> None:
         trainer = self.trainer
+        log_dir = trainer.log_dir if trainer is not None else None  # a collective under DDP: every rank calls it
         if trainer is not None and trainer.global_rank != 0:
             return
         print("data summary:\n" + json.dumps(self.summary, indent=2, ensure_ascii=False))
-        log_dir = trainer.log_dir if trainer is not None else None
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
             with open(os.path.join(log_dir, "data_summary.json"), "w", encoding="utf-8") as fh:
                 json.dump(self.summary, fh, indent=2, ensure_ascii=False)
 
     # ---------------------------------------------------------------------------------------- dataloaders
-    def _loader(self, dataset: Dataset, sampler=None) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: Dataset, sampler=None, cls: type[DataLoader] = DataLoader, **kwargs: Any) -> DataLoader:
+        return cls(
             dataset,
             batch_size=self.hparams.batch_size,
             sampler=sampler,
-            collate_fn=lambda items: collate(items, self.tokenizer.pad_token_id),
+            collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id),
             num_workers=self.hparams.num_workers,
+            # a private generator: creating an iterator must not draw from the global RNG, or a resumed
+            # run's dropout masks would differ from the uninterrupted run's
+            generator=torch.Generator().manual_seed(self.hparams.seed),
+            **kwargs,
         )
+
+    def _progress(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.ready
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -297,25 +328,10 @@ class QuestionDataModule(L.LightningDataModule):
             rank=trainer.global_rank if trainer else 0,
             seed=self.hparams.seed,
         )
-        if self._resume is not None:
-            sampler.resume_at(*self._resume)
-            self._resume = None
-        return self._loader(self.datasets["train"], sampler)
+        return self._loader(self.datasets["train"], sampler, StatefulDataLoader, progress=self._progress)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.datasets.get("val") or self.datasets["train"])
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.datasets.get("test") or self.datasets.get("val") or self.datasets["train"])
-
-    # ----------------------------------------------------------------------------------------- resumption
-    def state_dict(self) -> dict[str, Any]:
-        trainer = self.trainer
-        if trainer is None:
-            return {}
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": trainer.current_epoch, "batches": progress.ready}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "epoch" in state:
-            self._resume = (int(state["epoch"]), int(state["batches"]))

@@ -51,7 +51,7 @@ def token_nll(
     keep = targets != IGNORE_INDEX  # [B, T-1]
     h = hidden[:, :-1][keep]  # [N, H]
     y = targets[keep]  # [N]
-    total = hidden.new_zeros((), dtype=torch.float32)  # []
+    total = hidden[:, :0].sum().float()  # [] zero, but part of the graph: all-masked batches backprop zeros
     for start in range(0, y.numel(), chunk_size):
         part = (h[start : start + chunk_size], lm_head_weight, y[start : start + chunk_size])
         total = total + (checkpoint(_chunk_nll_sum, *part, use_reentrant=False) if h.requires_grad else _chunk_nll_sum(*part))

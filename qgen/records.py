@@ -210,8 +210,9 @@ def _convert_tal(rec: dict, where: str, ctx: str) -> dict:
     )
 
 
-def convert_mapped(rec: dict, where: str, mapping: dict[str, str]) -> dict:
-    """Map a generic JSON object onto the schema: ``mapping`` is ``{schema_field: source_field}``."""
+def convert_mapped(rec: dict, where: str, mapping: dict[str, str], defaults: dict[str, Any] | None = None) -> dict:
+    """Map a generic JSON object onto the schema: ``mapping`` is ``{schema_field: source_field}``; ``defaults``
+    fill the fields the object lacks, before the built-in fallbacks (language detected, math, problem)."""
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     get = {name: rec.get(mapping.get(name, name)) for name in Question.__dataclass_fields__}
@@ -226,6 +227,8 @@ def convert_mapped(rec: dict, where: str, mapping: dict[str, str]) -> dict:
         out["knowledge"] = [out["knowledge"]]
     if "difficulty" in out:
         out["difficulty"] = float(out["difficulty"])
+    for key, value in (defaults or {}).items():
+        out.setdefault(key, value)
     out.setdefault("id", where)
     out.setdefault("language", detect_language(out["question"]))
     out.setdefault("subject", "math")
@@ -301,7 +304,7 @@ def read_source(
     for where, rec, ctx in raw:
         try:
             if convert is None:
-                fields = convert_mapped(rec, where, mapping or {})
+                fields = convert_mapped(rec, where, mapping or {}, defaults)
             else:
                 if not isinstance(rec, dict):
                     raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")

@@ -12,6 +12,7 @@ scheduler state, the data position and the RNG states, so ``--ckpt_path last`` c
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning as L
@@ -64,6 +65,7 @@ class SFTModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.lora = LoraSpec(**lora) if isinstance(lora, dict) else lora
+        self.hparams["lora"] = asdict(self.lora) if self.lora is not None else None  # plain values in checkpoints
         self.model: torch.nn.Module | None = None
         self.strict_loading = False  # checkpoints hold trainable weights only
         self.val_nll, self.val_tokens = SumMetric(), SumMetric()

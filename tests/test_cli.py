@@ -1,0 +1,122 @@
+"""The CLI end to end: every config parses, SFT trains and resumes exactly, bad input fails cleanly, DDP runs."""
+
+import glob
+import json
+import os
+
+import pytest
+from conftest import CONFIGS, ROOT, SHARED, needs_shared, run_qgen, scalars, write_jsonl
+
+from qgen.cli import cli_main
+
+STAGE_CONFIGS = sorted(p for p in glob.glob(os.path.join(CONFIGS, "*.yaml")))
+OVERLAYS = sorted(glob.glob(os.path.join(CONFIGS, "*", "*.yaml")))
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def _print_config(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", STAGE_CONFIGS, ids=os.path.basename)
+def test_stage_config_parses_and_round_trips(config, capsys, tmp_path):
+    printed = _print_config(["--config", config], capsys)
+    assert "class_path: qgen." in printed and "ModelCheckpoint" in printed and "save_last: true" in printed
+    (tmp_path / "printed.yaml").write_text(printed)
+    assert _print_config(["--config", str(tmp_path / "printed.yaml")], capsys) == printed
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=os.path.basename)
+def test_overlay_composes_with_every_stage(overlay, capsys):
+    for config in STAGE_CONFIGS:
+        assert "sources:" in _print_config(["--config", config, "--config", overlay], capsys)
+
+
+def test_unknown_option_is_rejected(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", os.path.join(CONFIGS, "sft.yaml"), "--model.init_args.lora_rank=4"])
+    assert exit_info.value.code != 0
+    assert "lora_rank" in capsys.readouterr().err
+
+
+def _sft_args(save_dir, steps, *extra):
+    return ["fit", "--config", os.path.join(CONFIGS, "sft.yaml"), f"--trainer.max_steps={steps}",
+            f"--trainer.logger.init_args.save_dir={save_dir}", "--trainer.log_every_n_steps=1",
+            "--trainer.val_check_interval=1000", "--trainer.limit_val_batches=0", *QUIET, *extra]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """20 steps straight == 10 steps, then `--ckpt_path last` for 10 more: same train loss at every step."""
+    ckpt_every = ["--trainer.callbacks.init_args.every_n_train_steps=10"]
+    cli_main(_sft_args(tmp_path / "straight", 20, *ckpt_every))
+    cli_main(_sft_args(tmp_path / "split", 10, *ckpt_every))
+    cli_main(_sft_args(tmp_path / "split", 20, *ckpt_every, "--ckpt_path", "last"))
+    straight = scalars(tmp_path / "straight" / "lightning_logs" / "version_0", "train/loss")
+    first = scalars(tmp_path / "split" / "lightning_logs" / "version_0", "train/loss")
+    second = scalars(tmp_path / "split" / "lightning_logs" / "version_1", "train/loss")
+    assert sorted(first) == list(range(10)) and sorted(second) == list(range(10, 20))
+    resumed = {**first, **second}
+    for step in range(20):
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
+
+
+@pytest.mark.slow
+def test_sft_cli_trains_and_writes_run_files(tmp_path):
+    proc = run_qgen(_sft_args(tmp_path, 30)[0:] + ["--trainer.limit_val_batches=4", "--trainer.val_check_interval=30"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "lightning_logs" / "version_0"
+    for name in ("config.yaml", "data_summary.json", "hparams.yaml", "checkpoints/last.ckpt"):
+        assert (run / name).is_file(), name
+    assert glob.glob(str(run / "events.out.tfevents.*"))
+    loss = scalars(run, "train/loss")
+    first, last = sum(loss[s] for s in range(5)) / 5, sum(loss[s] for s in range(25, 30)) / 5
+    print(f"train/loss: first 5 steps {first:.3f}, last 5 steps {last:.3f}")
+    assert last < first - 0.5
+    for tag in ("train/lr", "train/tokens_per_s", "val/loss", "val/ppl"):
+        assert scalars(run, tag), tag
+
+
+@pytest.mark.slow
+def test_broken_jsonl_fails_with_file_and_line_and_keeps_earlier_runs(tmp_path):
+    earlier = tmp_path / "lightning_logs" / "version_0"
+    earlier.mkdir(parents=True)
+    (earlier / "metrics.txt").write_text("earlier run")
+    good = {"question": "What is 1+1?", "answer": "2"}
+    bad = write_jsonl(tmp_path / "broken.jsonl", [good, good, '{"question": "oops", "answer": '])
+    proc = run_qgen(_sft_args(tmp_path, 2, f'--data.sources=[{{"format": "jsonl", "path": "{bad}"}}]'))
+    assert proc.returncode != 0
+    assert "broken.jsonl, line 3: malformed JSON" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (earlier / "metrics.txt").read_text() == "earlier run"
+    assert os.listdir(tmp_path / "lightning_logs") == ["version_0"]  # no half-made run either
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path):
+    proc = run_qgen(_sft_args(tmp_path, 3, "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
+                              "--data.batch_size=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert sorted(scalars(run, "train/loss")) == [0, 1, 2]
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+@needs_shared
+def test_shared_overlay_summary_reports_exact_record_counts(tmp_path):
+    proc = run_qgen(_sft_args(tmp_path, 1, "--config", os.path.join(CONFIGS, "data", "shared.yaml")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "lightning_logs" / "version_0" / "data_summary.json").read_text())
+    n_gaokao = sum(len(json.load(open(p, encoding="utf-8"))["example"])
+                   for p in glob.glob(os.path.join(SHARED, "gaokao_bench", "*", "*.json")))
+    count = lambda p: sum(1 for line in open(os.path.join(SHARED, p), encoding="utf-8") if line.strip())  # noqa: E731
+    assert summary["records_per_source"] == {
+        "math-train": count("math/train.jsonl"),
+        "gaokao-bench": n_gaokao,
+        "tal-scq5k-zh-train": count("tal_scq5k/ch_single_choice_constructed_5K/ch_single_choice_train_3K.jsonl"),
+        "tal-scq5k-en-train": count("tal_scq5k/en_single_choice_constructed_5K/en_single_choice_train_3K.jsonl"),
+    }
+    assert summary["split"]["train"] + summary["split"]["val"] == sum(summary["records_per_source"].values())

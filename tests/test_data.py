@@ -1,0 +1,104 @@
+import os
+
+import pytest
+import torch
+from conftest import write_jsonl
+
+from qgen.data import IGNORE_INDEX, QuestionDataModule, ResumableSampler, TokenizedDataset, collate, split_of
+from qgen.records import DataError, Question
+from qgen.tasks import target_text
+
+
+@pytest.fixture(scope="module")
+def dm():
+    module = QuestionDataModule(batch_size=4, max_length=256, val_fraction=0.1, test_fraction=0.05)
+    module.setup("fit")
+    return module
+
+
+def test_labels_cover_the_assistant_reply_only(dm):
+    tok = dm.tokenizer
+    ds = dm.datasets["train"]
+    for i in range(5):
+        ex, ids, labels = ds.examples[i], ds.input_ids[i], ds.labels[i]
+        first = next(k for k, t in enumerate(labels) if t != IGNORE_INDEX)
+        prompt = tok.decode(ids[:first])
+        assert prompt.endswith("<|im_start|>assistant\n") and ex.messages[1]["content"] in prompt
+        reply = tok.decode([t for t in labels if t != IGNORE_INDEX])
+        assert len(reply) > 20 and (target_text(ex.record) + "<|im_end|>\n").startswith(reply)
+
+
+def test_split_is_deterministic_and_disjoint(dm):
+    split = dm.load_records()
+    ids = {k: {(r.source, r.id) for r in v} for k, v in split.items()}
+    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"]
+    assert len(split["val"]) > 0 and len(split["test"]) > 0
+    rec = split["val"][0]
+    assert split_of(rec, 42, 0.1, 0.05) == "val" and split_of(rec, 42, 0.1, 0.05) == split_of(rec, 42, 0.1, 0.05)
+
+
+def test_summary_counts(dm):
+    s = dm.summary
+    assert s["records_per_source"] == {"jsonl:data": 716}
+    assert sum(s["split"].values()) == 716
+    assert sum(v for k, v in s["examples_per_task"].items() if k.startswith("train/")) == len(dm.datasets["train"])
+
+
+def test_truncation_is_counted(tmp_path):
+    long = {"question": "Why? " * 200, "answer": "Because.", "analysis": "Since " * 50}
+    path = write_jsonl(tmp_path / "l.jsonl", [long, {"question": "Short?", "answer": "Yes."}] * 4)
+    module = QuestionDataModule(sources=[{"format": "jsonl", "path": path}], max_length=64, val_fraction=0.0)
+    module.setup("fit")
+    assert sum(module.summary["truncated"].values()) + sum(module.summary["dropped_prompt_too_long"].values()) == 4
+    assert max(len(x) for x in module.datasets["train"].input_ids) <= 64
+
+
+def test_bad_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="data.sources"):
+        QuestionDataModule(sources=[{"path": "x"}])
+    with pytest.raises(ValueError, match="task_mixture"):
+        QuestionDataModule(task_mixture={"novel": 1.0})
+    module = QuestionDataModule(sources=[{"format": "jsonl", "path": str(tmp_path / "missing.jsonl")}])
+    with pytest.raises(DataError, match="missing.jsonl"):
+        module.prepare_data()
+
+
+def _dataset(n, tokens_per_example):
+    ex = [None] * n
+    labels = [[IGNORE_INDEX] + [1] * tokens_per_example[i] for i in range(n)]
+    return TokenizedDataset(ex, [[0] * len(lab) for lab in labels], labels)
+
+
+def test_sampler_step_tokens_and_resume():
+    ds = _dataset(10, list(range(1, 11)))
+    sampler = ResumableSampler(ds, batch_size=2, accumulate=2, seed=5)
+    sampler.set_epoch(1)
+    full = list(sampler)
+    order = [i for i, _ in full]
+    assert sorted(order) == list(range(10))
+    # windows of 4 samples: step_tokens = the window's target tokens / accumulate (1 rank)
+    for w in range(0, 10, 4):
+        window = full[w : w + 4]
+        expected = sum(ds.target_tokens[i] for i, _ in window) / 2
+        assert all(abs(st - expected) < 1e-9 for _, st in window)
+    sampler.resume_at(epoch=1, batches=3)
+    assert list(sampler) == full[6:]  # starts after the 3 consumed batches, same step_tokens
+    assert list(sampler) == full  # the skip applies once
+
+
+def test_sampler_shards_across_ranks():
+    ds = _dataset(9, [3] * 9)
+    shards = [list(ResumableSampler(ds, batch_size=2, accumulate=1, num_replicas=2, rank=r, seed=1)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 5
+    assert {i for s in shards for i, _ in s} == set(range(9))
+    # step_tokens is global: (tokens of both ranks' micro-batches) / (2 ranks x 1)
+    assert shards[0][0][1] == shards[1][0][1] == (4 * 3) / 2
+
+
+def test_collate_pads_right():
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "index": 0, "step_tokens": 2.0},
+                     {"input_ids": [8], "labels": [-100], "index": 1, "step_tokens": 2.0}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["step_tokens"].item() == 2.0
