@@ -67,6 +67,7 @@ class TokenizedDataset(Dataset):
     def __init__(self, examples: list[Example], input_ids: list[list[int]], labels: list[list[int]]):
         self.examples, self.input_ids, self.labels = examples, input_ids, labels
         self.target_tokens = [sum(t != IGNORE_INDEX for t in lab) for lab in labels]
+        self.lengths = [len(x) for x in input_ids]
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -106,10 +107,12 @@ class ResumableSampler(DistributedSampler):
     step's exact token-mean.
     """
 
+    GROUP_CHUNK = 32  # global batches sorted together when grouping by length
+
     def __init__(self, dataset: TokenizedDataset, batch_size: int, accumulate: int, num_replicas: int = 1,
-                 rank: int = 0, shuffle: bool = True, seed: int = 0):  # fmt: skip
+                 rank: int = 0, shuffle: bool = True, seed: int = 0, group_by_length: bool = False):  # fmt: skip
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
-        self.batch_size, self.accumulate = batch_size, accumulate
+        self.batch_size, self.accumulate, self.group_by_length = batch_size, accumulate, group_by_length
         self.target_tokens = dataset.target_tokens
         self.resume_epoch, self.resume_skip = -1, 0
 
@@ -131,14 +134,37 @@ class ResumableSampler(DistributedSampler):
                 yield local[pos], step_tokens
 
     def _global_order(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)
-            order = torch.randperm(len(self.dataset), generator=g).tolist()
-        else:
+        if not self.shuffle:
             order = list(range(len(self.dataset)))
+            return order + order[: self.total_size - len(order)]
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=g).tolist()
         order += order[: self.total_size - len(order)]  # pad as DistributedSampler does
+        if self.group_by_length:
+            order = self._group(order, g)
         return order
+
+    def _group(self, order: list[int], g: torch.Generator) -> list[int]:
+        """Length-grouped batches: within chunks of ``GROUP_CHUNK`` global batches, sort by length and cut
+        into batches (one per rank in turn), then shuffle the batches. Padding shrinks to a few tokens per
+        batch while the order stays random at the batch level."""
+        global_batch = self.batch_size * self.num_replicas
+        chunk = global_batch * self.GROUP_CHUNK
+        lengths = self.dataset.lengths
+        out: list[int] = []
+        for start in range(0, len(order), chunk):
+            part = sorted(order[start : start + chunk], key=lambda i: -lengths[i])
+            # batch k of rank r takes part[(k * R + r) * bs : ...]: consecutive lengths land in one batch
+            batches = [part[b : b + global_batch] for b in range(0, len(part), global_batch)]
+            perm = torch.randperm(len(batches), generator=g).tolist()
+            for k in perm:
+                rows = batches[k]
+                # interleave so that the rank-strided split of DistributedSampler gives each rank a contiguous run
+                per_rank = [rows[r * self.batch_size : (r + 1) * self.batch_size] for r in range(self.num_replicas)]
+                out.extend(i for j in range(self.batch_size) for r in range(self.num_replicas) if j < len(per_rank[r])
+                           for i in [per_rank[r][j]])  # fmt: skip
+        return out
 
 
 class StatefulDataLoader(DataLoader):
@@ -188,6 +214,8 @@ class QuestionDataModule(L.LightningDataModule):
         test_fraction: share of records held out for testing.
         seed: seed of the split, the task assignment and the sampling order.
         skip_invalid: skip records with missing fields in every source (counted) instead of failing.
+        group_by_length: batch training examples of similar length (random order of batches), which
+            cuts padding; ``false`` = plain shuffling.
         num_workers: DataLoader workers.
     """
 
@@ -203,6 +231,7 @@ class QuestionDataModule(L.LightningDataModule):
         test_fraction: float = 0.0,
         seed: int = 42,
         skip_invalid: bool = False,
+        group_by_length: bool = True,
         num_workers: int = 0,
     ):
         super().__init__()
@@ -327,6 +356,7 @@ class QuestionDataModule(L.LightningDataModule):
             num_replicas=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0,
             seed=self.hparams.seed,
+            group_by_length=self.hparams.group_by_length,
         )
         return self._loader(self.datasets["train"], sampler, StatefulDataLoader, progress=self._progress)
 

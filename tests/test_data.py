@@ -102,3 +102,20 @@ def test_collate_pads_right():
     assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["step_tokens"].item() == 2.0
+
+
+def test_group_by_length_keeps_every_index_and_cuts_padding():
+    lengths = [(7 * i) % 97 + 1 for i in range(200)]
+    ds = _dataset(200, lengths)
+    for replicas in (1, 2):
+        shards = [list(ResumableSampler(ds, batch_size=4, accumulate=1, num_replicas=replicas, rank=r, seed=3,
+                                        group_by_length=True)) for r in range(replicas)]
+        assert sorted(i for s in shards for i, _ in s) == list(range(200))
+
+        def padding(shard):
+            batches = [[ds.lengths[i] for i, _ in shard[b : b + 4]] for b in range(0, len(shard), 4)]
+            return sum(max(b) * len(b) - sum(b) for b in batches)
+
+        plain = [list(ResumableSampler(ds, batch_size=4, accumulate=1, num_replicas=replicas, rank=r, seed=3))
+                 for r in range(replicas)]
+        assert sum(map(padding, shards)) < 0.2 * sum(map(padding, plain))
