@@ -68,13 +68,14 @@ class TokenizedDataset(Dataset):
         self.examples, self.input_ids, self.labels = examples, input_ids, labels
         self.target_tokens = [sum(t != IGNORE_INDEX for t in lab) for lab in labels]
         self.lengths = [len(x) for x in input_ids]
+        self.prompt_lengths = [next((k for k, t in enumerate(lab) if t != IGNORE_INDEX), len(lab)) for lab in labels]
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     def __getitem__(self, index: int | tuple[int, float]) -> dict[str, Any]:
         i, step_tokens = index if isinstance(index, tuple) else (index, None)
-        item = {"input_ids": self.input_ids[i], "labels": self.labels[i], "index": i}
+        item = {"input_ids": self.input_ids[i], "labels": self.labels[i], "index": i, "prompt_length": self.prompt_lengths[i]}
         if step_tokens is not None:
             item["step_tokens"] = step_tokens
         return item
@@ -91,7 +92,13 @@ def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]
         ids[row, :n] = torch.tensor(it["input_ids"])
         labels[row, :n] = torch.tensor(it["labels"])
         mask[row, :n] = 1
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "index": torch.tensor([it["index"] for it in items])}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "index": torch.tensor([it["index"] for it in items]),
+        "prompt_lengths": torch.tensor([it["prompt_length"] for it in items]),
+    }
     if "step_tokens" in items[0]:
         batch["step_tokens"] = torch.tensor(items[0]["step_tokens"], dtype=torch.float32)
     return batch

@@ -65,3 +65,111 @@ def reference_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
     )
+
+
+# ------------------------------------------------------------------------------------------------- GRPO
+
+
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = (hidden @ weight.T).float()  # [n, V]
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [n]
+
+
+def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
+                   chunk_size: int = 1024) -> torch.Tensor:  # fmt: skip
+    """``log p(targets[b, t] | hidden[b, t])`` for every position, ``[B, T]``.
+
+    Gather-then-logsumexp over ``chunk_size`` rows at a time (checkpointed when differentiable): peak extra
+    memory is one ``[chunk_size, V]`` block instead of the ``[B, T, V]`` log-softmax.
+    """
+    b, t, h = hidden.shape
+    flat_h, flat_y = hidden.reshape(b * t, h), targets.reshape(b * t)  # [B*T, H], [B*T]
+    parts = []
+    for start in range(0, b * t, chunk_size):
+        args = (flat_h[start : start + chunk_size], lm_head_weight, flat_y[start : start + chunk_size])
+        parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if hidden.requires_grad else _chunk_logprobs(*args))
+    return torch.cat(parts).view(b, t)  # [B, T]
+
+
+def group_advantages(rewards: torch.Tensor, mode: str = "group_std", eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages, ``rewards`` ``[B, G]`` (G completions of each of B prompts) -> ``[B, G]``.
+
+    ``group_std`` (GRPO, DeepSeekMath eq. 3; TRL's default): ``(r - mean_g) / (std_g + eps)``, unbiased std.
+    ``no_std`` (Dr. GRPO): ``r - mean_g``. ``median``: ``r - median_g`` (the seed recipe's baseline).
+    ``batch_std``: ``(r - mean_g) / (std over the whole batch + eps)``. A group whose rewards are all equal
+    gets advantage 0 in every mode.
+    """
+    centre = rewards.median(dim=1, keepdim=True).values if mode == "median" else rewards.mean(dim=1, keepdim=True)  # [B, 1]
+    adv = rewards - centre  # [B, G]
+    if mode == "group_std":
+        adv = adv / (rewards.std(dim=1, keepdim=True) + eps)  # [B, G]
+    elif mode == "batch_std":
+        adv = adv / (rewards.std() + eps)  # [B, G]
+    elif mode not in ("no_std", "median"):
+        raise ValueError(f"unknown advantage mode '{mode}'; modes: group_std, no_std, median, batch_std")
+    return torch.nan_to_num(adv)
+
+
+class GRPOLossOutput(NamedTuple):
+    loss: torch.Tensor  # scalar, differentiable
+    kl: torch.Tensor  # scalar, detached: mean k3 KL per completion token
+    clipfrac: torch.Tensor  # scalar, detached: share of tokens where the clipped term is the active one
+    ratio_mean: torch.Tensor  # scalar, detached
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logp: torch.Tensor | None = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    aggregation: str = "grpo",
+    max_completion_length: int | None = None,
+) -> GRPOLossOutput:
+    """Clipped-ratio policy loss with a k3 KL penalty to the reference (DeepSeekMath GRPO, eq. 3-4).
+
+    Per token: ``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta * KL3`` with ``r = exp(logp - old_logp)``
+    and ``KL3 = exp(ref - logp) - (ref - logp) - 1`` (Schulman's unbiased, non-negative estimator).
+    Aggregation: ``grpo`` = mean over each sequence's tokens, then over sequences (the paper);
+    ``dapo`` = sum over all tokens / number of tokens (DAPO's token-level mean); ``dr_grpo`` = sum over
+    all tokens / (sequences x ``max_completion_length``) (Dr. GRPO's constant normaliser). Every token
+    masked -> loss 0, no NaN.
+
+    Args:
+        logp: ``[N, C]`` current per-token log-probs (differentiable).
+        old_logp: ``[N, C]`` log-probs of the sampling policy (``logp.detach()`` with one update per rollout).
+        advantages: ``[N]`` per-completion advantages.
+        mask: ``[N, C]`` 1 for completion tokens (up to and including EOS).
+        ref_logp: ``[N, C]`` reference log-probs; needed when ``beta > 0``.
+    """
+    mask = mask.to(logp.dtype)  # [N, C]
+    adv = advantages[:, None]  # [N, 1]
+    ratio = torch.exp(logp - old_logp)  # [N, C]
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # [N, C]
+    per_token = -torch.min(ratio * adv, clipped * adv)  # [N, C]
+    kl = torch.zeros_like(logp)  # [N, C]
+    if beta > 0:
+        assert ref_logp is not None, "beta > 0 needs ref_logp"
+        delta = ref_logp - logp  # [N, C]
+        kl = torch.exp(delta) - delta - 1  # [N, C]
+        per_token = per_token + beta * kl  # [N, C]
+    tokens = mask.sum()  # []
+    if aggregation == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()  # []
+    elif aggregation == "dapo":
+        loss = (per_token * mask).sum() / tokens.clamp(min=1)  # []
+    elif aggregation == "dr_grpo":
+        loss = (per_token * mask).sum() / (logp.size(0) * (max_completion_length or logp.size(1)))  # []
+    else:
+        raise ValueError(f"unknown aggregation '{aggregation}'; choose grpo, dapo or dr_grpo")
+    is_clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))  # [N, C]
+    denom = tokens.clamp(min=1)
+    return GRPOLossOutput(
+        loss,
+        ((kl * mask).sum() / denom).detach(),
+        ((is_clipped.to(mask.dtype) * mask).sum() / denom).detach(),
+        ((ratio * mask).sum() / denom).detach(),
+    )

@@ -236,6 +236,31 @@ def trainable_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor])
     return {k: v for k, v in state_dict.items() if k in names}
 
 
+def load_trainable_weights(model: nn.Module, source: str) -> int:
+    """Load adapter (or full) weights into ``model`` from a qgen ``.ckpt`` or a PEFT adapter folder.
+
+    Returns the number of tensors loaded; raises when nothing in ``source`` matches the model.
+    """
+    if os.path.isdir(source):
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        result = set_peft_model_state_dict(model, load_peft_weights(source))
+        loaded = len(load_peft_weights(source)) - len(getattr(result, "unexpected_keys", []))
+    else:
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"init_from: {source} is neither a checkpoint file nor an adapter folder")
+        state = torch.load(source, map_location="cpu", weights_only=True)["state_dict"]
+        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        own = model.state_dict()
+        matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(matched, strict=False)
+        loaded = len(matched)
+    if loaded == 0:
+        raise ValueError(f"init_from: no weights in {source} match this model (a different backbone or LoRA config?)")
+    return loaded
+
+
 def copy_embedded(dst: str) -> str:
     """Copy the embedded default's files to ``dst`` (used by tests that need a private copy)."""
     shutil.copytree(embedded_path(), dst, dirs_exist_ok=True)

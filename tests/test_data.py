@@ -96,8 +96,8 @@ def test_sampler_shards_across_ranks():
 
 
 def test_collate_pads_right():
-    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "index": 0, "step_tokens": 2.0},
-                     {"input_ids": [8], "labels": [-100], "index": 1, "step_tokens": 2.0}], pad_id=0)
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "index": 0, "prompt_length": 1, "step_tokens": 2.0},
+                     {"input_ids": [8], "labels": [-100], "index": 1, "prompt_length": 1, "step_tokens": 2.0}], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

@@ -1,0 +1,194 @@
+"""Reward callbacks for GRPO: difficulty (0.4), novelty (0.3), rigor (0.2) and diversity (0.1).
+
+A callback's ``on_train_batch_end`` runs after the loss, so each reward callback *registers itself* with
+the module in ``setup``; the module calls its ``score`` inside ``training_step``. After the step the
+callback logs the mean and std of its component and updates its own state (the novelty bank). The
+scoring itself is in :mod:`qgen.scoring` (pure functions on strings).
+
+In YAML::
+
+    trainer:
+      callbacks:
+        - class_path: callbacks.DifficultyReward
+          init_args: {weight: 0.4}
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback
+
+from qgen.scoring import (
+    DifficultyModel,
+    NoveltyIndex,
+    RewardOutput,
+    ScoringBatch,
+    group_diversity,
+    rigor_score,
+)
+
+
+class RewardCallback(Callback):
+    """Base of the reward callbacks: registration with the module and per-step logging of the component."""
+
+    name = "reward"
+
+    def __init__(self, weight: float):
+        if weight < 0:
+            raise ValueError(f"{type(self).__name__}: weight must be >= 0, got {weight}")
+        self.weight = weight
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if hasattr(pl_module, "register_reward"):
+            pl_module.register_reward(self)
+
+    def score(self, batch: ScoringBatch) -> RewardOutput:
+        raise NotImplementedError
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        out = getattr(pl_module, "last", {}).get("components", {}).get(self.name)
+        if out is None:
+            return
+        values = torch.as_tensor(out.values, dtype=torch.float32)
+        n = max(1, values.numel() // max(1, pl_module.hparams.get("group_size", 1)))
+        pl_module.log(f"train/reward_{self.name}_mean", values.mean(), batch_size=n)
+        pl_module.log(f"train/reward_{self.name}_std", values.std() if values.numel() > 1 else values.new_zeros(()), batch_size=n)
+
+
+class DifficultyReward(RewardCallback):
+    """Predicted difficulty of the generated question (question + analysis), in [0, 1].
+
+    The model is fitted in ``setup`` on the training records that carry a difficulty label (MATH level,
+    TAL-SCQ difficulty, or any source with ``difficulty``); with fewer than 20 labels it is the seed's
+    keyword/length heuristic. The fitted model is stored in the checkpoint and reloaded on resume.
+
+    Args:
+        weight: weight of this component in the total reward.
+    """
+
+    name = "difficulty"
+
+    def __init__(self, weight: float = 0.4):
+        super().__init__(weight)
+        self.model: DifficultyModel | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.model is None and trainer.datamodule is not None:
+            self.model = DifficultyModel().fit(trainer.datamodule.load_records()["train"])
+
+    def score(self, batch: ScoringBatch) -> RewardOutput:
+        model = self.model or DifficultyModel()
+        return RewardOutput(model.predict([p.question for p in batch.parsed], [p.analysis for p in batch.parsed]))
+
+    def state_dict(self) -> dict:
+        if self.model is None:
+            return {}
+        return {"model": torch.frombuffer(bytearray(pickle.dumps(self.model)), dtype=torch.uint8)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "model" in state_dict:
+            self.model = pickle.loads(state_dict["model"].numpy().tobytes())
+
+
+class NoveltyReward(RewardCallback):
+    """Novelty against known questions: ``1 - max TF-IDF similarity`` to the bank, and the novelty constraint.
+
+    The bank is the training questions plus the generated questions accepted so far (parseable, and not
+    above ``threshold``). A question more similar than ``threshold`` to any bank question multiplies the
+    *total* reward by ``penalty``. The accepted questions are in the callback's ``state_dict``, so a resumed
+    run has the same bank; under DDP the accepted questions of all ranks are gathered (in rank order)
+    before the bank grows, so every rank holds the same bank.
+
+    Args:
+        weight: weight of this component in the total reward.
+        threshold: similarity above which a question counts as a near-copy.
+        penalty: multiplier of the total reward of a near-copy.
+        max_features: hashing width of the character n-gram vocabulary.
+    """
+
+    name = "novelty"
+
+    def __init__(self, weight: float = 0.3, threshold: float = 0.85, penalty: float = 0.5, max_features: int = 2**18):
+        super().__init__(weight)
+        if not 0 < threshold <= 1 or not 0 <= penalty <= 1:
+            raise ValueError("NoveltyReward: threshold must be in (0, 1] and penalty in [0, 1]")
+        self.threshold, self.penalty, self.max_features = threshold, penalty, max_features
+        self.index: NoveltyIndex | None = None
+        self.known: list[str] = []  # the training questions
+        self.accepted: list[str] = []  # generated questions added to the bank, in order
+        self._pending: list[str] = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.index is None and trainer.datamodule is not None:
+            self.known = [r.question for r in trainer.datamodule.load_records()["train"]]
+            self._build()
+
+    def _build(self) -> None:
+        self.index = NoveltyIndex(self.known, self.max_features)
+        self.index.add(self.accepted)
+
+    def score(self, batch: ScoringBatch) -> RewardOutput:
+        questions = [p.question or t for p, t in zip(batch.parsed, batch.texts)]
+        sims = self.index.max_similarity(questions) if self.index is not None else np.zeros(len(questions), np.float32)
+        near_copy = sims > self.threshold
+        self._pending = [q for q, p, bad in zip(questions, batch.parsed, near_copy) if p.valid and not bad]
+        return RewardOutput(1.0 - sims, np.where(near_copy, self.penalty, 1.0).astype(np.float32), {"similarity": sims})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        new = self._pending
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[list[str]] = [[] for _ in range(trainer.world_size)]
+            torch.distributed.all_gather_object(gathered, new)
+            new = [q for rank in gathered for q in rank]
+        self._pending = []
+        self.accepted.extend(new)
+        if self.index is not None:
+            self.index.add(new)
+        pl_module.log("train/novelty_bank_size", float(len(self.index) if self.index else len(self.accepted)))
+
+    def state_dict(self) -> dict:
+        return {"accepted": list(self.accepted)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.accepted = list(state_dict.get("accepted", []))
+        if self.known:  # Lightning restores callback state after setup: rebuild the bank with it
+            self._build()
+
+
+class RigorReward(RewardCallback):
+    """Logical rigor: parseable sections, a consistent answer, reasoning connectives, no truncation.
+
+    Args:
+        weight: weight of this component in the total reward.
+    """
+
+    name = "rigor"
+
+    def __init__(self, weight: float = 0.2):
+        super().__init__(weight)
+
+    def score(self, batch: ScoringBatch) -> RewardOutput:
+        values = [rigor_score(p, lang, cut) for p, lang, cut in zip(batch.parsed, batch.languages, batch.truncated)]
+        return RewardOutput(np.array(values, dtype=np.float32))
+
+
+class DiversityReward(RewardCallback):
+    """Intra-group diversity: 1 - mean similarity of a question to the others of its group.
+
+    Args:
+        weight: weight of this component in the total reward.
+    """
+
+    name = "diversity"
+
+    def __init__(self, weight: float = 0.1):
+        super().__init__(weight)
+
+    def score(self, batch: ScoringBatch) -> RewardOutput:
+        return RewardOutput(group_diversity([p.question or t for p, t in zip(batch.parsed, batch.texts)], batch.group_size))

@@ -1,0 +1,95 @@
+"""Sampling groups of completions, and their per-token log-probs, for GRPO, distillation and prediction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qgen.losses import token_logprobs
+
+
+@dataclass
+class Rollout:
+    """``G`` sampled completions for each of ``B`` prompts; ``N = B * G`` rows, prompt-major.
+
+    ``sequences`` are the left-padded prompts followed by the completions; ``completion_mask`` covers each
+    completion up to and including its EOS token; ``truncated`` rows never reached EOS.
+    """
+
+    sequences: torch.Tensor  # [N, P + C]
+    attention_mask: torch.Tensor  # [N, P + C]
+    prompt_length: int  # P
+    completion_ids: torch.Tensor  # [N, C]
+    completion_mask: torch.Tensor  # [N, C]
+    truncated: torch.Tensor  # [N] bool
+    texts: list[str]  # N decoded completions (special tokens dropped)
+    group_size: int
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``[B, P]`` ids and attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def completion_mask_from(completions: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask up to and including the first EOS of each row; rows without EOS are truncated."""
+    is_eos = completions == eos_id  # [N, C]
+    has_eos = is_eos.any(dim=1)  # [N]
+    first = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, completions.size(1), dtype=torch.long))
+    positions = torch.arange(completions.size(1), device=completions.device)[None, :]  # [1, C]
+    return (positions <= first[:, None]).long(), ~has_eos
+
+
+@torch.no_grad()
+def generate_group(model: nn.Module, tokenizer, prompts: list[list[int]], group_size: int, max_new_tokens: int,
+                   temperature: float = 1.0, top_p: float = 1.0) -> Rollout:  # fmt: skip
+    """One batched ``generate`` call: every prompt repeated ``group_size`` times, sampled with KV cache.
+
+    The model is put in eval mode for sampling (no dropout) and restored afterwards.
+    """
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    ids, mask = ids.repeat_interleave(group_size, 0).to(device), mask.repeat_interleave(group_size, 0).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+            max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+        )  # fmt: skip
+    finally:
+        model.train(was_training)
+    completions = out[:, ids.size(1) :]  # [N, C]
+    if completions.size(1) == 0:
+        completions = torch.full((ids.size(0), 1), tokenizer.eos_token_id, device=device)
+    cmask, truncated = completion_mask_from(completions, tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode(completions * cmask + tokenizer.pad_token_id * (1 - cmask), skip_special_tokens=True)
+    return Rollout(
+        sequences=torch.cat([ids, completions], dim=1),
+        attention_mask=torch.cat([mask, cmask], dim=1),
+        prompt_length=ids.size(1),
+        completion_ids=completions,
+        completion_mask=cmask,
+        truncated=truncated,
+        texts=texts,
+        group_size=group_size,
+    )
+
+
+def completion_logprobs(decoder: nn.Module, lm_head_weight: torch.Tensor, rollout: Rollout,
+                        chunk_size: int = 1024) -> torch.Tensor:  # fmt: skip
+    """Per-token log-probs of the completion tokens, ``[N, C]``; position ids follow the left padding."""
+    mask = rollout.attention_mask
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, P+C]
+    hidden = decoder(input_ids=rollout.sequences, attention_mask=mask, position_ids=position_ids).last_hidden_state
+    p = rollout.prompt_length
+    return token_logprobs(hidden[:, p - 1 : -1], lm_head_weight, rollout.sequences[:, p:], chunk_size)  # [N, C]
