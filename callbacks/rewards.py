@@ -97,8 +97,9 @@ class DifficultyReward(RewardCallback):
 class NoveltyReward(RewardCallback):
     """Novelty against known questions: ``1 - max TF-IDF similarity`` to the bank, and the novelty constraint.
 
-    The bank is the training questions plus the generated questions accepted so far (parseable, and not
-    above ``threshold``). A question more similar than ``threshold`` to any bank question multiplies the
+    The bank is the training questions plus every generated question accepted so far (non-empty and not
+    above ``threshold``; the parsed stem when the output parses, else the raw text), so the policy is
+    also pushed away from what it produced earlier in the run. A question more similar than ``threshold`` to any bank question multiplies the
     *total* reward by ``penalty``. The accepted questions are in the callback's ``state_dict``, so a resumed
     run has the same bank; under DDP the accepted questions of all ranks are gathered (in rank order)
     before the bank grows, so every rank holds the same bank.
@@ -136,7 +137,7 @@ class NoveltyReward(RewardCallback):
         questions = [p.question or t for p, t in zip(batch.parsed, batch.texts)]
         sims = self.index.max_similarity(questions) if self.index is not None else np.zeros(len(questions), np.float32)
         near_copy = sims > self.threshold
-        self._pending = [q for q, p, bad in zip(questions, batch.parsed, near_copy) if p.valid and not bad]
+        self._pending = [q for q, bad in zip(questions, near_copy) if q.strip() and not bad]
         return RewardOutput(1.0 - sims, np.where(near_copy, self.penalty, 1.0).astype(np.float32), {"similarity": sims})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

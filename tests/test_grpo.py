@@ -1,0 +1,112 @@
+"""GRPOModule with the reward callbacks: reference policy, trainable parameters, resume and DDP of the novelty bank."""
+
+import json
+import os
+
+import lightning as L
+import pytest
+import torch
+from conftest import CONFIGS, ROOT, run_qgen, scalars
+from transformers import AutoModelForCausalLM
+
+from callbacks import DifficultyReward, DiversityReward, NoveltyReward, RigorReward
+from qgen.cli import cli_main
+from qgen.data import QuestionDataModule
+from qgen.grpo import GRPOModule
+from qgen.models import LoraSpec, embedded_path
+
+SMALL = ["--model.init_args.group_size=4", "--model.init_args.max_new_tokens=16", "--data.batch_size=2",
+         "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def small_module(**kw):
+    return GRPOModule(lora=LoraSpec(r=8, alpha=16, dropout=0.0), group_size=4, max_new_tokens=12, **kw)
+
+
+def test_reference_with_adapter_disabled_equals_base_model():
+    module = small_module()
+    module.configure_model()
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained-looking adapter, so the two policies differ
+    ids = torch.randint(5, 500, (2, 12))
+    base = AutoModelForCausalLM.from_pretrained(embedded_path()).eval()
+    module.model.eval()
+    with torch.no_grad():
+        expected = torch.log_softmax(base(input_ids=ids).logits, -1)
+        with module.model.disable_adapter():
+            reference = torch.log_softmax(module.model(input_ids=ids).logits, -1)
+        policy = torch.log_softmax(module.model(input_ids=ids).logits, -1)
+    torch.testing.assert_close(reference, expected, atol=1e-5, rtol=1e-5)
+    assert (policy - expected).abs().max() > 1e-2
+
+
+def test_a_grpo_step_changes_only_lora_parameters_and_logs_rewards(tmp_path):
+    L.seed_everything(3)
+    module = small_module(beta=0.04)
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    rewards = [DifficultyReward(), NoveltyReward(), RigorReward(), DiversityReward()]
+    trainer = L.Trainer(default_root_dir=str(tmp_path), max_steps=2, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0, callbacks=rewards)
+    trainer.fit(module, QuestionDataModule(batch_size=2, max_length=256))
+    changed = {n for n, p in module.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    for key in ("train/reward_mean", "train/kl", "train/clipfrac", "train/reward_novelty_mean", "train/frac_truncated"):
+        assert torch.isfinite(trainer.callback_metrics[key]), key
+    assert len(module.last["rollout"].texts) == 8  # 2 prompts x group of 4
+
+
+def test_grpo_without_rewards_fails_clearly(tmp_path):
+    trainer = L.Trainer(default_root_dir=str(tmp_path), max_steps=1, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0)
+    with pytest.raises(RuntimeError, match="no reward callbacks"):
+        trainer.fit(small_module(), QuestionDataModule(batch_size=2, max_length=256))
+
+
+def _grpo_args(save_dir, steps, *extra):
+    return ["fit", "--config", os.path.join(CONFIGS, "grpo.yaml"), f"--trainer.max_steps={steps}",
+            f"--trainer.logger.init_args.save_dir={save_dir}", *SMALL, *extra]
+
+
+def _bank(ckpt):
+    state = torch.load(ckpt, weights_only=False)["callbacks"]
+    return state["NoveltyReward"]["accepted"]
+
+
+def test_resume_restores_the_novelty_bank(tmp_path):
+    every = ["--trainer.callbacks.init_args.every_n_train_steps=2"]
+    cli_main(_grpo_args(tmp_path / "straight", 4, *every))
+    cli_main(_grpo_args(tmp_path / "split", 2, *every))
+    cli_main(_grpo_args(tmp_path / "split", 4, *every, "--ckpt_path", "last"))
+    straight = _bank(tmp_path / "straight/lightning_logs/version_0/checkpoints/last.ckpt")
+    resumed = _bank(tmp_path / "split/lightning_logs/version_1/checkpoints/last.ckpt")
+    assert len(straight) > 0 and resumed == straight
+    first = scalars(tmp_path / "straight/lightning_logs/version_0", "train/reward_mean")
+    second = scalars(tmp_path / "split/lightning_logs/version_1", "train/reward_mean")
+    assert second[3] == pytest.approx(first[3], abs=1e-6)  # the same sample at step 4: RNG and data restored
+
+
+@pytest.mark.slow
+def test_ddp_ranks_hold_identical_novelty_banks(tmp_path):
+    proc = run_qgen(_grpo_args(tmp_path, 2, "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
+                               "--trainer.callbacks+=helpers_ddp.BankDump"),
+                    env={"PYTHONPATH": os.path.join(ROOT, "tests"), "QGEN_TEST_DUMP": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    banks = [json.loads((tmp_path / f"bank_rank{r}.json").read_text()) for r in (0, 1)]
+    assert banks[0] == banks[1]
+    assert len(banks[0]["accepted"]) > 0
+
+
+@pytest.mark.slow
+def test_grpo_cli_logs_every_metric(tmp_path):
+    proc = run_qgen(_grpo_args(tmp_path, 3, "--trainer.callbacks.init_args.every_n_train_steps=3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "lightning_logs" / "version_0"
+    for tag in ("train/reward_mean", "train/reward_std", "train/advantage_std", "train/frac_zero_std", "train/kl",
+                "train/clipfrac", "train/completion_len_mean", "train/completion_len_max", "train/frac_truncated",
+                "train/gen_tokens_per_s", "train/reward_difficulty_mean", "train/reward_novelty_std",
+                "train/reward_rigor_mean", "train/reward_diversity_mean"):
+        assert len(scalars(run, tag)) == 3, tag
+    assert (run / "checkpoints" / "last.ckpt").is_file()

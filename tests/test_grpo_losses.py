@@ -1,0 +1,95 @@
+"""GRPO maths as readable arithmetic, and against a naive per-sample loop."""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from qgen.losses import group_advantages, grpo_loss, token_logprobs
+
+
+def test_group_advantages_hand_computed():
+    """Group [1, 2, 3]: mean 2, unbiased std 1 -> (-1, 0, 1) / (1 + eps). Group [5, 5, 5]: std 0 -> 0."""
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
+    assert_close(group_advantages(rewards, "group_std", eps=0.0), torch.tensor([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]))
+    assert_close(group_advantages(rewards, "no_std"), torch.tensor([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]))
+    assert_close(group_advantages(torch.tensor([[0.0, 0.0, 3.0]]), "median"), torch.tensor([[0.0, 0.0, 3.0]]))
+    # batch std of [1, 2, 3, 5, 5, 5] (unbiased) = sqrt(3.1) = 1.76068
+    assert_close(group_advantages(rewards, "batch_std", eps=0.0),
+                 torch.tensor([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]) / math.sqrt(3.1))
+    with pytest.raises(ValueError, match="advantage mode"):
+        group_advantages(rewards, "zscore")
+
+
+def test_grpo_loss_hand_computed_with_clipping():
+    """Two sequences of two tokens, eps 0.2.
+
+    Row 0, A = +1: ratios e^0.5 = 1.6487 (clipped to 1.2: -1.2) and e^0 = 1 (-1.0) -> mean -1.1.
+    Row 1, A = -1, one token (second masked): ratio e^-0.5 = 0.6065 (< 0.8 and A < 0: the clipped term
+    0.8 * -1 is the min, so the loss is +0.8) -> 0.8.
+    grpo: (-1.1 + 0.8) / 2 = -0.15. dapo: (-1.2 - 1.0 + 0.8) / 3 = -0.46667. dr_grpo: -1.4 / (2 * 4) = -0.175.
+    Clipped tokens: row 0 token 0 and row 1 token 0 -> 2 of 3.
+    """
+    logp = torch.tensor([[0.5, 0.0], [-0.5, 0.3]])
+    old = torch.zeros(2, 2)
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    out = grpo_loss(logp, old, adv, mask, epsilon_low=0.2, epsilon_high=0.2, aggregation="grpo")
+    assert_close(out.loss, torch.tensor(-0.15))
+    assert_close(out.clipfrac, torch.tensor(2 / 3))
+    assert_close(grpo_loss(logp, old, adv, mask, aggregation="dapo").loss, torch.tensor(-1.4 / 3))
+    assert_close(grpo_loss(logp, old, adv, mask, aggregation="dr_grpo", max_completion_length=4).loss, torch.tensor(-0.175))
+
+
+def test_k3_kl_hand_computed():
+    """logp = 0, ref = ln 2: delta = ln 2, KL3 = e^{ln 2} - ln 2 - 1 = 1 - ln 2 = 0.30685; with A = 0 and
+    beta = 0.5 the loss is 0.5 * 0.30685."""
+    logp, ref = torch.zeros(1, 1), torch.full((1, 1), math.log(2))
+    out = grpo_loss(logp, logp, torch.zeros(1), torch.ones(1, 1), ref_logp=ref, beta=0.5)
+    assert_close(out.kl, torch.tensor(1 - math.log(2)))
+    assert_close(out.loss, torch.tensor(0.5 * (1 - math.log(2))))
+
+
+def naive_grpo(logp, old, adv, mask, ref, beta, el, eh):
+    per_seq = []
+    for i in range(logp.size(0)):
+        terms = []
+        for t in range(logp.size(1)):
+            if mask[i, t]:
+                r = math.exp(logp[i, t] - old[i, t])
+                a = float(adv[i])
+                pg = -min(r * a, min(max(r, 1 - el), 1 + eh) * a)
+                d = float(ref[i, t] - logp[i, t])
+                terms.append(pg + beta * (math.exp(d) - d - 1))
+        per_seq.append(sum(terms) / len(terms) if terms else 0.0)
+    return sum(per_seq) / len(per_seq)
+
+
+def test_grpo_loss_matches_naive_loop_and_gradients_flow():
+    torch.manual_seed(0)
+    logp = (torch.randn(6, 5) * 0.3).requires_grad_()
+    old, ref = logp.detach() + torch.randn(6, 5) * 0.3, logp.detach() + torch.randn(6, 5) * 0.1
+    adv, mask = torch.randn(6), (torch.rand(6, 5) > 0.3).long()
+    out = grpo_loss(logp, old, adv, mask, ref, beta=0.04, epsilon_low=0.2, epsilon_high=0.28)
+    assert out.loss.item() == pytest.approx(naive_grpo(logp.detach(), old, adv, mask, ref, 0.04, 0.2, 0.28), abs=1e-5)
+    out.loss.backward()
+    assert torch.count_nonzero(logp.grad[mask == 0]) == 0 and torch.count_nonzero(logp.grad) > 0
+
+
+def test_all_masked_and_zero_advantage():
+    logp = torch.randn(3, 4, requires_grad=True)
+    for agg in ("grpo", "dapo", "dr_grpo"):
+        out = grpo_loss(logp, logp.detach(), torch.randn(3), torch.zeros(3, 4), aggregation=agg)
+        assert out.loss.item() == 0.0 and not torch.isnan(out.loss)
+    out = grpo_loss(logp, logp.detach(), torch.zeros(3), torch.ones(3, 4))  # one update per rollout, A = 0
+    assert out.loss.item() == 0.0 and out.clipfrac.item() == 0.0
+
+
+def test_token_logprobs_match_log_softmax():
+    torch.manual_seed(1)
+    hidden, head = torch.randn(2, 5, 4), torch.randn(9, 4)
+    targets = torch.randint(0, 9, (2, 5))
+    ref = torch.log_softmax(hidden @ head.T, -1).gather(-1, targets[..., None]).squeeze(-1)
+    for chunk in (1, 3, 100):
+        assert_close(token_logprobs(hidden, head, targets, chunk), ref)

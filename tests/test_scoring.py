@@ -1,0 +1,88 @@
+"""Scoring cores on fixed strings: novelty (Chinese and English), diversity, rigor, difficulty."""
+
+import os
+import re
+
+import numpy as np
+import pytest
+from conftest import ROOT, SHARED, needs_shared
+
+from qgen.formatting import parse_question, render_target
+from qgen.records import Question, read_source
+from qgen.scoring import DifficultyModel, NoveltyIndex, group_diversity, heuristic_difficulty, rigor_score
+
+
+def renumber(text: str) -> str:
+    return re.sub(r"\d+", lambda m: str(int(m.group()) * 3 + 7), text)
+
+
+@pytest.fixture(scope="module")
+def bundled_bank():
+    return [r.question for r in read_source("jsonl", os.path.join(ROOT, "data")).records]
+
+
+def _check_novelty(index, bank, lang, unrelated):
+    original = next(q for q in bank if re.search(r"\d", q) and (lang == "zh") == bool(re.search(r"[\u4e00-\u9fff]", q)))
+    changed = renumber(original)
+    assert changed != original
+    exact, renumbered, other = index.max_similarity([original, changed, unrelated])
+    assert exact >= 0.99, exact
+    assert renumbered >= 0.85, renumbered
+    assert other < 0.3, other
+
+
+def test_novelty_bundled_bank_english_and_chinese(bundled_bank):
+    index = NoveltyIndex(bundled_bank)
+    _check_novelty(index, bundled_bank, "en", "Describe the water cycle and explain why clouds form over warm oceans.")
+    _check_novelty(index, bundled_bank, "zh", "请简述辛亥革命的历史意义，并说明它对近代中国社会的影响。")
+
+
+@needs_shared
+def test_novelty_shared_bank_english_and_chinese():
+    bank = [r.question for r in read_source("math", os.path.join(SHARED, "math/train.jsonl")).records]
+    bank += [r.question for r in read_source("gaokao_bench", os.path.join(SHARED, "gaokao_bench/Objective_Questions")).records]
+    index = NoveltyIndex(bank)
+    _check_novelty(index, bank, "en", "Describe the water cycle and explain why clouds form over warm oceans.")
+    _check_novelty(index, bank, "zh", "小明周末和家人去郊外野餐，请写一篇日记记录这一天的见闻和感受。")
+
+
+def test_novelty_bank_grows():
+    index = NoveltyIndex(["What is 1 + 1?", "Find the area of a square of side 2."])
+    new = "Explain photosynthesis in plants."
+    assert index.max_similarity([new])[0] < 0.3
+    index.add([new])
+    assert len(index) == 3 and index.max_similarity([new])[0] > 0.99
+
+
+def test_group_diversity():
+    texts = ["Find the sum of 1 and 2.", "Find the sum of 1 and 2.", "Prove that there are infinitely many primes.",
+             "Describe a triangle with integer sides."]
+    div = group_diversity(texts, group_size=2)
+    assert div[0] == pytest.approx(0.0, abs=1e-5) and div[1] == pytest.approx(0.0, abs=1e-5)
+    assert div[2] > 0.7 and div[2] == pytest.approx(div[3], abs=1e-6)
+
+
+def test_rigor_score_orders_outputs():
+    good = parse_question(render_target("设 $x=2$，求 $x^2$。", "4", "因为 $x=2$，所以 $x^2=4$，故答案为 4。", None, "zh"))
+    no_analysis = parse_question("题干：设 $x=2$，求 $x^2$。\n参考答案：4")
+    bad_choice = parse_question(render_target("Pick one.", "E", "Since no reason, hence E.", {"A": "1", "B": "2"}, "en"))
+    g = rigor_score(good, "zh", truncated=False)
+    assert g == pytest.approx(1.0)
+    assert rigor_score(good, "zh", truncated=True) == pytest.approx(0.8)
+    assert rigor_score(no_analysis, "zh", False) == pytest.approx(0.3 * 2 / 3 + 0.2 + 0.2)
+    assert rigor_score(bad_choice, "en", False) < rigor_score(good, "zh", False) - 0.15
+
+
+def test_difficulty_model_learns_labels_and_falls_back():
+    easy = [Question(str(i), "t", "en", "m", "p", f"What is {i} plus {i}?", str(2 * i), "Add.", difficulty=0.0) for i in range(30)]
+    hard = [Question(str(i + 99), "t", "en", "m", "p",
+                     f"Prove that for every integer n > {i} the polynomial x^n + {i} x + 1 has no rational root.",
+                     "x", "Suppose a root p/q exists; by the rational root theorem and parity we derive a contradiction.",
+                     difficulty=1.0) for i in range(30)]  # fmt: skip
+    model = DifficultyModel().fit(easy + hard)
+    pred = model.predict(["What is 50 plus 50?", "Prove that for every integer n > 3 the polynomial x^n + 5x + 1 is irreducible."],
+                         ["Add.", "Suppose it factors; by the rational root theorem we derive a contradiction."])
+    assert pred[0] < 0.3 and pred[1] > 0.7
+    untrained = DifficultyModel().predict(["Short?"], [""])
+    assert untrained[0] == pytest.approx(heuristic_difficulty("Short?"))
+    assert heuristic_difficulty("Prove that the maximum of $x$ ..." * 20) > heuristic_difficulty("What is 1+1?")
