@@ -23,10 +23,17 @@ from qgen.scoring import DifficultyModel, heuristic_difficulty  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shared", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data"))
+    parser.add_argument(
+        "--shared",
+        default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data"),
+    )
     args = parser.parse_args()
     train = read_source("math", os.path.join(args.shared, "math", "train.jsonl")).records
-    test = [r for r in read_source("math", os.path.join(args.shared, "math", "test.jsonl")).records if r.difficulty is not None]
+    test = [
+        r
+        for r in read_source("math", os.path.join(args.shared, "math", "test.jsonl")).records
+        if r.difficulty is not None
+    ]
     started = time.perf_counter()
     model = DifficultyModel().fit(train)
     fit_s = time.perf_counter() - started
@@ -34,7 +41,9 @@ def main() -> None:
     predicted = model.predict([r.question for r in test], [r.analysis for r in test], [r.subject for r in test])
     heuristic = np.array([heuristic_difficulty(r.question, r.analysis) for r in test])
     rho_model, rho_heur = spearmanr(predicted, levels)[0], spearmanr(heuristic, levels)[0]
-    print(f"MATH level vs predicted difficulty, {len(test)} test problems, model fitted on {model.n_train} train problems ({fit_s:.1f} s)")
+    print(
+        f"MATH level vs predicted difficulty, {len(test)} test problems, model fitted on {model.n_train} train problems ({fit_s:.1f} s)"
+    )
     print(f"{'scorer':<34} {'spearman':>9}")
     print(f"{'seed heuristic (keywords/length)':<34} {rho_heur:>9.3f}")
     print(f"{'qgen DifficultyModel (ridge)':<34} {rho_model:>9.3f}")

@@ -83,7 +83,9 @@ def main() -> None:
     seeds = shared_questions()
     test = [json.loads(line)["problem"] for line in open(os.path.join(SHARED, "math", "test.jsonl"), encoding="utf-8")]
     bank = synthesize(seeds, args.size, rng)
-    groups = [[re.sub(r"\d+", lambda m: str(rng.randint(1, 99)), q) for q in rng.sample(test, 8)] for _ in range(args.groups)]
+    groups = [
+        [re.sub(r"\d+", lambda m: str(rng.randint(1, 99)), q) for q in rng.sample(test, 8)] for _ in range(args.groups)
+    ]
     print(f"bank: {len(bank):,} questions ({len(seeds):,} from ../shared/data, the rest recombined); groups of 8")
     print(f"{'index':<22} {'build s':>8} {'index MB':>9} {'RSS MB':>8} {'median ms':>10} {'p90 ms':>8}")
     rows = [("qgen top-64", 64)] + ([("exact cosine", None)] if args.exact else [])

@@ -113,8 +113,11 @@ def run_trl(dm: QuestionDataModule, args) -> StepTimer:
 
     def counting_collator(items):
         batch = collator(items)
-        timer.pending = int(batch["attention_mask"].sum()) if "attention_mask" in batch else int(
-            (batch["input_ids"] != dm.tokenizer.pad_token_id).sum())
+        timer.pending = (
+            int(batch["attention_mask"].sum())
+            if "attention_mask" in batch
+            else int((batch["input_ids"] != dm.tokenizer.pad_token_id).sum())
+        )
         return batch
 
     class _End(TrainerCallback):
@@ -152,7 +155,9 @@ def main() -> None:
     ref = results["TRL SFTTrainer"].tokens_per_s
     for name, t in results.items():
         every = ", ".join(f"{r.tokens_per_s:.0f}" for r in rounds[name])
-        print(f"{name:<16} {t.tokens_per_s:>10.0f} {t.s_per_step:>8.3f} {t.tokens:>8d} {t.tokens_per_s / ref:>6.2f}  {every}")
+        print(
+            f"{name:<16} {t.tokens_per_s:>10.0f} {t.s_per_step:>8.3f} {t.tokens:>8d} {t.tokens_per_s / ref:>6.2f}  {every}"
+        )
     print(f"sft_tokens_per_s_ratio_vs_trl={results['qgen SFTModule'].tokens_per_s / ref:.2f}")
 
 

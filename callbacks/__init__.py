@@ -3,4 +3,11 @@
 from callbacks.rewards import DifficultyReward, DiversityReward, NoveltyReward, RewardCallback, RigorReward
 from callbacks.samples import SampleTextCallback
 
-__all__ = ["DifficultyReward", "DiversityReward", "NoveltyReward", "RewardCallback", "RigorReward", "SampleTextCallback"]
+__all__ = [
+    "DifficultyReward",
+    "DiversityReward",
+    "NoveltyReward",
+    "RewardCallback",
+    "RigorReward",
+    "SampleTextCallback",
+]

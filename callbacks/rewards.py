@@ -55,7 +55,9 @@ class RewardCallback(Callback):
         values = torch.as_tensor(out.values, dtype=torch.float32)
         n = max(1, values.numel() // max(1, pl_module.hparams.get("group_size", 1)))
         pl_module.log(f"train/reward_{self.name}_mean", values.mean(), batch_size=n)
-        pl_module.log(f"train/reward_{self.name}_std", values.std() if values.numel() > 1 else values.new_zeros(()), batch_size=n)
+        pl_module.log(
+            f"train/reward_{self.name}_std", values.std() if values.numel() > 1 else values.new_zeros(()), batch_size=n
+        )
 
 
 class DifficultyReward(RewardCallback):
@@ -83,7 +85,9 @@ class DifficultyReward(RewardCallback):
     def score(self, batch: ScoringBatch) -> RewardOutput:
         model = self.model or DifficultyModel()
         subjects = [r.subject if r is not None else "" for r in batch.records]
-        return RewardOutput(model.predict([p.question for p in batch.parsed], [p.analysis for p in batch.parsed], subjects))
+        return RewardOutput(
+            model.predict([p.question for p in batch.parsed], [p.analysis for p in batch.parsed], subjects)
+        )
 
     def state_dict(self) -> dict:
         if self.model is None:
@@ -193,4 +197,6 @@ class DiversityReward(RewardCallback):
         super().__init__(weight)
 
     def score(self, batch: ScoringBatch) -> RewardOutput:
-        return RewardOutput(group_diversity([p.question or t for p, t in zip(batch.parsed, batch.texts)], batch.group_size))
+        return RewardOutput(
+            group_diversity([p.question or t for p, t in zip(batch.parsed, batch.texts)], batch.group_size)
+        )

@@ -75,7 +75,12 @@ class TokenizedDataset(Dataset):
 
     def __getitem__(self, index: int | tuple[int, float]) -> dict[str, Any]:
         i, step_tokens = index if isinstance(index, tuple) else (index, None)
-        item = {"input_ids": self.input_ids[i], "labels": self.labels[i], "index": i, "prompt_length": self.prompt_lengths[i]}
+        item = {
+            "input_ids": self.input_ids[i],
+            "labels": self.labels[i],
+            "index": i,
+            "prompt_length": self.prompt_lengths[i],
+        }
         if step_tokens is not None:
             item["step_tokens"] = step_tokens
         return item
@@ -155,7 +160,8 @@ class ResumableSampler(DistributedSampler):
     def _group(self, order: list[int], g: torch.Generator) -> list[int]:
         """Length-grouped batches: within chunks of ``GROUP_CHUNK`` global batches, sort by length and cut
         into batches (one per rank in turn), then shuffle the batches. Padding shrinks to a few tokens per
-        batch while the order stays random at the batch level."""
+        batch while the order stays random at the batch level.
+        """
         global_batch = self.batch_size * self.num_replicas
         chunk = global_batch * self.GROUP_CHUNK
         lengths = self.dataset.lengths
@@ -304,7 +310,9 @@ class QuestionDataModule(L.LightningDataModule):
         for name, recs in records.items():
             if not recs:
                 continue
-            examples, stats = build_examples(recs, self.task_mixture, self.hparams.seed, *self.hparams.variant_similarity)
+            examples, stats = build_examples(
+                recs, self.task_mixture, self.hparams.seed, *self.hparams.variant_similarity
+            )
             fallback += stats.variant_fallback
             kept, ids, labels = [], [], []
             for ex in examples:

@@ -120,12 +120,16 @@ class GRPOModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------- scoring
     def score(self, rollout: Rollout, records: list) -> tuple[torch.Tensor, dict[str, RewardOutput]]:
         if not self.rewards:
-            raise RuntimeError("GRPOModule has no reward callbacks: add callbacks.DifficultyReward etc. to trainer.callbacks")
+            raise RuntimeError(
+                "GRPOModule has no reward callbacks: add callbacks.DifficultyReward etc. to trainer.callbacks"
+            )
         parsed = [parse_question(t) for t in rollout.texts]
         batch = ScoringBatch(rollout.texts, parsed, records, [r.language if r else "en" for r in records],
                              rollout.truncated.tolist(), rollout.group_size)  # fmt: skip
         outputs = {name: cb.score(batch) for name, cb in self.rewards.items()}
-        total = sum(cb.weight * torch.as_tensor(outputs[name].values, dtype=torch.float32) for name, cb in self.rewards.items())
+        total = sum(
+            cb.weight * torch.as_tensor(outputs[name].values, dtype=torch.float32) for name, cb in self.rewards.items()
+        )
         for out in outputs.values():
             if out.factor is not None:
                 total = total * torch.as_tensor(out.factor, dtype=torch.float32)
@@ -155,7 +159,9 @@ class GRPOModule(L.LightningModule):
         self._log_step(out, rollout, rewards, advantages, gen_seconds)
         return out.loss
 
-    def _log_step(self, out, rollout: Rollout, rewards: torch.Tensor, advantages: torch.Tensor, gen_seconds: float) -> None:
+    def _log_step(
+        self, out, rollout: Rollout, rewards: torch.Tensor, advantages: torch.Tensor, gen_seconds: float
+    ) -> None:
         g = self.hparams.group_size
         lengths = rollout.completion_mask.sum(-1).float()  # [N]
         stats = {
@@ -180,7 +186,9 @@ class GRPOModule(L.LightningModule):
         """Validation is the SFT loss of the held-out questions: it shows drift away from the question bank."""
         from qgen.losses import token_nll
 
-        hidden = self.model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = self.model.get_decoder()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
         out = token_nll(hidden, self.model.get_output_embeddings().weight, batch["labels"])
         self.log("val/loss", out.loss, batch_size=batch["input_ids"].size(0))
 

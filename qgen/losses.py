@@ -54,7 +54,9 @@ def token_nll(
     total = hidden[:, :0].sum().float()  # [] zero, but part of the graph: all-masked batches backprop zeros
     for start in range(0, y.numel(), chunk_size):
         part = (h[start : start + chunk_size], lm_head_weight, y[start : start + chunk_size])
-        total = total + (checkpoint(_chunk_nll_sum, *part, use_reentrant=False) if h.requires_grad else _chunk_nll_sum(*part))
+        total = total + (
+            checkpoint(_chunk_nll_sum, *part, use_reentrant=False) if h.requires_grad else _chunk_nll_sum(*part)
+        )
     count = torch.tensor(float(y.numel()), device=hidden.device)  # []
     denom = count.clamp(min=1.0) if normalizer is None else torch.as_tensor(normalizer, device=hidden.device)
     return NLLOutput(total / denom, total.detach(), count)
@@ -87,7 +89,9 @@ def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: 
     parts = []
     for start in range(0, b * t, chunk_size):
         args = (flat_h[start : start + chunk_size], lm_head_weight, flat_y[start : start + chunk_size])
-        parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if hidden.requires_grad else _chunk_logprobs(*args))
+        parts.append(
+            checkpoint(_chunk_logprobs, *args, use_reentrant=False) if hidden.requires_grad else _chunk_logprobs(*args)
+        )
     return torch.cat(parts).view(b, t)  # [B, T]
 
 
@@ -99,7 +103,9 @@ def group_advantages(rewards: torch.Tensor, mode: str = "group_std", eps: float 
     ``batch_std``: ``(r - mean_g) / (std over the whole batch + eps)``. A group whose rewards are all equal
     gets advantage 0 in every mode.
     """
-    centre = rewards.median(dim=1, keepdim=True).values if mode == "median" else rewards.mean(dim=1, keepdim=True)  # [B, 1]
+    centre = (
+        rewards.median(dim=1, keepdim=True).values if mode == "median" else rewards.mean(dim=1, keepdim=True)
+    )  # [B, 1]
     adv = rewards - centre  # [B, G]
     if mode == "group_std":
         adv = adv / (rewards.std(dim=1, keepdim=True) + eps)  # [B, G]

@@ -74,7 +74,9 @@ def cache_root() -> str:
 def _bundled_files(data_dir: str) -> list[str]:
     files = sorted(glob.glob(os.path.join(data_dir, "*.jsonl")))
     if not files:
-        raise FileNotFoundError(f"no bundled *.jsonl question files in {data_dir}: the embedded default is built from them")
+        raise FileNotFoundError(
+            f"no bundled *.jsonl question files in {data_dir}: the embedded default is built from them"
+        )
     return files
 
 
@@ -128,11 +130,15 @@ def _build_embedded(out: str, spec: EmbeddedSpec, data_dir: str) -> None:
     trainer = trainers.BpeTrainer(
         vocab_size=spec.vocab_size,
         min_frequency=2,
-        special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator(_corpus(data_dir), trainer=trainer)
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"]
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
     )
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(out)
@@ -222,7 +228,11 @@ def load_causal_lm(
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, config)
         if gradient_checkpointing:

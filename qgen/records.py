@@ -212,7 +212,8 @@ def _convert_tal(rec: dict, where: str, ctx: str) -> dict:
 
 def convert_mapped(rec: dict, where: str, mapping: dict[str, str], defaults: dict[str, Any] | None = None) -> dict:
     """Map a generic JSON object onto the schema: ``mapping`` is ``{schema_field: source_field}``; ``defaults``
-    fill the fields the object lacks, before the built-in fallbacks (language detected, math, problem)."""
+    fill the fields the object lacks, before the built-in fallbacks (language detected, math, problem).
+    """
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     get = {name: rec.get(mapping.get(name, name)) for name in Question.__dataclass_fields__}

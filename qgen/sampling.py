@@ -43,7 +43,9 @@ def completion_mask_from(completions: torch.Tensor, eos_id: int) -> tuple[torch.
     """Mask up to and including the first EOS of each row; rows without EOS are truncated."""
     is_eos = completions == eos_id  # [N, C]
     has_eos = is_eos.any(dim=1)  # [N]
-    first = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, completions.size(1), dtype=torch.long))
+    first = torch.where(
+        has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, completions.size(1), dtype=torch.long)
+    )
     positions = torch.arange(completions.size(1), device=completions.device)[None, :]  # [1, C]
     return (positions <= first[:, None]).long(), ~has_eos
 

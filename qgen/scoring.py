@@ -90,7 +90,9 @@ class NoveltyIndex:
         self.hasher = HashingVectorizer(analyzer="char_wb", ngram_range=(2, 4), n_features=n_features, alternate_sign=False,
                                         norm=None, preprocessor=normalize_for_similarity, dtype=np.float32)  # fmt: skip
         self.top_k, self.batch = top_k, batch
-        counts = sp.vstack([self.hasher.transform(bank[i : i + batch]) for i in range(0, len(bank), batch)], format="csr")
+        counts = sp.vstack(
+            [self.hasher.transform(bank[i : i + batch]) for i in range(0, len(bank), batch)], format="csr"
+        )
         self.tfidf = TfidfTransformer(sublinear_tf=True).fit(counts)
         df = np.bincount(counts.indices, minlength=n_features)
         # n-grams in more than max_df of the bank (and at least 50 questions) say nothing about novelty and
@@ -150,7 +152,19 @@ def group_diversity(texts: list[str], group_size: int) -> np.ndarray:
 
 CONNECTIVES = {
     "zh": ("因为", "所以", "故", "即", "由于", "因此", "从而", "则", "可得", "得", "由", "又", "综上", "于是"),
-    "en": ("since", "therefore", "hence", "thus", "because", "so ", "it follows", "we get", "we have", "implies", "then"),
+    "en": (
+        "since",
+        "therefore",
+        "hence",
+        "thus",
+        "because",
+        "so ",
+        "it follows",
+        "we get",
+        "we have",
+        "implies",
+        "then",
+    ),
 }
 
 
@@ -214,9 +228,18 @@ class DifficultyModel:
     def _features(self, questions: list[str], analyses: list[str], subjects: list[str], fit: bool):
         fields = [questions, analyses, questions, analyses]
         parts = [v.fit_transform(f) if fit else v.transform(f) for v, f in zip(self._vectorizers, fields)]
-        counts = [[len(q), len(a), a.count("$"), a.count("\\"), a.count("\n"), q.count("$")] for q, a in zip(questions, analyses)]
+        counts = [
+            [len(q), len(a), a.count("$"), a.count("\\"), a.count("\n"), q.count("$")]
+            for q, a in zip(questions, analyses)
+        ]
         parts.append(sp.csr_matrix(np.log1p(np.array(counts, dtype=np.float32)) / 8))
-        parts.append(sp.csr_matrix(np.array([[s == k for k in self.subjects] for s in subjects], dtype=np.float32).reshape(len(subjects), -1)))
+        parts.append(
+            sp.csr_matrix(
+                np.array([[s == k for k in self.subjects] for s in subjects], dtype=np.float32).reshape(
+                    len(subjects), -1
+                )
+            )
+        )
         return sp.hstack(parts, format="csr")
 
     def fit(self, records: list[Question]) -> DifficultyModel:
@@ -227,12 +250,16 @@ class DifficultyModel:
             return self
         self._vectorizers = self._make_vectorizers()
         self.subjects = sorted({r.subject for r in labelled})
-        x = self._features([r.question for r in labelled], [r.analysis for r in labelled], [r.subject for r in labelled], fit=True)
+        x = self._features(
+            [r.question for r in labelled], [r.analysis for r in labelled], [r.subject for r in labelled], fit=True
+        )
         self.regressor = Ridge(alpha=self.alpha).fit(x, np.array([r.difficulty for r in labelled], dtype=np.float32))
         self.n_train = len(labelled)
         return self
 
-    def predict(self, questions: list[str], analyses: list[str] | None = None, subjects: list[str] | None = None) -> np.ndarray:
+    def predict(
+        self, questions: list[str], analyses: list[str] | None = None, subjects: list[str] | None = None
+    ) -> np.ndarray:
         analyses = analyses or [""] * len(questions)
         if self.regressor is None:
             return np.array([heuristic_difficulty(q, a) for q, a in zip(questions, analyses)], dtype=np.float32)

@@ -71,8 +71,12 @@ def zh_complex(rng: random.Random) -> dict:
     a, b, c, d = (rng.choice([x for x in range(-4, 5) if x]) for _ in range(4))
     re_, im = a * c - b * d, a * d + b * c
     correct = f"{re_}{'+' if im >= 0 else '-'}{abs(im)}i"
-    wrong = [f"{a * c + b * d}{'+' if im >= 0 else '-'}{abs(im)}i", f"{re_}{'-' if im >= 0 else '+'}{abs(im)}i",
-             f"{im}{'+' if re_ >= 0 else '-'}{abs(re_)}i", f"{-re_}{'+' if im >= 0 else '-'}{abs(im)}i"]
+    wrong = [
+        f"{a * c + b * d}{'+' if im >= 0 else '-'}{abs(im)}i",
+        f"{re_}{'-' if im >= 0 else '+'}{abs(im)}i",
+        f"{im}{'+' if re_ >= 0 else '-'}{abs(re_)}i",
+        f"{-re_}{'+' if im >= 0 else '-'}{abs(im)}i",
+    ]
     options, letter = _mcq(rng, correct, wrong)
     z1 = f"{a}{'+' if b > 0 else '-'}{abs(b)}i"
     z2 = f"{c}{'+' if d > 0 else '-'}{abs(d)}i"
@@ -89,9 +93,12 @@ def zh_sets(rng: random.Random) -> dict:
     m = rng.randint(lo + 1, hi - 1)
     inter = [x for x in range(lo, hi + 1) if x > m]
     correct = "\\{" + ",".join(map(str, inter)) + "\\}"
-    wrong = ["\\{" + ",".join(map(str, [x for x in range(lo, hi + 1) if x >= m])) + "\\}",
-             "\\{" + ",".join(map(str, [x for x in range(lo, hi + 1) if x < m])) + "\\}",
-             "\\{" + ",".join(map(str, inter[:-1] or [m])) + "\\}", "\\{" + ",".join(map(str, [m] + inter)) + "\\}"]
+    wrong = [
+        "\\{" + ",".join(map(str, [x for x in range(lo, hi + 1) if x >= m])) + "\\}",
+        "\\{" + ",".join(map(str, [x for x in range(lo, hi + 1) if x < m])) + "\\}",
+        "\\{" + ",".join(map(str, inter[:-1] or [m])) + "\\}",
+        "\\{" + ",".join(map(str, [m] + inter)) + "\\}",
+    ]
     options, letter = _mcq(rng, correct, wrong)
     return dict(
         subject="数学", qtype="mcq", level="基础", knowledge=["集合的交集", "一元一次不等式"],
@@ -165,8 +172,16 @@ def zh_trig(rng: random.Random) -> dict:
     (p, q, r) = rng.choice([(3, 4, 5), (5, 12, 13), (8, 15, 17), (7, 24, 25)])
     sin_v, cos_v = Fraction(p, r), Fraction(q, r)
     sin2 = 2 * sin_v * cos_v
-    options, letter = _mcq(rng, f"${_frac(sin2)}$", [f"${_frac(sin_v * cos_v)}$", f"${_frac(-sin2)}$",
-                                                     f"${_frac(cos_v * cos_v - sin_v * sin_v)}$", f"${_frac(2 * sin_v)}$"])
+    options, letter = _mcq(
+        rng,
+        f"${_frac(sin2)}$",
+        [
+            f"${_frac(sin_v * cos_v)}$",
+            f"${_frac(-sin2)}$",
+            f"${_frac(cos_v * cos_v - sin_v * sin_v)}$",
+            f"${_frac(2 * sin_v)}$",
+        ],
+    )
     return dict(
         subject="数学", qtype="mcq", level="基础", knowledge=["同角三角函数关系", "二倍角公式"],
         question=f"已知 $\\alpha$ 为锐角，且 $\\sin\\alpha=\\frac{{{p}}}{{{r}}}$，则 $\\sin2\\alpha=$（　　）",
@@ -271,8 +286,16 @@ def en_dice(rng: random.Random) -> dict:
     target = rng.randint(3, 11)
     ways = sum(1 for a in range(1, 7) for b in range(1, 7) if a + b == target)
     p = Fraction(ways, 36)
-    options, letter = _mcq(rng, f"${_frac(p)}$", [f"${_frac(Fraction(ways + 1, 36))}$", f"${_frac(Fraction(ways, 12))}$",
-                                                  f"${_frac(Fraction(max(ways - 1, 1), 36))}$", f"${_frac(Fraction(ways, 6))}$"])
+    options, letter = _mcq(
+        rng,
+        f"${_frac(p)}$",
+        [
+            f"${_frac(Fraction(ways + 1, 36))}$",
+            f"${_frac(Fraction(ways, 12))}$",
+            f"${_frac(Fraction(max(ways - 1, 1), 36))}$",
+            f"${_frac(Fraction(ways, 6))}$",
+        ],
+    )
     return dict(
         subject="Counting & Probability", qtype="single_choice", level="Level 1", knowledge=["probability", "dice"],
         question=f"Two fair six-sided dice are rolled. What is the probability that the sum of the numbers shown is ${target}$?",

@@ -59,12 +59,18 @@ def _describe(rec: Question) -> tuple[str, str]:
     """(question type phrase, conditions phrase) for a prompt in the record's language."""
     if rec.language == "zh":
         qtype = _QTYPE_ZH.get(rec.qtype, rec.qtype)
-        cond = [f"难度：{rec.level}" if rec.level else "", f"考查知识点：{'、'.join(rec.knowledge)}" if rec.knowledge else ""]
+        cond = [
+            f"难度：{rec.level}" if rec.level else "",
+            f"考查知识点：{'、'.join(rec.knowledge)}" if rec.knowledge else "",
+        ]
         if rec.context:
             cond.append(f"参考材料：{rec.context}")
     else:
         qtype = _QTYPE_EN.get(rec.qtype, rec.qtype)
-        cond = [f"Difficulty: {rec.level}" if rec.level else "", f"Topics: {', '.join(rec.knowledge)}" if rec.knowledge else ""]
+        cond = [
+            f"Difficulty: {rec.level}" if rec.level else "",
+            f"Topics: {', '.join(rec.knowledge)}" if rec.knowledge else "",
+        ]
         if rec.context:
             cond.append(f"Context: {rec.context}")
     return qtype, "\n".join(c for c in cond if c)
@@ -98,7 +104,10 @@ def user_prompt(task: str, rec: Question, partner: Question | None = None) -> st
 
 def prompt_messages(task: str, rec: Question, partner: Question | None = None) -> list[dict[str, str]]:
     lang = "zh" if rec.language == "zh" else "en"
-    return [{"role": "system", "content": SYSTEM_PROMPT[lang]}, {"role": "user", "content": user_prompt(task, rec, partner)}]
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT[lang]},
+        {"role": "user", "content": user_prompt(task, rec, partner)},
+    ]
 
 
 def target_text(rec: Question) -> str:
@@ -107,7 +116,8 @@ def target_text(rec: Question) -> str:
 
 def variant_partners(records: list[Question], wanted: list[int], min_sim: float, max_sim: float) -> dict[int, int]:
     """For each index in ``wanted``, the most similar other record of the same subject and language with
-    TF-IDF (character 1-3 gram) cosine similarity in ``[min_sim, max_sim)``; indices without one are absent."""
+    TF-IDF (character 1-3 gram) cosine similarity in ``[min_sim, max_sim)``; indices without one are absent.
+    """
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     groups: dict[tuple[str, str], list[int]] = {}
@@ -137,7 +147,9 @@ def build_examples(
     """One example per record, its task drawn from ``mixture`` (normalised) by a seeded RNG."""
     unknown = set(mixture) - set(TASKS)
     if unknown or not mixture or any(w < 0 for w in mixture.values()) or sum(mixture.values()) <= 0:
-        raise ValueError(f"task_mixture must map {list(TASKS)} to non-negative weights with a positive sum, got {mixture}")
+        raise ValueError(
+            f"task_mixture must map {list(TASKS)} to non-negative weights with a positive sum, got {mixture}"
+        )
     names = [t for t in TASKS if mixture.get(t, 0) > 0]
     rng = random.Random(seed)
     assigned = rng.choices(names, weights=[mixture[t] for t in names], k=len(records))

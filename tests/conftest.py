@@ -21,8 +21,9 @@ def write_jsonl(path, rows):
 def run_qgen(args, cwd=ROOT, timeout=300, env=None):
     """Run ``python -m qgen ARGS`` in a subprocess; returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "qgen", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    return subprocess.run(
+        [sys.executable, "-m", "qgen", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
 
 
 def scalars(log_dir, tag):

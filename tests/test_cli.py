@@ -5,7 +5,7 @@ import json
 import os
 
 import pytest
-from conftest import CONFIGS, ROOT, SHARED, needs_shared, run_qgen, scalars, write_jsonl
+from conftest import CONFIGS, SHARED, needs_shared, run_qgen, scalars, write_jsonl
 
 from qgen.cli import cli_main
 
@@ -43,9 +43,18 @@ def test_unknown_option_is_rejected(capsys):
 
 
 def _sft_args(save_dir, steps, *extra):
-    return ["fit", "--config", os.path.join(CONFIGS, "sft.yaml"), f"--trainer.max_steps={steps}",
-            f"--trainer.logger.init_args.save_dir={save_dir}", "--trainer.log_every_n_steps=1",
-            "--trainer.val_check_interval=1000", "--trainer.limit_val_batches=0", *QUIET, *extra]
+    return [
+        "fit",
+        "--config",
+        os.path.join(CONFIGS, "sft.yaml"),
+        f"--trainer.max_steps={steps}",
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.val_check_interval=1000",
+        "--trainer.limit_val_batches=0",
+        *QUIET,
+        *extra,
+    ]
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -96,8 +105,16 @@ def test_broken_jsonl_fails_with_file_and_line_and_keeps_earlier_runs(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
-    proc = run_qgen(_sft_args(tmp_path, 3, "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
-                              "--data.batch_size=2"))
+    proc = run_qgen(
+        _sft_args(
+            tmp_path,
+            3,
+            "--trainer.strategy=ddp",
+            "--trainer.devices=2",
+            "--trainer.accelerator=cpu",
+            "--data.batch_size=2",
+        )
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "lightning_logs" / "version_0"
     assert sorted(scalars(run, "train/loss")) == [0, 1, 2]
@@ -110,8 +127,10 @@ def test_shared_overlay_summary_reports_exact_record_counts(tmp_path):
     proc = run_qgen(_sft_args(tmp_path, 1, "--config", os.path.join(CONFIGS, "data", "shared.yaml")))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "lightning_logs" / "version_0" / "data_summary.json").read_text())
-    n_gaokao = sum(len(json.load(open(p, encoding="utf-8"))["example"])
-                   for p in glob.glob(os.path.join(SHARED, "gaokao_bench", "*", "*.json")))
+    n_gaokao = sum(
+        len(json.load(open(p, encoding="utf-8"))["example"])
+        for p in glob.glob(os.path.join(SHARED, "gaokao_bench", "*", "*.json"))
+    )
     count = lambda p: sum(1 for line in open(os.path.join(SHARED, p), encoding="utf-8") if line.strip())  # noqa: E731
     assert summary["records_per_source"] == {
         "math-train": count("math/train.jsonl"),

@@ -1,11 +1,8 @@
-import os
-
 import pytest
-import torch
 from conftest import write_jsonl
 
 from qgen.data import IGNORE_INDEX, QuestionDataModule, ResumableSampler, TokenizedDataset, collate, split_of
-from qgen.records import DataError, Question
+from qgen.records import DataError
 from qgen.tasks import target_text
 
 
@@ -96,8 +93,13 @@ def test_sampler_shards_across_ranks():
 
 
 def test_collate_pads_right():
-    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "index": 0, "prompt_length": 1, "step_tokens": 2.0},
-                     {"input_ids": [8], "labels": [-100], "index": 1, "prompt_length": 1, "step_tokens": 2.0}], pad_id=0)
+    batch = collate(
+        [
+            {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "index": 0, "prompt_length": 1, "step_tokens": 2.0},
+            {"input_ids": [8], "labels": [-100], "index": 1, "prompt_length": 1, "step_tokens": 2.0},
+        ],
+        pad_id=0,
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -108,14 +110,22 @@ def test_group_by_length_keeps_every_index_and_cuts_padding():
     lengths = [(7 * i) % 97 + 1 for i in range(200)]
     ds = _dataset(200, lengths)
     for replicas in (1, 2):
-        shards = [list(ResumableSampler(ds, batch_size=4, accumulate=1, num_replicas=replicas, rank=r, seed=3,
-                                        group_by_length=True)) for r in range(replicas)]
+        shards = [
+            list(
+                ResumableSampler(
+                    ds, batch_size=4, accumulate=1, num_replicas=replicas, rank=r, seed=3, group_by_length=True
+                )
+            )
+            for r in range(replicas)
+        ]
         assert sorted(i for s in shards for i, _ in s) == list(range(200))
 
         def padding(shard):
             batches = [[ds.lengths[i] for i, _ in shard[b : b + 4]] for b in range(0, len(shard), 4)]
             return sum(max(b) * len(b) - sum(b) for b in batches)
 
-        plain = [list(ResumableSampler(ds, batch_size=4, accumulate=1, num_replicas=replicas, rank=r, seed=3))
-                 for r in range(replicas)]
+        plain = [
+            list(ResumableSampler(ds, batch_size=4, accumulate=1, num_replicas=replicas, rank=r, seed=3))
+            for r in range(replicas)
+        ]
         assert sum(map(padding, shards)) < 0.2 * sum(map(padding, plain))

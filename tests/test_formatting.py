@@ -2,8 +2,13 @@ from qgen.formatting import parse_question, render_target
 
 
 def test_round_trip_chinese_with_options():
-    text = render_target("设 $x=1$，则 $x+1=$（　　）", "B", "因为 $x=1$，所以 $x+1=2$，故选 B。",
-                         {"A": "1", "B": "2", "C": "3", "D": "4"}, "zh")
+    text = render_target(
+        "设 $x=1$，则 $x+1=$（　　）",
+        "B",
+        "因为 $x=1$，所以 $x+1=2$，故选 B。",
+        {"A": "1", "B": "2", "C": "3", "D": "4"},
+        "zh",
+    )
     assert text.splitlines()[0] == "题干：设 $x=1$，则 $x+1=$（　　）"
     p = parse_question(text)
     assert p.valid and p.answer == "B" and p.options == {"A": "1", "B": "2", "C": "3", "D": "4"}
@@ -16,7 +21,9 @@ def test_round_trip_english():
 
 
 def test_gaokao_markers_and_inline_options():
-    p = parse_question("已知集合 A={1,2}，则 A 的子集个数为（　　）\nA．2  B．3  C．4  D．5\n【答案】C\n【解析】因为……故选 C。")
+    p = parse_question(
+        "已知集合 A={1,2}，则 A 的子集个数为（　　）\nA．2  B．3  C．4  D．5\n【答案】C\n【解析】因为……故选 C。"
+    )
     assert p.valid and p.answer == "C" and p.options == {"A": "2", "B": "3", "C": "4", "D": "5"}
     assert p.question.startswith("已知集合") and p.analysis.startswith("因为")
 

@@ -15,8 +15,14 @@ from qgen.data import QuestionDataModule
 from qgen.grpo import GRPOModule
 from qgen.models import LoraSpec, embedded_path
 
-SMALL = ["--model.init_args.group_size=4", "--model.init_args.max_new_tokens=16", "--data.batch_size=2",
-         "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+SMALL = [
+    "--model.init_args.group_size=4",
+    "--model.init_args.max_new_tokens=16",
+    "--data.batch_size=2",
+    "--trainer.limit_val_batches=0",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
 
 
 def small_module(**kw):
@@ -48,8 +54,16 @@ def test_a_grpo_step_changes_only_lora_parameters_and_logs_rewards(tmp_path):
     module.configure_model()
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     rewards = [DifficultyReward(), NoveltyReward(), RigorReward(), DiversityReward()]
-    trainer = L.Trainer(default_root_dir=str(tmp_path), max_steps=2, accelerator="cpu", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0, callbacks=rewards)
+    trainer = L.Trainer(
+        default_root_dir=str(tmp_path),
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        callbacks=rewards,
+    )
     trainer.fit(module, QuestionDataModule(batch_size=2, max_length=256))
     changed = {n for n, p in module.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed and all("lora_" in n for n in changed)
@@ -59,15 +73,29 @@ def test_a_grpo_step_changes_only_lora_parameters_and_logs_rewards(tmp_path):
 
 
 def test_grpo_without_rewards_fails_clearly(tmp_path):
-    trainer = L.Trainer(default_root_dir=str(tmp_path), max_steps=1, accelerator="cpu", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0)
+    trainer = L.Trainer(
+        default_root_dir=str(tmp_path),
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+    )
     with pytest.raises(RuntimeError, match="no reward callbacks"):
         trainer.fit(small_module(), QuestionDataModule(batch_size=2, max_length=256))
 
 
 def _grpo_args(save_dir, steps, *extra):
-    return ["fit", "--config", os.path.join(CONFIGS, "grpo.yaml"), f"--trainer.max_steps={steps}",
-            f"--trainer.logger.init_args.save_dir={save_dir}", *SMALL, *extra]
+    return [
+        "fit",
+        "--config",
+        os.path.join(CONFIGS, "grpo.yaml"),
+        f"--trainer.max_steps={steps}",
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+        *SMALL,
+        *extra,
+    ]
 
 
 def _bank(ckpt):
@@ -90,9 +118,17 @@ def test_resume_restores_the_novelty_bank(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_ranks_hold_identical_novelty_banks(tmp_path):
-    proc = run_qgen(_grpo_args(tmp_path, 2, "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
-                               "--trainer.callbacks+=helpers_ddp.BankDump"),
-                    env={"PYTHONPATH": os.path.join(ROOT, "tests"), "QGEN_TEST_DUMP": str(tmp_path)})
+    proc = run_qgen(
+        _grpo_args(
+            tmp_path,
+            2,
+            "--trainer.strategy=ddp",
+            "--trainer.devices=2",
+            "--trainer.accelerator=cpu",
+            "--trainer.callbacks+=helpers_ddp.BankDump",
+        ),
+        env={"PYTHONPATH": os.path.join(ROOT, "tests"), "QGEN_TEST_DUMP": str(tmp_path)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     banks = [json.loads((tmp_path / f"bank_rank{r}.json").read_text()) for r in (0, 1)]
     assert banks[0] == banks[1]
@@ -104,9 +140,21 @@ def test_grpo_cli_logs_every_metric(tmp_path):
     proc = run_qgen(_grpo_args(tmp_path, 3, "--trainer.callbacks.init_args.every_n_train_steps=3"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "lightning_logs" / "version_0"
-    for tag in ("train/reward_mean", "train/reward_std", "train/advantage_std", "train/frac_zero_std", "train/kl",
-                "train/clipfrac", "train/completion_len_mean", "train/completion_len_max", "train/frac_truncated",
-                "train/gen_tokens_per_s", "train/reward_difficulty_mean", "train/reward_novelty_std",
-                "train/reward_rigor_mean", "train/reward_diversity_mean"):
+    for tag in (
+        "train/reward_mean",
+        "train/reward_std",
+        "train/advantage_std",
+        "train/frac_zero_std",
+        "train/kl",
+        "train/clipfrac",
+        "train/completion_len_mean",
+        "train/completion_len_max",
+        "train/frac_truncated",
+        "train/gen_tokens_per_s",
+        "train/reward_difficulty_mean",
+        "train/reward_novelty_std",
+        "train/reward_rigor_mean",
+        "train/reward_diversity_mean",
+    ):
         assert len(scalars(run, tag)) == 3, tag
     assert (run / "checkpoints" / "last.ckpt").is_file()

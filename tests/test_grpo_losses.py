@@ -16,8 +16,10 @@ def test_group_advantages_hand_computed():
     assert_close(group_advantages(rewards, "no_std"), torch.tensor([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]))
     assert_close(group_advantages(torch.tensor([[0.0, 0.0, 3.0]]), "median"), torch.tensor([[0.0, 0.0, 3.0]]))
     # batch std of [1, 2, 3, 5, 5, 5] (unbiased) = sqrt(3.1) = 1.76068
-    assert_close(group_advantages(rewards, "batch_std", eps=0.0),
-                 torch.tensor([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]) / math.sqrt(3.1))
+    assert_close(
+        group_advantages(rewards, "batch_std", eps=0.0),
+        torch.tensor([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]) / math.sqrt(3.1),
+    )
     with pytest.raises(ValueError, match="advantage mode"):
         group_advantages(rewards, "zscore")
 
@@ -39,12 +41,15 @@ def test_grpo_loss_hand_computed_with_clipping():
     assert_close(out.loss, torch.tensor(-0.15))
     assert_close(out.clipfrac, torch.tensor(2 / 3))
     assert_close(grpo_loss(logp, old, adv, mask, aggregation="dapo").loss, torch.tensor(-1.4 / 3))
-    assert_close(grpo_loss(logp, old, adv, mask, aggregation="dr_grpo", max_completion_length=4).loss, torch.tensor(-0.175))
+    assert_close(
+        grpo_loss(logp, old, adv, mask, aggregation="dr_grpo", max_completion_length=4).loss, torch.tensor(-0.175)
+    )
 
 
 def test_k3_kl_hand_computed():
-    """logp = 0, ref = ln 2: delta = ln 2, KL3 = e^{ln 2} - ln 2 - 1 = 1 - ln 2 = 0.30685; with A = 0 and
-    beta = 0.5 the loss is 0.5 * 0.30685."""
+    """Logp = 0, ref = ln 2: delta = ln 2, KL3 = e^{ln 2} - ln 2 - 1 = 1 - ln 2 = 0.30685; with A = 0 and
+    beta = 0.5 the loss is 0.5 * 0.30685.
+    """
     logp, ref = torch.zeros(1, 1), torch.full((1, 1), math.log(2))
     out = grpo_loss(logp, logp, torch.zeros(1), torch.ones(1, 1), ref_logp=ref, beta=0.5)
     assert_close(out.kl, torch.tensor(1 - math.log(2)))

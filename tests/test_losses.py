@@ -8,7 +8,8 @@ from qgen.losses import IGNORE_INDEX, reference_token_nll, token_nll
 
 def test_token_nll_hand_computed():
     """Vocabulary of 2, one target token. Hidden [1, 0] with head rows [[0, 0], [ln 3, 0]] gives logits
-    [0, ln 3] -> p(token 1) = 3/4, so the NLL of target 1 is -ln(3/4) = 0.28768..."""
+    [0, ln 3] -> p(token 1) = 3/4, so the NLL of target 1 is -ln(3/4) = 0.28768...
+    """
     hidden = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
     head = torch.tensor([[0.0, 0.0], [math.log(3), 0.0]])
     labels = torch.tensor([[IGNORE_INDEX, 1]])

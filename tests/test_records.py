@@ -4,11 +4,16 @@ import os
 import pytest
 from conftest import SHARED, needs_shared, write_jsonl
 
-from qgen.records import DataError, FORMATS, detect_language, last_boxed, read_source
+from qgen.records import FORMATS, DataError, detect_language, last_boxed, read_source
 
 MATH_ROWS = [
     {"problem": "Compute $1+1$.", "level": "Level 1", "type": "Prealgebra", "solution": "It is $\\boxed{2}$."},
-    {"problem": "Find $x$ if $2x=6$.", "level": "Level 2", "type": "Algebra", "solution": "So $x=\\boxed{\\frac{6}{2}}$."},
+    {
+        "problem": "Find $x$ if $2x=6$.",
+        "level": "Level 2",
+        "type": "Algebra",
+        "solution": "So $x=\\boxed{\\frac{6}{2}}$.",
+    },
     {"problem": "Odd one.", "level": "Level ?", "type": "Algebra", "solution": "No box here."},
 ]
 
@@ -21,35 +26,83 @@ def test_math_reader_normalises_fields(tmp_path):
 
 
 def test_gaokao_bench_reader(tmp_path):
-    doc = {"keywords": "2010-2022_Math_I_MCQs", "example": [
-        {"year": "2015", "category": "全国卷", "question": "1. 设集合……（　　）\nA. 1\nB. 2", "answer": ["B"],
-         "analysis": "因为……故选 B。", "index": 0, "score": 5},
-        {"year": "2016", "category": "全国卷", "question": "2. 求值", "answer": ["A", "C"], "analysis": "", "index": 1, "score": 6}]}
+    doc = {
+        "keywords": "2010-2022_Math_I_MCQs",
+        "example": [
+            {
+                "year": "2015",
+                "category": "全国卷",
+                "question": "1. 设集合……（　　）\nA. 1\nB. 2",
+                "answer": ["B"],
+                "analysis": "因为……故选 B。",
+                "index": 0,
+                "score": 5,
+            },
+            {
+                "year": "2016",
+                "category": "全国卷",
+                "question": "2. 求值",
+                "answer": ["A", "C"],
+                "analysis": "",
+                "index": 1,
+                "score": 6,
+            },
+        ],
+    }
     path = tmp_path / "g.json"
     path.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
     recs = read_source("gaokao_bench", str(tmp_path)).records
     assert [(r.subject, r.qtype, r.answer, r.level, r.year) for r in recs] == [
-        ("数学", "mcq", "B", "5分", "2015"), ("数学", "mcq", "AC", "6分", "2016")]
+        ("数学", "mcq", "B", "5分", "2015"),
+        ("数学", "mcq", "AC", "6分", "2016"),
+    ]
     assert recs[0].language == "zh"
 
 
 def test_tal_scq_reader(tmp_path):
-    row = {"qid": "7", "queId": "abc", "difficulty": "2", "qtype": "single_choice", "problem": "1+2=?",
-           "answer_option_list": [[{"aoVal": "A", "content": "3"}], [{"aoVal": "B", "content": "4"}]],
-           "knowledge_point_routes": ["A->B->加法"], "answer_analysis": ["因为 1+2=3"], "answer_value": "A"}
+    row = {
+        "qid": "7",
+        "queId": "abc",
+        "difficulty": "2",
+        "qtype": "single_choice",
+        "problem": "1+2=?",
+        "answer_option_list": [[{"aoVal": "A", "content": "3"}], [{"aoVal": "B", "content": "4"}]],
+        "knowledge_point_routes": ["A->B->加法"],
+        "answer_analysis": ["因为 1+2=3"],
+        "answer_value": "A",
+    }
     rec = read_source("tal_scq", write_jsonl(tmp_path / "t.jsonl", [row])).records[0]
-    assert (rec.id, rec.answer, rec.options, rec.knowledge, rec.difficulty) == ("abc", "A", {"A": "3", "B": "4"}, ["加法"], 0.5)
+    assert (rec.id, rec.answer, rec.options, rec.knowledge, rec.difficulty) == (
+        "abc",
+        "A",
+        {"A": "3", "B": "4"},
+        ["加法"],
+        0.5,
+    )
 
 
 def test_jsonl_mapping_and_defaults(tmp_path):
     rows = [{"q": "What is 2+2?", "a": "4", "topic": "Arithmetic"}]
-    rec = read_source("jsonl", write_jsonl(tmp_path / "x.jsonl", rows), mapping={"question": "q", "answer": "a", "subject": "topic"},
-                      qtype="fill_blank").records[0]
-    assert (rec.question, rec.answer, rec.subject, rec.qtype, rec.language) == ("What is 2+2?", "4", "Arithmetic", "fill_blank", "en")
+    rec = read_source(
+        "jsonl",
+        write_jsonl(tmp_path / "x.jsonl", rows),
+        mapping={"question": "q", "answer": "a", "subject": "topic"},
+        qtype="fill_blank",
+    ).records[0]
+    assert (rec.question, rec.answer, rec.subject, rec.qtype, rec.language) == (
+        "What is 2+2?",
+        "4",
+        "Arithmetic",
+        "fill_blank",
+        "en",
+    )
 
 
 def test_malformed_json_names_file_and_line(tmp_path):
-    path = write_jsonl(tmp_path / "bad.jsonl", [{"question": "a", "answer": "1"}, {"question": "b", "answer": "2"}, '{"question": "c",'])
+    path = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [{"question": "a", "answer": "1"}, {"question": "b", "answer": "2"}, '{"question": "c",'],
+    )
     with pytest.raises(DataError, match=r"bad\.jsonl, line 3: malformed JSON"):
         read_source("jsonl", path)
     with pytest.raises(DataError, match="line 3"):  # skip_invalid never hides broken JSON

@@ -3,7 +3,6 @@
 import os
 import re
 
-import numpy as np
 import pytest
 from conftest import ROOT, SHARED, needs_shared
 
@@ -40,7 +39,10 @@ def test_novelty_bundled_bank_english_and_chinese(bundled_bank):
 @needs_shared
 def test_novelty_shared_bank_english_and_chinese():
     bank = [r.question for r in read_source("math", os.path.join(SHARED, "math/train.jsonl")).records]
-    bank += [r.question for r in read_source("gaokao_bench", os.path.join(SHARED, "gaokao_bench/Objective_Questions")).records]
+    bank += [
+        r.question
+        for r in read_source("gaokao_bench", os.path.join(SHARED, "gaokao_bench/Objective_Questions")).records
+    ]
     index = NoveltyIndex(bank)
     _check_novelty(index, bank, "en", "Describe the water cycle and explain why clouds form over warm oceans.")
     _check_novelty(index, bank, "zh", "小明周末和家人去郊外野餐，请写一篇日记记录这一天的见闻和感受。")
@@ -55,17 +57,25 @@ def test_novelty_bank_grows():
 
 
 def test_group_diversity():
-    texts = ["Find the sum of 1 and 2.", "Find the sum of 1 and 2.", "Prove that there are infinitely many primes.",
-             "Describe a triangle with integer sides."]
+    texts = [
+        "Find the sum of 1 and 2.",
+        "Find the sum of 1 and 2.",
+        "Prove that there are infinitely many primes.",
+        "Describe a triangle with integer sides.",
+    ]
     div = group_diversity(texts, group_size=2)
     assert div[0] == pytest.approx(0.0, abs=1e-5) and div[1] == pytest.approx(0.0, abs=1e-5)
     assert div[2] > 0.7 and div[2] == pytest.approx(div[3], abs=1e-6)
 
 
 def test_rigor_score_orders_outputs():
-    good = parse_question(render_target("设 $x=2$，求 $x^2$。", "4", "因为 $x=2$，所以 $x^2=4$，故答案为 4。", None, "zh"))
+    good = parse_question(
+        render_target("设 $x=2$，求 $x^2$。", "4", "因为 $x=2$，所以 $x^2=4$，故答案为 4。", None, "zh")
+    )
     no_analysis = parse_question("题干：设 $x=2$，求 $x^2$。\n参考答案：4")
-    bad_choice = parse_question(render_target("Pick one.", "E", "Since no reason, hence E.", {"A": "1", "B": "2"}, "en"))
+    bad_choice = parse_question(
+        render_target("Pick one.", "E", "Since no reason, hence E.", {"A": "1", "B": "2"}, "en")
+    )
     g = rigor_score(good, "zh", truncated=False)
     assert g == pytest.approx(1.0)
     assert rigor_score(good, "zh", truncated=True) == pytest.approx(0.8)
@@ -74,14 +84,19 @@ def test_rigor_score_orders_outputs():
 
 
 def test_difficulty_model_learns_labels_and_falls_back():
-    easy = [Question(str(i), "t", "en", "m", "p", f"What is {i} plus {i}?", str(2 * i), "Add.", difficulty=0.0) for i in range(30)]
+    easy = [
+        Question(str(i), "t", "en", "m", "p", f"What is {i} plus {i}?", str(2 * i), "Add.", difficulty=0.0)
+        for i in range(30)
+    ]
     hard = [Question(str(i + 99), "t", "en", "m", "p",
                      f"Prove that for every integer n > {i} the polynomial x^n + {i} x + 1 has no rational root.",
                      "x", "Suppose a root p/q exists; by the rational root theorem and parity we derive a contradiction.",
                      difficulty=1.0) for i in range(30)]  # fmt: skip
     model = DifficultyModel().fit(easy + hard)
-    pred = model.predict(["What is 50 plus 50?", "Prove that for every integer n > 3 the polynomial x^n + 5x + 1 is irreducible."],
-                         ["Add.", "Suppose it factors; by the rational root theorem we derive a contradiction."])
+    pred = model.predict(
+        ["What is 50 plus 50?", "Prove that for every integer n > 3 the polynomial x^n + 5x + 1 is irreducible."],
+        ["Add.", "Suppose it factors; by the rational root theorem we derive a contradiction."],
+    )
     assert pred[0] < 0.3 and pred[1] > 0.7
     untrained = DifficultyModel().predict(["Short?"], [""])
     assert untrained[0] == pytest.approx(heuristic_difficulty("Short?"))

@@ -26,9 +26,17 @@ def fit(tmp_path, module, batch_size=8, accumulate=1, max_steps=1, callbacks=(),
     # plain shuffling: the first 8 examples are then the same for batch 8 and for 4 x batch 2
     dm = QuestionDataModule(batch_size=batch_size, max_length=192, val_fraction=0.0, group_by_length=False)
     trainer = L.Trainer(
-        default_root_dir=str(tmp_path), max_steps=max_steps, accumulate_grad_batches=accumulate, accelerator="cpu",
-        devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        callbacks=list(callbacks), **trainer_kw,
+        default_root_dir=str(tmp_path),
+        max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=list(callbacks),
+        **trainer_kw,
     )
     trainer.fit(module, dm)
     return trainer

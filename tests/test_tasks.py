@@ -36,7 +36,8 @@ def test_variant_partner_is_similar_but_not_duplicate(bundled):
         assert partner.id != e.record.id and partner.subject == e.record.subject
         assert partner.question in e.messages[1]["content"]
         vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 3), sublinear_tf=True).fit(
-            [r.question for r in bundled if r.subject == e.record.subject and r.language == e.record.language])
+            [r.question for r in bundled if r.subject == e.record.subject and r.language == e.record.language]
+        )
         a, b = vec.transform([e.record.question, partner.question])
         assert 0.3 <= (a @ b.T).toarray()[0, 0] < 0.85
 
