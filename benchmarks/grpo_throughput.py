@@ -165,6 +165,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
+    chunked, naive = logprob_memory()  # first, in fresh subprocesses, before any training touches the environment
     dm = QuestionDataModule(batch_size=PROMPTS, max_length=512)
     dm.setup("fit")
     rewards = make_rewards(dm)
@@ -174,7 +175,6 @@ def main() -> None:
     print(f"{'trainer':<18} {'s/step':>8} {'steps/s':>8} {'ratio':>6}")
     for name, t in (("qgen GRPOModule", qgen_t), ("TRL GRPOTrainer", trl_t)):
         print(f"{name:<18} {t.s_per_step:>8.2f} {1 / t.s_per_step:>8.3f} {trl_t.s_per_step / t.s_per_step:>6.2f}")
-    chunked, naive = logprob_memory()
     print("\nper-token log-probs, 16 x 256 tokens, vocabulary 151,936 (peak RSS growth)")
     print(f"{'method':<34} {'peak MB':>8} {'ratio':>6}")
     print(f"{'naive full log_softmax':<34} {naive['peak_mb']:>8.0f} {1.0:>6.2f}")
