@@ -170,13 +170,11 @@ class ResumableSampler(DistributedSampler):
             part = sorted(order[start : start + chunk], key=lambda i: -lengths[i])
             # batch k of rank r takes part[(k * R + r) * bs : ...]: consecutive lengths land in one batch
             batches = [part[b : b + global_batch] for b in range(0, len(part), global_batch)]
-            perm = torch.randperm(len(batches), generator=g).tolist()
-            for k in perm:
+            bs, replicas = self.batch_size, self.num_replicas
+            for k in torch.randperm(len(batches), generator=g).tolist():
                 rows = batches[k]
-                # interleave so that the rank-strided split of DistributedSampler gives each rank a contiguous run
-                per_rank = [rows[r * self.batch_size : (r + 1) * self.batch_size] for r in range(self.num_replicas)]
-                out.extend(i for j in range(self.batch_size) for r in range(self.num_replicas) if j < len(per_rank[r])
-                           for i in [per_rank[r][j]])  # fmt: skip
+                # interleaved, so that the rank-strided split in __iter__ gives rank r the run rows[r*bs:(r+1)*bs]
+                out.extend(rows[r * bs + j] for j in range(bs) for r in range(replicas) if r * bs + j < len(rows))
         return out
 
 

@@ -298,7 +298,7 @@ def en_dice(rng: random.Random) -> dict:
     )
     return dict(
         subject="Counting & Probability", qtype="single_choice", level="Level 1", knowledge=["probability", "dice"],
-        question=f"Two fair six-sided dice are rolled. What is the probability that the sum of the numbers shown is ${target}$?",
+        question=f"A pair of fair cubes with faces numbered 1 to 6 is thrown. Find the chance that the two top faces add up to ${target}$.",
         options=options, answer=letter,
         analysis=(f"There are $36$ equally likely outcomes. The pairs with sum ${target}$ are counted directly: there are ${ways}$ of them. "
                   f"Hence the probability is $\\frac{{{ways}}}{{36}}={_frac(p)}$, so the answer is {letter}."),
@@ -357,7 +357,7 @@ def en_digit_sum(rng: random.Random) -> dict:
     count = sum(1 for x in range(lo, hi) if sum(map(int, str(x))) == target)
     return dict(
         subject="Counting & Probability", qtype="problem", level="Level 4", knowledge=["digit sums", "casework"],
-        question=f"How many ${k}$-digit positive integers have digits whose sum is ${target}$?",
+        question=f"Count the positive integers with exactly ${k}$ digits whose digit total equals ${target}$.",
         answer=str(count),
         analysis=(f"Write the number as digits $d_1\\cdots d_{k}$ with $1\\le d_1\\le 9$ and $0\\le d_i\\le 9$ otherwise. "
                   f"Counting the solutions of $d_1+\\cdots+d_{k}={target}$ under these bounds (stars and bars with "
