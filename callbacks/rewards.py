@@ -85,9 +85,8 @@ class DifficultyReward(RewardCallback):
     def score(self, batch: ScoringBatch) -> RewardOutput:
         model = self.model or DifficultyModel()
         subjects = [r.subject if r is not None else "" for r in batch.records]
-        return RewardOutput(
-            model.predict([p.question for p in batch.parsed], [p.analysis for p in batch.parsed], subjects)
-        )
+        questions = [p.question or t for p, t in zip(batch.parsed, batch.texts)]  # raw text when it does not parse
+        return RewardOutput(model.predict(questions, [p.analysis for p in batch.parsed], subjects))
 
     def state_dict(self) -> dict:
         if self.model is None:

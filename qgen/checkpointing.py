@@ -1,7 +1,10 @@
-"""RNG states as plain values (lists and tensors), so checkpoints load with ``torch.load(weights_only=True)``.
+"""What every stage's checkpoint holds beyond Lightning's defaults, and what it leaves out.
 
-Lightning does not put RNG states in checkpoints; without them a resumed run draws different LoRA-dropout
-masks (and sampling noise) than the uninterrupted run would have.
+- Only trainable weights: under LoRA / QLoRA the adapter, never the frozen or quantized base (nor a
+  teacher or reference model), so a 14B checkpoint is megabytes.
+- RNG states, as plain values (lists and tensors) so checkpoints load with ``torch.load(weights_only=True)``.
+  Lightning does not save them; without them a resumed run draws different dropout masks and samples
+  than the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 
 def get_rng_states() -> dict[str, Any]:
@@ -34,3 +38,16 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate((version, tuple(state), gauss_next))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def slim_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """``on_save_checkpoint`` of every stage: keep the trainable weights only, add the RNG states."""
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+    checkpoint["rng_states"] = get_rng_states()
+
+
+def restore_rng(checkpoint: dict[str, Any]) -> None:
+    """``on_load_checkpoint`` of every stage."""
+    if "rng_states" in checkpoint:
+        set_rng_states(checkpoint["rng_states"])

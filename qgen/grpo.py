@@ -26,10 +26,11 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from qgen.checkpointing import get_rng_states, set_rng_states
+from qgen.checkpointing import restore_rng, slim_checkpoint
 from qgen.formatting import parse_question
 from qgen.losses import group_advantages, grpo_loss
-from qgen.models import LoraSpec, load_causal_lm, load_trainable_weights, trainable_state_dict
+from qgen.models import LoraSpec, load_causal_lm, load_trainable_weights
+from qgen.optim import configure_optimizers
 from qgen.sampling import Rollout, completion_logprobs, generate_group
 from qgen.scoring import RewardOutput, ScoringBatch
 from qgen.sft import default_optimizer, default_scheduler
@@ -193,16 +194,12 @@ class GRPOModule(L.LightningModule):
         self.log("val/loss", out.loss, batch_size=batch["input_ids"].size(0))
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
-        scheduler = self.scheduler_factory(optimizer)
-        if getattr(scheduler, "total_steps", 0) is None:
-            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimizers(
+            self, self.optimizer_factory, self.scheduler_factory, self.trainer.estimated_stepping_batches
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
-        checkpoint["rng_states"] = get_rng_states()
+        slim_checkpoint(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "rng_states" in checkpoint:
-            set_rng_states(checkpoint["rng_states"])
+        restore_rng(checkpoint)

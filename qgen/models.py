@@ -240,12 +240,6 @@ def load_causal_lm(
     return model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as it finds them
 
 
-def trainable_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Only the entries of ``state_dict`` that belong to trainable parameters (LoRA weights under LoRA)."""
-    names = {n for n, p in module.named_parameters() if p.requires_grad}
-    return {k: v for k, v in state_dict.items() if k in names}
-
-
 def load_trainable_weights(model: nn.Module, source: str) -> int:
     """Load adapter (or full) weights into ``model`` from a qgen ``.ckpt`` or a PEFT adapter folder.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -35,3 +36,13 @@ class WarmupCosineLR(LRScheduler):
 
     def get_lr(self) -> list[float]:
         return [base * self.factor(self.last_epoch) for base in self.base_lrs]
+
+
+def configure_optimizers(module: nn.Module, optimizer_factory, scheduler_factory, estimated_steps: int) -> dict:
+    """The optimizer over the trainable parameters and a per-step scheduler; a ``total_steps`` left at
+    ``None`` is filled with the trainer's estimate."""
+    optimizer = optimizer_factory([p for p in module.parameters() if p.requires_grad])
+    scheduler = scheduler_factory(optimizer)
+    if getattr(scheduler, "total_steps", 0) is None:
+        scheduler.total_steps = int(estimated_steps)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

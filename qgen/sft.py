@@ -20,10 +20,10 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import SumMetric
 
-from qgen.checkpointing import get_rng_states, set_rng_states
+from qgen.checkpointing import restore_rng, slim_checkpoint
 from qgen.losses import token_nll
-from qgen.models import LoraSpec, load_causal_lm, trainable_state_dict
-from qgen.optim import WarmupCosineLR
+from qgen.models import LoraSpec, load_causal_lm
+from qgen.optim import WarmupCosineLR, configure_optimizers
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -113,17 +113,12 @@ class SFTModule(L.LightningModule):
         self.val_nll.reset(), self.val_tokens.reset()
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        scheduler = self.scheduler_factory(optimizer)
-        if getattr(scheduler, "total_steps", 0) is None:
-            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimizers(
+            self, self.optimizer_factory, self.scheduler_factory, self.trainer.estimated_stepping_batches
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
-        checkpoint["rng_states"] = get_rng_states()
+        slim_checkpoint(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "rng_states" in checkpoint:
-            set_rng_states(checkpoint["rng_states"])
+        restore_rng(checkpoint)
