@@ -87,11 +87,29 @@ def generate_group(model: nn.Module, tokenizer, prompts: list[list[int]], group_
     )
 
 
-def completion_logprobs(decoder: nn.Module, lm_head_weight: torch.Tensor, rollout: Rollout,
-                        chunk_size: int = 1024) -> torch.Tensor:  # fmt: skip
-    """Per-token log-probs of the completion tokens, ``[N, C]``; position ids follow the left padding."""
-    mask = rollout.attention_mask
+def completion_logprobs(decoder: nn.Module, lm_head_weight: torch.Tensor, rollout: Rollout, chunk_size: int = 1024,
+                        share_prompt: bool = True) -> torch.Tensor:  # fmt: skip
+    """Per-token log-probs of the completion tokens, ``[N, C]``; position ids follow the left padding.
+
+    With ``share_prompt`` each prompt goes through the decoder once, not ``G`` times: its KV cache (still
+    part of the autograd graph) is repeated for the ``G`` completions, which then attend to it. Values and
+    gradients equal the plain forward over ``[N, P + C]`` (to float rounding; tested), at about
+    ``(B*P + N*C) / (N*(P + C))`` of its cost: a third for 2 x 8 completions of 64 tokens after 150-token
+    prompts. It needs the KV cache in training mode, so it is off under gradient checkpointing.
+    """
+    mask, p, g = rollout.attention_mask, rollout.prompt_length, rollout.group_size
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, P+C]
-    hidden = decoder(input_ids=rollout.sequences, attention_mask=mask, position_ids=position_ids).last_hidden_state
-    p = rollout.prompt_length
-    return token_logprobs(hidden[:, p - 1 : -1], lm_head_weight, rollout.sequences[:, p:], chunk_size)  # [N, C]
+    completions = rollout.sequences[:, p:]  # [N, C]
+    if not share_prompt or g == 1:
+        hidden = decoder(input_ids=rollout.sequences, attention_mask=mask, position_ids=position_ids).last_hidden_state
+        return token_logprobs(hidden[:, p - 1 : -1], lm_head_weight, completions, chunk_size)  # [N, C]
+    prompt = decoder(input_ids=rollout.sequences[::g, :p], attention_mask=mask[::g, :p],
+                     position_ids=position_ids[::g, :p], use_cache=True)  # fmt: skip
+    cache = prompt.past_key_values
+    cache.batch_repeat_interleave(g)  # [B, ...] -> [N, ...], differentiable
+    cache_position = torch.arange(p, p + completions.size(1), device=completions.device)
+    rest = decoder(input_ids=completions, attention_mask=mask, position_ids=position_ids[:, p:], past_key_values=cache,
+                   use_cache=True, cache_position=cache_position).last_hidden_state  # [N, C, H]
+    # position P-1 (the prompt's last token) predicts completion token 0; completion position t predicts t+1
+    hidden = torch.cat([prompt.last_hidden_state[:, -1:].repeat_interleave(g, 0), rest[:, :-1]], dim=1)  # [N, C, H]
+    return token_logprobs(hidden, lm_head_weight, completions, chunk_size)  # [N, C]

@@ -158,3 +158,32 @@ def test_grpo_cli_logs_every_metric(tmp_path):
     ):
         assert len(scalars(run, tag)) == 3, tag
     assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_shared_prompt_forward_equals_full_forward():
+    """Each prompt once, its KV cache shared by the group == every (prompt, completion) row in full:
+    same log-probs and same LoRA gradients, with left-padded prompts of different lengths."""
+    from qgen.models import load_tokenizer
+    from qgen.sampling import completion_logprobs, generate_group
+
+    module = small_module()
+    module.configure_model()
+    model, tok = module.model, load_tokenizer(None)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    prompts = [tok("<|im_start|>user\nWrite a problem about primes.<|im_end|>\n<|im_start|>assistant\n")["input_ids"],
+               tok("<|im_start|>user\n请命制一道数学填空题。<|im_end|>\n<|im_start|>assistant\n")["input_ids"]]
+    assert len(prompts[0]) != len(prompts[1])
+    torch.manual_seed(0)
+    rollout = generate_group(model, tok, prompts, group_size=4, max_new_tokens=12)
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for share in (False, True):
+        logp = completion_logprobs(model.get_decoder(), model.get_output_embeddings().weight, rollout, share_prompt=share)
+        grads = torch.autograd.grad((logp * rollout.completion_mask).sum(), params)
+        results.append((logp.detach(), grads))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
