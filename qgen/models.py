@@ -15,7 +15,6 @@ import glob
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Literal
@@ -263,9 +262,3 @@ def load_trainable_weights(model: nn.Module, source: str) -> int:
     if loaded == 0:
         raise ValueError(f"init_from: no weights in {source} match this model (a different backbone or LoRA config?)")
     return loaded
-
-
-def copy_embedded(dst: str) -> str:
-    """Copy the embedded default's files to ``dst`` (used by tests that need a private copy)."""
-    shutil.copytree(embedded_path(), dst, dirs_exist_ok=True)
-    return dst

@@ -187,3 +187,23 @@ def test_shared_prompt_forward_equals_full_forward():
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
     for a, b in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_init_from_an_sft_checkpoint_loads_the_adapter(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from qgen.sft import SFTModule
+
+    L.seed_everything(0)
+    sft = SFTModule(lora=LoraSpec(r=8, alpha=16, dropout=0.0))
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path), save_last=True, save_top_k=0)
+    L.Trainer(default_root_dir=str(tmp_path), max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+              limit_val_batches=0, callbacks=[ckpt]).fit(sft, QuestionDataModule(batch_size=2, max_length=192))
+    grpo = GRPOModule(init_from=str(tmp_path / "last.ckpt"), lora=LoraSpec(r=8, alpha=16, dropout=0.0))
+    grpo.configure_model()
+    trained = {n: p for n, p in sft.named_parameters() if "lora_B" in n}
+    assert trained and all(torch.equal(dict(grpo.named_parameters())[n], p) for n, p in trained.items())
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        GRPOModule(init_from=str(tmp_path / "missing.ckpt")).configure_model()
+    with pytest.raises(ValueError, match="no weights"):
+        GRPOModule(init_from=str(tmp_path / "last.ckpt"), lora=LoraSpec(r=4)).configure_model()  # other rank
