@@ -140,7 +140,6 @@ class GRPOModule(L.LightningModule):
         for out in outputs.values():
             if out.factor is not None:
                 total = total * torch.as_tensor(out.factor, dtype=torch.float32)
-        self.last.update(scoring_batch=batch)
         return total.to(self.device), outputs
 
     # ------------------------------------------------------------------------------------------ training
