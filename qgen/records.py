@@ -27,8 +27,8 @@ class DataError(ValueError):
 class Question:
     """One exam question, normalised from any source.
 
-    ``difficulty`` is on a 0-1 scale (MATH level 1..5 -> 0..1, TAL-SCQ 0..4 -> 0..1), ``None`` when the
-    source has no label; ``level`` keeps the source's own label for prompts ("Level 3", "2", "12分").
+    ``difficulty`` is on a 0-1 scale (MATH level 1..5 -> 0..1, TAL-SCQ 0..4 -> 0..1, GAOKAO-Bench points / 20,
+    capped at 1), ``None`` when the source has no label; ``level`` keeps the source's own label for prompts ("Level 3", "2", "12分").
     """
 
     id: str
@@ -183,6 +183,8 @@ def _convert_gaokao(rec: dict, where: str, stem: str) -> dict:
         answer=answer.strip(),
         analysis=str(rec.get("analysis") or "").strip(),
         level=f"{score}分" if score is not None else "",
+        # points as a (coarse) difficulty label: 5-point items -> 0.25, 12-point items -> 0.6, 20+ -> 1
+        difficulty=min(float(score), 20.0) / 20.0 if isinstance(score, int | float) and score > 0 else None,
         year=str(rec.get("year", "")),
     )
 

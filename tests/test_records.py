@@ -57,6 +57,7 @@ def test_gaokao_bench_reader(tmp_path):
         ("数学", "mcq", "AC", "6分", "2016"),
     ]
     assert recs[0].language == "zh"
+    assert [r.difficulty for r in recs] == [0.25, 0.3]  # points / 20 as a coarse label
 
 
 def test_tal_scq_reader(tmp_path):
