@@ -5,7 +5,8 @@
     python -m qgen fit --model qgen.SFTModule --print_config > my.yaml      # a complete config
 
 ``--ckpt_path last`` is resolved to ``lightning_logs/version_N/checkpoints/last.ckpt`` of the newest
-version that has one (the logger's ``save_dir``), so resuming needs no path typing.
+version that has one from the same module class (under the logger's ``save_dir``), so resuming needs no
+path typing.
 """
 
 from __future__ import annotations
@@ -22,12 +23,24 @@ from qgen.data import QuestionDataModule
 from qgen.records import DataError
 
 
-def find_last_checkpoint(root: str = "lightning_logs") -> str:
-    """The newest ``version_N/checkpoints/last.ckpt`` under ``root``."""
-    found = glob.glob(os.path.join(root, "**", "checkpoints", "last.ckpt"), recursive=True)
-    if not found:
-        raise FileNotFoundError(f"--ckpt_path last: no last.ckpt under {root}/; run `fit` first or give a path")
-    return max(found, key=os.path.getmtime)
+def find_last_checkpoint(root: str = "lightning_logs", class_path: str | None = None) -> str:
+    """The newest ``version_N/checkpoints/last.ckpt`` under ``root`` written by a ``class_path`` module.
+
+    Filtering by the module class keeps ``--ckpt_path last`` of a GRPO run from picking up the SFT run
+    that it was started from (both live under ``lightning_logs/``).
+    """
+    import torch
+
+    found = sorted(glob.glob(os.path.join(root, "**", "checkpoints", "last.ckpt"), recursive=True),
+                   key=os.path.getmtime, reverse=True)  # fmt: skip
+    for path in found:
+        if class_path is None:
+            return path
+        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+        if hparams.get("_class_path") == class_path:
+            return path
+    which = f" from {class_path}" if class_path else ""
+    raise FileNotFoundError(f"--ckpt_path last: no last.ckpt{which} under {root}/; run `fit` first or give a path")
 
 
 class QGenCLI(LightningCLI):
@@ -44,7 +57,7 @@ class QGenCLI(LightningCLI):
                 save_dir = logger.init_args.save_dir
             elif save_dir == ".":
                 save_dir = "lightning_logs"
-            config.ckpt_path = find_last_checkpoint(save_dir)
+            config.ckpt_path = find_last_checkpoint(save_dir, config.model.get("class_path"))
             print(f"resuming from {config.ckpt_path}")
         super()._parse_ckpt_path()
 

@@ -139,3 +139,21 @@ def test_shared_overlay_summary_reports_exact_record_counts(tmp_path):
         "tal-scq5k-en-train": count("tal_scq5k/en_single_choice_constructed_5K/en_single_choice_train_3K.jsonl"),
     }
     assert summary["split"]["train"] + summary["split"]["val"] == sum(summary["records_per_source"].values())
+
+
+def test_ckpt_path_last_picks_the_newest_checkpoint_of_the_same_module(tmp_path):
+    import time
+
+    import torch
+
+    from qgen.cli import find_last_checkpoint
+
+    for version, cls in ((0, "qgen.SFTModule"), (1, "qgen.GRPOModule"), (2, "qgen.SFTModule")):
+        path = tmp_path / f"version_{version}" / "checkpoints" / "last.ckpt"
+        path.parent.mkdir(parents=True)
+        torch.save({"hyper_parameters": {"_class_path": cls}}, path)
+        time.sleep(0.01)
+    assert find_last_checkpoint(str(tmp_path), "qgen.SFTModule").endswith("version_2/checkpoints/last.ckpt")
+    assert find_last_checkpoint(str(tmp_path), "qgen.GRPOModule").endswith("version_1/checkpoints/last.ckpt")
+    with pytest.raises(FileNotFoundError, match="no last.ckpt from qgen.DistillModule"):
+        find_last_checkpoint(str(tmp_path), "qgen.DistillModule")
