@@ -108,8 +108,14 @@ def completion_logprobs(decoder: nn.Module, lm_head_weight: torch.Tensor, rollou
     cache = prompt.past_key_values
     cache.batch_repeat_interleave(g)  # [B, ...] -> [N, ...], differentiable
     cache_position = torch.arange(p, p + completions.size(1), device=completions.device)
-    rest = decoder(input_ids=completions, attention_mask=mask, position_ids=position_ids[:, p:], past_key_values=cache,
-                   use_cache=True, cache_position=cache_position).last_hidden_state  # [N, C, H]
+    rest = decoder(
+        input_ids=completions,
+        attention_mask=mask,
+        position_ids=position_ids[:, p:],
+        past_key_values=cache,
+        use_cache=True,
+        cache_position=cache_position,
+    ).last_hidden_state  # [N, C, H]
     # position P-1 (the prompt's last token) predicts completion token 0; completion position t predicts t+1
     hidden = torch.cat([prompt.last_hidden_state[:, -1:].repeat_interleave(g, 0), rest[:, :-1]], dim=1)  # [N, C, H]
     return token_logprobs(hidden, lm_head_weight, completions, chunk_size)  # [N, C]

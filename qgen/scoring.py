@@ -124,13 +124,24 @@ class NoveltyIndex:
 
     def max_similarity(self, texts: list[str]) -> np.ndarray:
         """``[n]`` highest cosine similarity of each text to any question in the bank."""
+        return self.nearest(texts)[0]
+
+    def nearest(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``([n] similarity, [n] bank position)`` of each text's most similar bank question (-1: none shares
+        an n-gram). Positions count the initial bank first, then the added questions in order."""
         q = self.vectorize(texts)  # [n, F]
         best = np.zeros(len(texts), dtype=np.float32)
+        where = np.full(len(texts), -1, dtype=np.int64)
+        offset = 0
         for block in self._blocks:
             sims = (q @ block).tocsr()  # [n, bank_block], sparse
             if sims.nnz:
-                best = np.maximum(best, sims.max(axis=1).toarray().ravel())
-        return best
+                top = np.asarray(sims.argmax(axis=1)).ravel()
+                value = sims.max(axis=1).toarray().ravel()
+                better = value > best
+                best[better], where[better] = value[better], top[better] + offset
+            offset += block.shape[1]
+        return best, where
 
 
 def group_diversity(texts: list[str], group_size: int) -> np.ndarray:

@@ -173,15 +173,19 @@ def test_shared_prompt_forward_equals_full_forward():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    prompts = [tok("<|im_start|>user\nWrite a problem about primes.<|im_end|>\n<|im_start|>assistant\n")["input_ids"],
-               tok("<|im_start|>user\n请命制一道数学填空题。<|im_end|>\n<|im_start|>assistant\n")["input_ids"]]
+    prompts = [
+        tok("<|im_start|>user\nWrite a problem about primes.<|im_end|>\n<|im_start|>assistant\n")["input_ids"],
+        tok("<|im_start|>user\n请命制一道数学填空题。<|im_end|>\n<|im_start|>assistant\n")["input_ids"],
+    ]
     assert len(prompts[0]) != len(prompts[1])
     torch.manual_seed(0)
     rollout = generate_group(model, tok, prompts, group_size=4, max_new_tokens=12)
     params = [p for p in model.parameters() if p.requires_grad]
     results = []
     for share in (False, True):
-        logp = completion_logprobs(model.get_decoder(), model.get_output_embeddings().weight, rollout, share_prompt=share)
+        logp = completion_logprobs(
+            model.get_decoder(), model.get_output_embeddings().weight, rollout, share_prompt=share
+        )
         grads = torch.autograd.grad((logp * rollout.completion_mask).sum(), params)
         results.append((logp.detach(), grads))
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
@@ -197,8 +201,15 @@ def test_init_from_an_sft_checkpoint_loads_the_adapter(tmp_path):
     L.seed_everything(0)
     sft = SFTModule(lora=LoraSpec(r=8, alpha=16, dropout=0.0))
     ckpt = ModelCheckpoint(dirpath=str(tmp_path), save_last=True, save_top_k=0)
-    L.Trainer(default_root_dir=str(tmp_path), max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-              limit_val_batches=0, callbacks=[ckpt]).fit(sft, QuestionDataModule(batch_size=2, max_length=192))
+    L.Trainer(
+        default_root_dir=str(tmp_path),
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        callbacks=[ckpt],
+    ).fit(sft, QuestionDataModule(batch_size=2, max_length=192))
     grpo = GRPOModule(init_from=str(tmp_path / "last.ckpt"), lora=LoraSpec(r=8, alpha=16, dropout=0.0))
     grpo.configure_model()
     trained = {n: p for n, p in sft.named_parameters() if "lora_B" in n}

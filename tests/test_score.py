@@ -1,0 +1,65 @@
+"""`python -m qgen score`: scoring a file without a model, and the contamination report."""
+
+import json
+import os
+import random
+import re
+
+from conftest import SHARED, needs_shared, run_qgen, write_jsonl
+
+from qgen.score import main as score_main
+
+
+@needs_shared
+def test_contamination_report_finds_exact_and_renumbered_benchmark_copies(tmp_path):
+    """10 exact and 10 renumbered AIME 2024 problems planted among 200 MATH test problems: all 20 found,
+    at most 2 others flagged."""
+    rng = random.Random(0)
+    aime = [
+        json.loads(line) for line in open(os.path.join(SHARED, "qwen25_math_eval/aime24/test.jsonl"), encoding="utf-8")
+    ]
+    math_test = [json.loads(line) for line in open(os.path.join(SHARED, "math/test.jsonl"), encoding="utf-8")]
+    picked = rng.sample([p for p in aime if re.search(r"\d", p["problem"])], 20)
+    planted = [
+        {"id": f"exact-{i}", "question": p["problem"], "answer": str(p["answer"])} for i, p in enumerate(picked[:10])
+    ]
+    planted += [{"id": f"renumbered-{i}", "answer": "0",
+                 "question": re.sub(r"\d+", lambda m: str(int(m.group()) + 3), p["problem"])} for i, p in enumerate(picked[10:])]  # fmt: skip
+    assert all(a["question"] != p["problem"] for a, p in zip(planted[10:], picked[10:]))
+    others = [
+        {"id": f"other-{i}", "question": r["problem"], "answer": "x"} for i, r in enumerate(rng.sample(math_test, 200))
+    ]
+    rows = planted + others
+    rng.shuffle(rows)
+    path = write_jsonl(tmp_path / "generated.jsonl", rows)
+    out = tmp_path / "scored.jsonl"
+    code = score_main(["--input", f"jsonl:{path}", "--reference", f"math:{os.path.join(SHARED, 'qwen25_math_eval/aime24/test.jsonl')}",
+                       "--output", str(out)])  # fmt: skip
+    assert code == 0
+    scored = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    flagged = {r["id"] for r in scored if r["contaminated"]}
+    assert {r["id"] for r in planted} <= flagged
+    assert len(flagged - {r["id"] for r in planted}) <= 2
+
+
+@needs_shared
+def test_score_cli_reports_difficulty_spearman_on_math_and_runs_on_gaokao(tmp_path):
+    train = f"math:{os.path.join(SHARED, 'math/train.jsonl')}"
+    proc = run_qgen(
+        ["score", "--input", f"math:{os.path.join(SHARED, 'math/test.jsonl')}", "--difficulty-train", train]
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rho = float(re.search(r"difficulty_spearman_vs_labels\s+([0-9.]+)", proc.stdout).group(1))
+    assert rho >= 0.7
+    gaokao = os.path.join(SHARED, "gaokao_bench/Objective_Questions/2010-2022_Math_I_MCQs.json")
+    proc = run_qgen(["score", "--input", f"gaokao_bench:{gaokao}", "--difficulty-train", train])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"questions\s+186", proc.stdout)
+
+
+def test_score_bad_input_is_a_clear_error(tmp_path, capsys):
+    assert score_main(["--input", "nonsense"]) == 2
+    assert "FORMAT:PATH" in capsys.readouterr().err
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}, "{broken"])
+    assert score_main(["--input", f"jsonl:{bad}"]) == 2
+    assert "bad.jsonl, line 2" in capsys.readouterr().err
