@@ -123,8 +123,15 @@ class NoveltyIndex:
                 self._blocks = [sp.hstack(self._blocks, format="csr")]
 
     def max_similarity(self, texts: list[str]) -> np.ndarray:
-        """``[n]`` highest cosine similarity of each text to any question in the bank."""
-        return self.nearest(texts)[0]
+        """``[n]`` highest cosine similarity of each text to any question in the bank (the reward's hot path:
+        no argmax, see :meth:`nearest` for the matching question)."""
+        q = self.vectorize(texts)  # [n, F]
+        best = np.zeros(len(texts), dtype=np.float32)
+        for block in self._blocks:
+            sims = (q @ block).tocsr()  # [n, bank_block], sparse
+            if sims.nnz:
+                best = np.maximum(best, sims.max(axis=1).toarray().ravel())
+        return best
 
     def nearest(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """``([n] similarity, [n] bank position)`` of each text's most similar bank question (-1: none shares
