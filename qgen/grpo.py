@@ -31,7 +31,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from qgen.checkpointing import restore_rng, slim_checkpoint
 from qgen.formatting import parse_question
 from qgen.losses import group_advantages, grpo_loss
-from qgen.models import LoraSpec, load_causal_lm, load_trainable_weights
+from qgen.models import LoraSpec, causal_lm_nll, load_causal_lm, load_trainable_weights
 from qgen.optim import configure_optimizers
 from qgen.sampling import Rollout, completion_logprobs, generate_group
 from qgen.scoring import RewardOutput, ScoringBatch
@@ -191,12 +191,7 @@ class GRPOModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Validation is the SFT loss of the held-out questions: it shows drift away from the question bank."""
-        from qgen.losses import token_nll
-
-        hidden = self.model.get_decoder()(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state
-        out = token_nll(hidden, self.model.get_output_embeddings().weight, batch["labels"])
+        out = causal_lm_nll(self.model, batch, chunk_size=self.hparams.logprob_chunk_size)
         self.log("val/loss", out.loss, batch_size=batch["input_ids"].size(0))
 
     def configure_optimizers(self):

@@ -262,3 +262,12 @@ def load_trainable_weights(model: nn.Module, source: str) -> int:
     if loaded == 0:
         raise ValueError(f"init_from: no weights in {source} match this model (a different backbone or LoRA config?)")
     return loaded
+
+
+def causal_lm_nll(model: nn.Module, batch: dict[str, torch.Tensor], normalizer=None, chunk_size: int = 1024):
+    """Assistant-token NLL of ``batch`` under ``model`` (:func:`qgen.losses.token_nll` on the decoder's
+    hidden states, so the full-vocabulary logits are never built)."""
+    from qgen.losses import token_nll
+
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return token_nll(hidden, model.get_output_embeddings().weight, batch["labels"], normalizer, chunk_size)

@@ -21,8 +21,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import SumMetric
 
 from qgen.checkpointing import restore_rng, slim_checkpoint
-from qgen.losses import token_nll
-from qgen.models import LoraSpec, load_causal_lm
+from qgen.models import LoraSpec, causal_lm_nll, load_causal_lm
 from qgen.optim import WarmupCosineLR, configure_optimizers
 
 
@@ -79,13 +78,8 @@ class SFTModule(L.LightningModule):
         self.model = load_causal_lm(hp.model_name_or_path, self.lora, hp.quantization, hp.dtype,
                                     hp.gradient_checkpointing, device=device)  # fmt: skip
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
     def nll(self, batch: dict[str, torch.Tensor], normalizer=None):
-        hidden = self.hidden_states(batch["input_ids"], batch["attention_mask"])
-        head = self.model.get_output_embeddings().weight
-        return token_nll(hidden, head, batch["labels"], normalizer, self.hparams.loss_chunk_size)
+        return causal_lm_nll(self.model, batch, normalizer, self.hparams.loss_chunk_size)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.nll(batch, batch.get("step_tokens"))
