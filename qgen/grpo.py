@@ -8,7 +8,8 @@ One training step (DeepSeekMath, Shao et al. 2024, eq. 3-4):
    ``total = sum_i w_i r_i``, times the novelty penalty where a question is a near-copy of a known one;
 3. group-relative advantages (:func:`qgen.losses.group_advantages`);
 4. the clipped-ratio loss with a k3 KL to the reference (:func:`qgen.losses.grpo_loss`). The reference is
-   the same backbone with the LoRA adapter disabled, so no second copy of the model is held. Log-probs run
+   the same model with the LoRA adapter disabled (the policy GRPO started from, see ``init_from``), so no
+   second copy of the model is held. Log-probs run
    each prompt through the decoder once per group and share its KV cache with the G completions
    (:func:`qgen.sampling.completion_logprobs`), which cuts the cost of the training forward and backward.
 
@@ -30,20 +31,24 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from qgen.checkpointing import restore_rng, slim_checkpoint
 from qgen.formatting import parse_question
+from qgen.generation import GenerationSpec, QuestionWriterMixin
 from qgen.losses import group_advantages, grpo_loss
-from qgen.models import LoraSpec, causal_lm_nll, load_causal_lm, load_trainable_weights
+from qgen.models import LoraSpec, add_lora, causal_lm_nll, load_causal_lm, load_policy, load_trainable_weights
 from qgen.optim import configure_optimizers
 from qgen.sampling import Rollout, completion_logprobs, generate_group
 from qgen.scoring import RewardOutput, ScoringBatch
 from qgen.sft import default_optimizer, default_scheduler
 
 
-class GRPOModule(L.LightningModule):
+class GRPOModule(QuestionWriterMixin, L.LightningModule):
     """Group Relative Policy Optimisation of a question writer, rewarded by the reward callbacks.
 
     Args:
         model_name_or_path: local HF folder or hub id; ``null`` = the embedded default tiny Qwen3.
-        init_from: an SFT ``.ckpt`` (qgen checkpoint) or a PEFT adapter folder to start from.
+        init_from: the policy to start from: a qgen ``.ckpt`` (SFT, full or LoRA) or a PEFT adapter folder. Its
+            weights are merged into the base and a fresh adapter is trained on top, so the KL reference is
+            that starting policy. With ``quantization`` (4-bit weights cannot take a merge) its adapter is
+            trained further instead, and the reference is the quantized base model.
         lora: LoRA adapter settings (required: the reference policy is the backbone without the adapter).
         quantization: ``nf4`` or ``int8`` base weights (QLoRA).
         dtype: dtype of the base weights.
@@ -113,9 +118,17 @@ class GRPOModule(L.LightningModule):
             return
         hp = self.hparams
         device = self.trainer.strategy.root_device if self._trainer is not None else None
+        if hp.init_from and hp.quantization is None:
+            # the starting policy's weights become the base; a fresh adapter on top is trained, so the KL
+            # reference (adapter disabled) is exactly the policy GRPO started from
+            base = load_policy(hp.init_from, hp.model_name_or_path, hp.dtype, device)
+            if hp.gradient_checkpointing:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model = add_lora(base, self.lora, hp.gradient_checkpointing).train()
+            return
         self.model = load_causal_lm(hp.model_name_or_path, self.lora, hp.quantization, hp.dtype,
                                     hp.gradient_checkpointing, device=device)  # fmt: skip
-        if hp.init_from:
+        if hp.init_from:  # quantized base: the starting adapter itself is trained further
             load_trainable_weights(self.model, hp.init_from)
 
     def register_reward(self, callback: Any) -> None:
@@ -123,6 +136,11 @@ class GRPOModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.tokenizer = self.trainer.datamodule.tokenizer if self.trainer.datamodule is not None else None
+
+    def generation_spec(self) -> GenerationSpec:
+        """``predict`` / ``test`` sample as training does."""
+        hp = self.hparams
+        return GenerationSpec(hp.max_new_tokens, hp.temperature, hp.top_p)
 
     # ------------------------------------------------------------------------------------------- scoring
     def score(self, rollout: Rollout, records: list) -> tuple[torch.Tensor, dict[str, RewardOutput]]:

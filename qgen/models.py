@@ -105,7 +105,7 @@ def _corpus(data_dir: str) -> list[str]:
     from qgen.tasks import TASKS, prompt_messages, target_text
 
     texts = []
-    for rec in read_source("jsonl", data_dir).records:
+    for rec in read_source("jsonl", os.path.join(data_dir, "*.jsonl")).records:
         for task in TASKS:
             messages = prompt_messages(task, rec, partner=rec) + [{"role": "assistant", "content": target_text(rec)}]
             texts.extend(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
@@ -113,8 +113,39 @@ def _corpus(data_dir: str) -> list[str]:
 
 
 def _build_embedded(out: str, spec: EmbeddedSpec, data_dir: str) -> None:
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    if spec != EmbeddedSpec() and spec.vocab_size == EmbeddedSpec.vocab_size:
+        # a preset shares the default's tokenizer files, so a teacher and a student of different sizes
+        # can be distilled token for token
+        tok = PreTrainedTokenizerFast.from_pretrained(embedded_path(EmbeddedSpec(), data_dir))
+    else:
+        tok = _train_tokenizer(spec, data_dir)
+    tok.save_pretrained(out)
+    config = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        head_dim=spec.head_dim,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
+    with _fork_rng(spec.seed):
+        model = Qwen3ForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+
+
+def _train_tokenizer(spec: EmbeddedSpec, data_dir: str):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     # Han characters and digits stand alone (as in Qwen's splitting of digits), so a small corpus cannot
@@ -140,26 +171,7 @@ def _build_embedded(out: str, spec: EmbeddedSpec, data_dir: str) -> None:
         additional_special_tokens=["<|im_start|>"],
     )
     tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(out)
-    config = Qwen3Config(
-        vocab_size=len(tok),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_hidden_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        head_dim=spec.head_dim,
-        max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-    )
-    with _fork_rng(spec.seed):
-        model = Qwen3ForCausalLM(config)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
+    return tok
 
 
 @contextlib.contextmanager
@@ -169,9 +181,25 @@ def _fork_rng(seed: int):
         yield
 
 
+EMBEDDED_PRESETS = {
+    # the embedded default (about 3.4 M parameters)
+    "default": EmbeddedSpec(),
+    # a smaller student for distillation demos (about 0.5 M parameters), same tokenizer
+    "mini": EmbeddedSpec(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=64, seed=4321),  # fmt: skip
+}
+
+
 def resolve(model_name_or_path: str | None) -> str:
-    """The folder or hub id to load: the embedded default when ``None``."""
-    return embedded_path() if model_name_or_path is None else model_name_or_path
+    """The folder or hub id to load: the embedded default when ``None``, a preset for ``embedded:<name>``."""
+    if model_name_or_path is None:
+        return embedded_path()
+    if model_name_or_path.startswith("embedded:"):
+        name = model_name_or_path.removeprefix("embedded:")
+        if name not in EMBEDDED_PRESETS:
+            raise ValueError(f"unknown embedded model {model_name_or_path!r}; presets: {sorted(EMBEDDED_PRESETS)}")
+        return embedded_path(EMBEDDED_PRESETS[name])
+    return model_name_or_path
 
 
 def load_tokenizer(model_name_or_path: str | None, padding_side: Literal["left", "right"] = "right"):
@@ -196,15 +224,17 @@ def load_causal_lm(
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     gradient_checkpointing: bool = False,
     device: torch.device | str | None = None,
+    frozen: bool = False,
 ) -> nn.Module:
     """Load a causal LM, optionally quantized (bitsandbytes) and wrapped with a LoRA adapter (peft).
 
     Quantized weights are loaded straight onto ``device`` (bitsandbytes quantizes on load); everything
-    else is loaded on CPU and moved by Lightning.
+    else is loaded on CPU and moved by Lightning. ``frozen`` models (teachers) may be quantized without
+    an adapter, and are not prepared for k-bit training.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    if quantization is not None and lora is None:
+    if quantization is not None and lora is None and not frozen:
         raise ValueError("quantization (QLoRA) needs a LoRA adapter: quantized base weights cannot be trained")
     kwargs: dict = {"dtype": _DTYPES[dtype]}
     if quantization is not None:
@@ -217,26 +247,27 @@ def load_causal_lm(
         )
         kwargs["device_map"] = {"": str(device or "cpu")}
     model = AutoModelForCausalLM.from_pretrained(resolve(model_name_or_path), **kwargs)
-    if quantization is not None:
+    if quantization is not None and not frozen:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora is not None:
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, config)
-        if gradient_checkpointing:
-            model.enable_input_require_grads()
+        model = add_lora(model, lora, gradient_checkpointing)
     return model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as it finds them
+
+
+def add_lora(model: nn.Module, lora: LoraSpec, gradient_checkpointing: bool = False) -> nn.Module:
+    """Wrap ``model`` with a fresh LoRA adapter (peft); only the adapter is trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
+    model = get_peft_model(model, config)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
 
 
 def load_trainable_weights(model: nn.Module, source: str) -> int:
@@ -266,8 +297,82 @@ def load_trainable_weights(model: nn.Module, source: str) -> int:
 
 def causal_lm_nll(model: nn.Module, batch: dict[str, torch.Tensor], normalizer=None, chunk_size: int = 1024):
     """Assistant-token NLL of ``batch`` under ``model`` (:func:`qgen.losses.token_nll` on the decoder's
-    hidden states, so the full-vocabulary logits are never built)."""
+    hidden states, so the full-vocabulary logits are never built).
+    """
     from qgen.losses import token_nll
 
     hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     return token_nll(hidden, model.get_output_embeddings().weight, batch["labels"], normalizer, chunk_size)
+
+
+def checkpoint_backbone(ckpt_path: str) -> dict:
+    """How to rebuild the model of a qgen checkpoint: ``model_name_or_path``, ``lora``, ``dtype``, and
+    ``base_from`` (the checkpoint whose merged weights are its base, for a GRPO run started from SFT).
+    """
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist")
+    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+    if "model_name_or_path" not in hparams:
+        raise ValueError(f"{ckpt_path} is not a qgen checkpoint (its hyper_parameters name no backbone)")
+    return {"model_name_or_path": hparams["model_name_or_path"], "lora": hparams.get("lora"),
+            "dtype": hparams.get("dtype", "float32"), "class_path": hparams.get("_class_path"),
+            # GRPO started from a policy merged into its base (see GRPOModule.init_from): rebuild that first
+            "base_from": hparams.get("init_from") if hparams.get("quantization") is None else None}  # fmt: skip
+
+
+def load_policy(
+    source: str,
+    model_name_or_path: str | None,
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """The model an earlier stage produced, merged into plain weights and trainable (train mode): a qgen
+    ``.ckpt`` (any stage), or a PEFT adapter folder on ``model_name_or_path``. GRPO builds on it.
+    """
+    if os.path.isdir(source) and os.path.exists(os.path.join(source, "adapter_config.json")):
+        from peft import PeftModel
+
+        base = load_causal_lm(model_name_or_path, None, None, dtype, device=device)
+        model = PeftModel.from_pretrained(base, source).merge_and_unload()
+    elif source.endswith(".ckpt"):
+        info = checkpoint_backbone(source)
+        if resolve(info["model_name_or_path"]) != resolve(model_name_or_path):
+            trained, wanted = (n or "the embedded default" for n in (info["model_name_or_path"], model_name_or_path))
+            raise ValueError(f"init_from: {source} was trained on {trained}, not on {wanted}")
+        model = load_from_checkpoint(source, merge=True, dtype=dtype, device=device)
+    else:
+        raise FileNotFoundError(f"init_from: {source} is neither a checkpoint file nor an adapter folder")
+    model.requires_grad_(True)
+    return model.train()
+
+
+def load_from_checkpoint(
+    ckpt_path: str,
+    merge: bool = True,
+    quantization: Literal["nf4", "int8"] | None = None,
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """The model a qgen ``.ckpt`` describes, frozen and in eval mode: its backbone (or, for a GRPO run started
+    from SFT, the SFT model it was built on), its LoRA adapter (if any) and its trained weights.
+
+    With ``merge`` the adapter is folded into the base weights (a plain ``PreTrainedModel``: a distillation
+    teacher, ``export --merge``); otherwise the PEFT model is returned. Quantized base weights cannot take
+    a merge exactly, so a quantized LoRA model stays unmerged (the adapter runs beside the 4-bit weights).
+    """
+    info = checkpoint_backbone(ckpt_path)
+    lora = LoraSpec(**info["lora"]) if info["lora"] else None
+    dtype = dtype or info["dtype"]
+    if info["base_from"]:
+        if not os.path.exists(info["base_from"]):
+            raise FileNotFoundError(f"{ckpt_path} was trained on top of {info['base_from']}, which no longer exists")
+        model = load_policy(info["base_from"], info["model_name_or_path"], dtype, device)
+        model = add_lora(model, lora) if lora is not None else model
+    else:
+        model = load_causal_lm(info["model_name_or_path"], lora, quantization, dtype, device=device, frozen=True)
+    load_trainable_weights(model, ckpt_path)
+    if lora is not None and merge and quantization is None:
+        model = model.merge_and_unload()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()

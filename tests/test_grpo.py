@@ -162,7 +162,8 @@ def test_grpo_cli_logs_every_metric(tmp_path):
 
 def test_shared_prompt_forward_equals_full_forward():
     """Each prompt once, its KV cache shared by the group == every (prompt, completion) row in full:
-    same log-probs and same LoRA gradients, with left-padded prompts of different lengths."""
+    same log-probs and same LoRA gradients, with left-padded prompts of different lengths.
+    """
     from qgen.models import load_tokenizer
     from qgen.sampling import completion_logprobs, generate_group
 
@@ -193,28 +194,58 @@ def test_shared_prompt_forward_equals_full_forward():
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_init_from_an_sft_checkpoint_loads_the_adapter(tmp_path):
+def _sft_checkpoint(root, lora):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from qgen.sft import SFTModule
 
     L.seed_everything(0)
-    sft = SFTModule(lora=LoraSpec(r=8, alpha=16, dropout=0.0))
-    ckpt = ModelCheckpoint(dirpath=str(tmp_path), save_last=True, save_top_k=0)
-    L.Trainer(
-        default_root_dir=str(tmp_path),
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        callbacks=[ckpt],
-    ).fit(sft, QuestionDataModule(batch_size=2, max_length=192))
-    grpo = GRPOModule(init_from=str(tmp_path / "last.ckpt"), lora=LoraSpec(r=8, alpha=16, dropout=0.0))
+    sft = SFTModule(lora=lora, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    L.Trainer(default_root_dir=str(root), max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+              limit_val_batches=0, callbacks=[ModelCheckpoint(dirpath=str(root), save_last=True, save_top_k=0)],
+              ).fit(sft, QuestionDataModule(batch_size=2, max_length=192))  # fmt: skip
+    return str(root / "last.ckpt"), sft
+
+
+@pytest.mark.parametrize("sft_lora", [LoraSpec(r=8, alpha=16, dropout=0.0), None], ids=["lora-sft", "full-sft"])
+def test_init_from_an_sft_checkpoint_makes_it_the_reference_policy(tmp_path, sft_lora):
+    """GRPO starts from the SFT policy (merged into the base) with a fresh adapter, so reference == SFT model;
+    load_from_checkpoint rebuilds a GRPO checkpoint's model through the same chain.
+    """
+    from qgen.models import load_from_checkpoint
+
+    ckpt, sft = _sft_checkpoint(tmp_path, sft_lora)
+    grpo = GRPOModule(init_from=ckpt, lora=LoraSpec(r=8, alpha=16, dropout=0.0))
     grpo.configure_model()
-    trained = {n: p for n, p in sft.named_parameters() if "lora_B" in n}
-    assert trained and all(torch.equal(dict(grpo.named_parameters())[n], p) for n, p in trained.items())
+    assert all(torch.count_nonzero(p) == 0 for n, p in grpo.model.named_parameters() if "lora_B" in n)
+    ids = torch.randint(5, 500, (2, 10))
+    sft.model.eval(), grpo.model.eval()
+    with torch.no_grad():
+        expected = sft.model(input_ids=ids).logits
+        with grpo.model.disable_adapter():
+            reference = grpo.model(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(embedded_path()).eval()(input_ids=ids).logits
+    torch.testing.assert_close(reference, expected, atol=1e-4, rtol=1e-4)
+    assert (expected - base).abs().max() > 1e-2  # SFT moved the model: the test can tell them apart
+
+    with torch.no_grad():  # a "trained" GRPO adapter, saved as a checkpoint, and rebuilt from it
+        for n, p in grpo.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+        policy = grpo.model(input_ids=ids).logits
+    state = {f"model.{n}": p.detach().clone() for n, p in grpo.model.named_parameters() if p.requires_grad}
+    torch.save({"state_dict": state, "hyper_parameters": {**grpo.hparams, "_class_path": "qgen.GRPOModule"}},
+               tmp_path / "grpo.ckpt")  # fmt: skip
+    with torch.no_grad():
+        rebuilt = load_from_checkpoint(str(tmp_path / "grpo.ckpt"))(input_ids=ids).logits
+    torch.testing.assert_close(rebuilt, policy, atol=1e-4, rtol=1e-4)
+
+
+def test_init_from_errors(tmp_path):
+    ckpt, _ = _sft_checkpoint(tmp_path, LoraSpec(r=8, alpha=16, dropout=0.0))
     with pytest.raises(FileNotFoundError, match="init_from"):
         GRPOModule(init_from=str(tmp_path / "missing.ckpt")).configure_model()
-    with pytest.raises(ValueError, match="no weights"):
-        GRPOModule(init_from=str(tmp_path / "last.ckpt"), lora=LoraSpec(r=4)).configure_model()  # other rank
+    with pytest.raises(ValueError, match="was trained on the embedded default"):
+        GRPOModule(init_from=ckpt, model_name_or_path="embedded:mini").configure_model()
+    with pytest.raises(ValueError, match="no weights"):  # quantized: the SFT adapter is trained further, same rank needed
+        GRPOModule(init_from=ckpt, lora=LoraSpec(r=4), quantization="nf4").configure_model()
