@@ -1,0 +1,60 @@
+"""export: a PEFT adapter folder and a merged model folder that plain transformers loads and generates with."""
+
+import json
+import os
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from qgen.data import QuestionDataModule
+from qgen.export import export
+from qgen.models import LoraSpec, embedded_path
+from qgen.sft import SFTModule
+
+
+@pytest.fixture(scope="module")
+def sft_checkpoint(tmp_path_factory):
+    """A LoRA SFT checkpoint from a real (short, high learning rate) fit, so the adapter is far from zero."""
+    root = tmp_path_factory.mktemp("sft")
+    L.seed_everything(0)
+    module = SFTModule(lora=LoraSpec(r=8, alpha=16, dropout=0.0), optimizer=lambda p: torch.optim.AdamW(p, lr=5e-3))
+    L.Trainer(default_root_dir=str(root), max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+              limit_val_batches=0, callbacks=[ModelCheckpoint(dirpath=str(root), save_last=True, save_top_k=0)],
+              ).fit(module, QuestionDataModule(batch_size=4, max_length=192))  # fmt: skip
+    return str(root / "last.ckpt")
+
+
+def test_adapter_and_merged_exports_load_generate_and_agree(sft_checkpoint, tmp_path):
+    adapter, merged = export(sft_checkpoint, str(tmp_path / "adapter")), export(sft_checkpoint, str(tmp_path / "merged"), merge=True)
+    assert adapter["kind"] == "adapter" and merged["kind"] == "merged"
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja"} <= set(adapter["files"])
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(merged["files"])
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 8
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
+    assert tok.chat_template and tok.eos_token == "<|im_end|>"
+    ids = tok.apply_chat_template([{"role": "user", "content": "请命制一道数列题。"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+    lora_model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "adapter")).eval()
+    merged_model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    base = AutoModelForCausalLM.from_pretrained(embedded_path()).eval()
+    with torch.no_grad():
+        lora_logits, merged_logits, base_logits = (m(ids).logits for m in (lora_model, merged_model, base))
+    torch.testing.assert_close(merged_logits, lora_logits, atol=1e-4, rtol=0)
+    assert (lora_logits - base_logits).abs().max() > 1e-2  # the adapter really is in both exports
+    for model in (lora_model, merged_model):
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert out.shape[1] > ids.shape[1]
+
+
+def test_export_refuses_a_non_empty_folder_and_a_missing_checkpoint(sft_checkpoint, tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export(sft_checkpoint, str(tmp_path / "busy"))
+    assert os.listdir(tmp_path / "busy") == ["keep.txt"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export(str(tmp_path / "nope.ckpt"), str(tmp_path / "out"))
