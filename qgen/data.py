@@ -17,17 +17,26 @@ Two details make training exact rather than approximately right:
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 from collections import Counter
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from qgen.generation import (
+    PromptDataset,
+    build_prompt_items,
+    collate_prompts,
+    prompt_record,
+    read_prompts,
+    split_prompt_rows,
+)
 from qgen.models import BUNDLED_DATA, load_tokenizer
 from qgen.records import DataError, Question, read_source
 from qgen.tasks import TASKS, Example, build_examples
@@ -203,10 +212,10 @@ class StatefulDataLoader(DataLoader):
 
 def _resolve_path(path: str) -> str:
     """Relative paths are read from the working directory, else from the project root."""
-    if os.path.isabs(path) or os.path.exists(path) or any(c in path for c in "*?["):
+    if os.path.isabs(path) or os.path.exists(path) or glob.glob(path):
         return path
     candidate = os.path.join(os.path.dirname(BUNDLED_DATA), path)
-    return candidate if os.path.exists(candidate) else path
+    return candidate if os.path.exists(candidate) or glob.glob(candidate) else path
 
 
 class QuestionDataModule(L.LightningDataModule):
@@ -228,6 +237,10 @@ class QuestionDataModule(L.LightningDataModule):
         group_by_length: batch training examples of similar length (random order of batches), which
             cuts padding; ``false`` = plain shuffling.
         num_workers: DataLoader workers.
+        predict_prompts: ``predict``: a JSONL file of prompts (see :mod:`qgen.generation`); ``null`` =
+            prompts for the records of ``predict_split``.
+        predict_split: ``predict`` without a prompts file: ``train``, ``val`` or ``test``.
+        predict_samples: questions per prompt (a prompt row's own ``n`` wins).
     """
 
     def __init__(
@@ -244,10 +257,13 @@ class QuestionDataModule(L.LightningDataModule):
         skip_invalid: bool = False,
         group_by_length: bool = True,
         num_workers: int = 0,
+        predict_prompts: str | None = None,
+        predict_split: Literal["train", "val", "test"] = "test",
+        predict_samples: int = 1,
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.sources = sources if sources is not None else [{"format": "jsonl", "path": "data"}]
+        self.sources = sources if sources is not None else [{"format": "jsonl", "path": "data/*.jsonl"}]
         self.task_mixture = task_mixture if task_mixture is not None else dict(DEFAULT_MIXTURE)
         problems = []
         if not self.sources:
@@ -261,12 +277,15 @@ class QuestionDataModule(L.LightningDataModule):
             problems.append("data.val_fraction + data.test_fraction must be in [0, 1)")
         if max_length < 8 or batch_size < 1:
             problems.append("data.max_length must be >= 8 and data.batch_size >= 1")
+        if predict_samples < 1:
+            problems.append("data.predict_samples must be >= 1")
         if problems:
             raise ValueError("; ".join(problems))
         self.records: dict[str, list[Question]] | None = None
         self.datasets: dict[str, TokenizedDataset] = {}
         self.summary: dict[str, Any] = {}
         self.tokenizer = None
+        self.skip_prediction_keys: set[str] = set()  # filled by callbacks.PredictionWriter on a rerun
 
     # -------------------------------------------------------------------------------------------- loading
     def load_records(self) -> dict[str, list[Question]]:
@@ -297,6 +316,8 @@ class QuestionDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         # Parse and validate before any log directory or config file is written: bad input fails first.
         self.load_records()
+        if self.hparams.predict_prompts:
+            read_prompts(_resolve_path(self.hparams.predict_prompts))
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -376,5 +397,29 @@ class QuestionDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.datasets.get("val") or self.datasets["train"])
 
+    def test_dataset(self) -> TokenizedDataset:
+        """The test split; the validation split when ``test_fraction`` is 0 (the training split as a last resort)."""
+        return self.datasets.get("test") or self.datasets.get("val") or self.datasets["train"]
+
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets.get("test") or self.datasets.get("val") or self.datasets["train"])
+        return self._loader(self.test_dataset())
+
+    def predict_dataloader(self) -> DataLoader:
+        """Generation prompts (see :mod:`qgen.generation`), minus the samples a rerun has already written."""
+        hp = self.hparams
+        if hp.predict_prompts:
+            prompts = read_prompts(_resolve_path(hp.predict_prompts), hp.predict_samples)
+            rows = []
+            for row in prompts:
+                rec, partner = prompt_record(row)
+                fields = {k: row[k] for k in row if k not in ("n", "key_base")}
+                rows.append((row["key_base"], rec, partner, row["task"], fields, None))
+            counts = [row["n"] for row in prompts]
+        else:
+            records = self.load_records()[hp.predict_split]
+            if not records:
+                raise DataError(f"data.predict_split '{hp.predict_split}' has no records; set data.predict_prompts")
+            rows, counts = split_prompt_rows(records), hp.predict_samples
+        items = build_prompt_items(self.tokenizer, rows, counts, self.skip_prediction_keys)
+        return DataLoader(PromptDataset(items), batch_size=hp.batch_size, shuffle=False,
+                          collate_fn=partial(collate_prompts, pad_id=self.tokenizer.pad_token_id))  # fmt: skip

@@ -55,7 +55,8 @@ def generate_group(model: nn.Module, tokenizer, prompts: list[list[int]], group_
                    temperature: float = 1.0, top_p: float = 1.0) -> Rollout:  # fmt: skip
     """One batched ``generate`` call: every prompt repeated ``group_size`` times, sampled with KV cache.
 
-    The model is put in eval mode for sampling (no dropout) and restored afterwards.
+    The model is put in eval mode for sampling (no dropout) and restored afterwards. ``temperature`` 0 is
+    greedy decoding.
     """
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
@@ -63,10 +64,11 @@ def generate_group(model: nn.Module, tokenizer, prompts: list[list[int]], group_
     was_training = model.training
     model.eval()
     try:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {
+            "do_sample": False}
         out = model.generate(
-            input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-            max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            use_cache=True,
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling,
         )  # fmt: skip
     finally:
         model.train(was_training)

@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import SumMetric
 
 from qgen.checkpointing import restore_rng, slim_checkpoint
+from qgen.generation import GenerationSpec, QuestionWriterMixin
 from qgen.models import LoraSpec, causal_lm_nll, load_causal_lm
 from qgen.optim import WarmupCosineLR, configure_optimizers
 
@@ -33,7 +34,7 @@ def default_scheduler(optimizer: torch.optim.Optimizer) -> WarmupCosineLR:
     return WarmupCosineLR(optimizer)
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(QuestionWriterMixin, L.LightningModule):
     """Supervised fine-tuning of a causal LM (full, LoRA or QLoRA).
 
     Args:
@@ -45,6 +46,7 @@ class SFTModule(L.LightningModule):
         optimizer: optimizer factory (default AdamW, lr 2e-4).
         scheduler: LR scheduler factory (default warmup + cosine; ``total_steps`` from the trainer).
         loss_chunk_size: target tokens per output-layer chunk in the loss.
+        generation: sampling settings of ``predict`` and ``test``.
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class SFTModule(L.LightningModule):
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable = default_scheduler,
         loss_chunk_size: int = 1024,
+        generation: GenerationSpec = GenerationSpec(),
     ):
         super().__init__()
         if quantization is not None and lora is None:
@@ -65,6 +68,8 @@ class SFTModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.lora = LoraSpec(**lora) if isinstance(lora, dict) else lora
         self.hparams["lora"] = asdict(self.lora) if self.lora is not None else None  # plain values in checkpoints
+        if isinstance(generation, GenerationSpec):
+            self.hparams["generation"] = asdict(generation)
         self.model: torch.nn.Module | None = None
         self.strict_loading = False  # checkpoints hold trainable weights only
         self.val_nll, self.val_tokens = SumMetric(), SumMetric()

@@ -1,0 +1,237 @@
+"""Generating questions with a trained module: ``predict`` (prompts file or a split) and ``test`` (metrics).
+
+Every stage's module mixes in :class:`QuestionWriterMixin`, so ``python -m qgen predict`` and
+``python -m qgen test`` work with the SFT, GRPO and distillation checkpoints alike:
+
+- ``predict`` samples ``n`` questions for each prompt of ``data.predict_prompts`` (a JSONL file of
+  ``{id?, subject, type?, level?, difficulty?, language?, knowledge?, context?, task?, question?, n?}``)
+  or of the ``data.predict_split`` split. Each returned row holds the prompt fields, the raw text, the
+  parsed question / answer / analysis / options (``valid`` false when it does not parse; kept, never
+  dropped) and the generation settings. ``callbacks.PredictionWriter`` scores and writes them.
+- ``test`` generates one question per example of the test split (the validation split when
+  ``data.test_fraction`` is 0) and computes, against the reference question: BLEU-4 and ROUGE-L
+  (characters for Chinese), novelty against the training questions (mean similarity, share above 0.85),
+  distinct-1/2, self-BLEU, the parse-validity rate and the predicted-difficulty distribution. They are
+  logged under ``test/`` and written to ``metrics.json`` in the run's log directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from qgen.formatting import parse_question
+from qgen.records import DataError, Question, detect_language, iter_jsonl
+from qgen.sampling import generate_group, left_pad
+from qgen.tasks import TASKS, prompt_messages, target_text
+
+
+@dataclass
+class GenerationSpec:
+    """Sampling settings of ``predict``, ``test`` and on-policy distillation.
+
+    Args:
+        max_new_tokens: completion length limit.
+        temperature: sampling temperature; 0 = greedy decoding.
+        top_p: nucleus sampling threshold.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+_PROMPT_FIELDS = ("subject", "type", "level", "difficulty", "language", "knowledge", "context", "task")
+
+
+def read_prompts(path: str, default_n: int = 1) -> list[dict[str, Any]]:
+    """Prompt rows of a JSONL file, validated; each gets ``key_base`` (its ``id`` or ``line<N>``) and ``n``."""
+    if not os.path.isfile(path):
+        raise DataError(f"prompts file {path} does not exist")
+    rows = []
+    for lineno, obj in iter_jsonl(path):
+        where = f"{path}, line {lineno}"
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        if not str(obj.get("subject") or "").strip():
+            raise DataError(f"{where}: missing required field 'subject'")
+        task = obj.get("task", "question" in obj and "variant" or "historical")
+        if task not in TASKS:
+            raise DataError(f"{where}: unknown task '{task}'; tasks: {', '.join(TASKS)}")
+        if task == "variant" and not str(obj.get("question") or "").strip():
+            raise DataError(f"{where}: task 'variant' needs the field 'question' (the question to vary)")
+        n = obj.get("n", default_n)
+        if not isinstance(n, int) or n < 1:
+            raise DataError(f"{where}: 'n' must be a positive integer, got {n!r}")
+        rows.append({**obj, "task": task, "n": n, "key_base": str(obj.get("id", f"line{lineno}"))})
+    if not rows:
+        raise DataError(f"prompts file {path} is empty")
+    return rows
+
+
+def prompt_record(row: dict[str, Any]) -> tuple[Question, Question | None]:
+    """A prompt row as the (answer-less) record the task prompts are built from, and the question to vary."""
+    knowledge = row.get("knowledge") or []
+    knowledge = [knowledge] if isinstance(knowledge, str) else list(knowledge)
+    language = row.get("language") or detect_language(f"{row['subject']} {' '.join(knowledge)}")
+    level = str(row.get("level") or (f"{row['difficulty']}" if row.get("difficulty") is not None else ""))
+    rec = Question(id=row["key_base"], source="prompts", language=language, subject=row["subject"],
+                   qtype=row.get("type") or ("mcq" if language == "zh" else "problem"), question="", answer="",
+                   level=level, knowledge=knowledge, context=row.get("context") or "")  # fmt: skip
+    partner = None
+    if row["task"] == "variant":
+        partner = Question(id=f"{row['key_base']}-given", source="prompts", language=language,
+                           subject=row["subject"], qtype=rec.qtype, question=row["question"], answer="")  # fmt: skip
+    return rec, partner
+
+
+class PromptDataset(Dataset):
+    """Tokenized generation prompts; item ``i`` is one sample (``key`` = ``<prompt key>#<k>``)."""
+
+    def __init__(self, items: list[dict[str, Any]]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+
+def build_prompt_items(tokenizer, rows: list[tuple[str, Question, Question | None, str, dict, str | None]],
+                       n: int | list[int], skip: set[str] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """``rows`` of (key base, record, partner, task, fields, reference) -> one item per sample not in ``skip``."""
+    skip = skip or set()
+    items = []
+    for j, (base, rec, partner, task, fields, reference) in enumerate(rows):
+        count = n[j] if isinstance(n, list) else n
+        keys = [f"{base}#{k}" for k in range(count) if f"{base}#{k}" not in skip]
+        if not keys:
+            continue
+        text = tokenizer.apply_chat_template(prompt_messages(task, rec, partner), add_generation_prompt=True,
+                                             tokenize=False, enable_thinking=False)  # fmt: skip
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        meta = {"task": task, "language": rec.language, **fields}
+        items.extend({"key": key, "prompt_ids": ids, "meta": meta, "reference": reference} for key in keys)
+    return items
+
+
+def collate_prompts(items: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    ids, mask = left_pad([it["prompt_ids"] for it in items], pad_id)
+    return {"input_ids": ids, "attention_mask": mask, "keys": [it["key"] for it in items],
+            "meta": [it["meta"] for it in items], "references": [it["reference"] for it in items]}  # fmt: skip
+
+
+def split_prompt_rows(records: list[Question]) -> list[tuple]:
+    """Historical-task prompts for the records of a split, with the records as references."""
+    rows = []
+    for rec in records:
+        fields = {"id": rec.id, "source": rec.source, "subject": rec.subject, "type": rec.qtype,
+                  "level": rec.level, "knowledge": rec.knowledge}  # fmt: skip
+        rows.append((f"{rec.source}:{rec.id}", rec, None, "historical", fields, target_text(rec)))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- module
+def parsed_row(text: str) -> dict[str, Any]:
+    p = parse_question(text)
+    return {"question": p.question, "answer": p.answer, "analysis": p.analysis, "options": p.options,
+            "valid": p.valid, "problems": p.problems}  # fmt: skip
+
+
+class QuestionWriterMixin:
+    """``predict_step`` / ``test_step`` for every stage's LightningModule (see the module docstring)."""
+
+    def generation_spec(self) -> GenerationSpec:
+        spec = self.hparams.get("generation")
+        if spec is None:
+            return GenerationSpec()
+        return GenerationSpec(**spec) if isinstance(spec, dict) else spec
+
+    def _tokenizer(self):
+        tok = getattr(self, "tokenizer", None)
+        return tok if tok is not None else self.trainer.datamodule.tokenizer
+
+    def _generate(self, prompts: list[list[int]]):
+        spec = self.generation_spec()
+        return generate_group(self.model, self._tokenizer(), prompts, 1, spec.max_new_tokens, spec.temperature,
+                              spec.top_p)  # fmt: skip
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        prompts = [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
+        rollout = self._generate(prompts)
+        settings = asdict(self.generation_spec())
+        return [
+            {"key": key, **meta, "text": text, **parsed_row(text), "truncated": bool(cut), "generation": settings}
+            for key, meta, text, cut in zip(batch["keys"], batch["meta"], rollout.texts, rollout.truncated.tolist())
+        ]
+
+    # ------------------------------------------------------------------------------------------- test
+    def on_test_epoch_start(self) -> None:
+        self._test_rows: list[dict[str, Any]] = []
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_lengths"])]
+        dataset = self.trainer.datamodule.test_dataset()
+        rollout = self._generate(prompts)
+        for i, text, cut in zip(batch["index"].tolist(), rollout.texts, rollout.truncated.tolist()):
+            rec = dataset.examples[i].record
+            self._test_rows.append({"id": rec.id, "language": rec.language, "subject": rec.subject,
+                                    "reference": target_text(rec), "text": text, "truncated": bool(cut)})  # fmt: skip
+
+    def on_test_epoch_end(self) -> None:
+        rows = self._gather_test_rows()
+        metrics = evaluate_generations(rows, self.trainer.datamodule.load_records()["train"])
+        for key, value in metrics.items():
+            if isinstance(value, int | float) and value == value:
+                self.log(f"test/{key}", float(value), sync_dist=False, rank_zero_only=True)
+        log_dir = self.trainer.log_dir
+        if self.trainer.is_global_zero and log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+            with open(os.path.join(log_dir, "metrics.json"), "w", encoding="utf-8") as fh:
+                json.dump(metrics, fh, indent=2, ensure_ascii=False)
+            with open(os.path.join(log_dir, "test_generations.jsonl"), "w", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            print("test metrics:\n" + json.dumps(metrics, indent=2, ensure_ascii=False))
+
+    def _gather_test_rows(self) -> list[dict[str, Any]]:
+        rows = self._test_rows
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[list[dict]] = [[] for _ in range(self.trainer.world_size)]
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        return rows
+
+
+def evaluate_generations(rows: list[dict[str, Any]], train_records: list[Question], threshold: float = 0.85) -> dict:
+    """The ``test`` metrics of generated rows (``text``, ``reference``, ``language``, ``subject``)."""
+    from qgen.metrics import generation_metrics
+    from qgen.scoring import DifficultyModel, NoveltyIndex
+
+    if not rows:
+        return {"examples": 0}
+    parsed = [parse_question(r["text"]) for r in rows]
+    texts, refs, langs = [r["text"] for r in rows], [r["reference"] for r in rows], [r["language"] for r in rows]
+    questions = [p.question or t for p, t in zip(parsed, texts)]
+    sims = NoveltyIndex([r.question for r in train_records]).max_similarity(questions)
+    difficulty = DifficultyModel().fit(train_records).predict(questions, [p.analysis for p in parsed],
+                                                              [r["subject"] for r in rows])  # fmt: skip
+    out: dict[str, Any] = {"examples": len(rows)}
+    out.update(generation_metrics(texts, refs, langs))
+    out.update({
+        "parse_valid_rate": float(np.mean([p.valid for p in parsed])),
+        "truncated_rate": float(np.mean([bool(r.get("truncated")) for r in rows])),
+        "novelty_max_similarity_mean": float(np.mean(sims)),
+        f"novelty_share_above_{threshold:g}": float(np.mean(sims > threshold)),
+        "difficulty_mean": float(np.mean(difficulty)),
+        "difficulty_std": float(np.std(difficulty)),
+        "difficulty_histogram": np.histogram(difficulty, bins=5, range=(0.0, 1.0))[0].tolist(),
+    })  # fmt: skip
+    return out
