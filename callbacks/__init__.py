@@ -1,12 +1,17 @@
 """Lightning callbacks of qgen, referenced in YAML as ``callbacks.<Name>`` under ``trainer.callbacks``."""
 
+from callbacks.judges import EducationalValueJudge, OpenAIJudge
+from callbacks.predictions import PredictionWriter
 from callbacks.rewards import DifficultyReward, DiversityReward, NoveltyReward, RewardCallback, RigorReward
 from callbacks.samples import SampleTextCallback
 
 __all__ = [
     "DifficultyReward",
     "DiversityReward",
+    "EducationalValueJudge",
     "NoveltyReward",
+    "OpenAIJudge",
+    "PredictionWriter",
     "RewardCallback",
     "RigorReward",
     "SampleTextCallback",

@@ -1,5 +1,8 @@
 """Reward callbacks for GRPO: difficulty (0.4), novelty (0.3), rigor (0.2) and diversity (0.1).
 
+The same callbacks are the distillation stage's *teacher cluster* (judges of the student's samples,
+logged as ``train/judge_<name>_mean``); ``callbacks.judges`` adds the educational-value and LLM judges.
+
 A callback's ``on_train_batch_end`` runs after the loss, so each reward callback *registers itself* with
 the module in ``setup``; the module calls its ``score`` inside ``training_step``. After the step the
 callback logs the mean and std of its component and updates its own state (the novelty bank). The
@@ -54,9 +57,10 @@ class RewardCallback(Callback):
             return
         values = torch.as_tensor(out.values, dtype=torch.float32)
         n = max(1, values.numel() // max(1, pl_module.hparams.get("group_size", 1)))
-        pl_module.log(f"train/reward_{self.name}_mean", values.mean(), batch_size=n)
+        prefix = getattr(pl_module, "score_prefix", "reward")  # GRPO: rewards; distillation: the teacher cluster
+        pl_module.log(f"train/{prefix}_{self.name}_mean", values.mean(), batch_size=n)
         pl_module.log(
-            f"train/reward_{self.name}_std", values.std() if values.numel() > 1 else values.new_zeros(()), batch_size=n
+            f"train/{prefix}_{self.name}_std", values.std() if values.numel() > 1 else values.new_zeros(()), batch_size=n
         )
 
 

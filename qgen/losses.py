@@ -179,3 +179,96 @@ def grpo_loss(
         ((is_clipped.to(mask.dtype) * mask).sum() / denom).detach(),
         ((ratio * mask).sum() / denom).detach(),
     )
+
+
+# --------------------------------------------------------------------------------------------- distillation
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5,
+                    temperature: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """Per-token generalised Jensen-Shannon divergence, ``[..., V]`` logits -> ``[...]`` (GKD, Agarwal et al. 2024).
+
+    With ``p = softmax(teacher / T)``, ``q = softmax(student / T)`` and the mixture ``m = beta p + (1 - beta) q``:
+
+    - ``beta = 0``: forward KL, ``KL(p || q)`` (mode covering; the classic distillation loss);
+    - ``beta = 1``: reverse KL, ``KL(q || p)`` (mode seeking);
+    - otherwise ``beta KL(p || m) + (1 - beta) KL(q || m)``, which tends to ``beta KL(p || q)`` as beta -> 0
+      and to ``(1 - beta) KL(q || p)`` as beta -> 1.
+
+    The temperature divides both sides' logits. Computed in float32.
+    """
+    if not 0.0 <= beta <= 1.0 or temperature <= 0:
+        raise ValueError(f"need 0 <= beta <= 1 and temperature > 0, got beta={beta}, temperature={temperature}")
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+
+    def kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:  # KL(a || b), summed over the vocabulary
+        return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+    if beta == 0.0:
+        return kl(log_p, log_q)
+    if beta == 1.0:
+        return kl(log_q, log_p)
+    log_m = torch.logsumexp(torch.stack([log_p + torch.log(torch.tensor(beta)),
+                                         log_q + torch.log(torch.tensor(1.0 - beta))]), dim=0)  # fmt: skip
+    return beta * kl(log_p, log_m) + (1.0 - beta) * kl(log_q, log_m)
+
+
+class DistillLossOutput(NamedTuple):
+    loss: torch.Tensor  # scalar, differentiable: weighted mean divergence per target token
+    divergence_sum: torch.Tensor  # scalar, detached: unweighted summed divergence
+    tokens: torch.Tensor  # scalar, detached: number of target tokens
+
+
+def _chunk_jsd(student_h: torch.Tensor, student_w: torch.Tensor, teacher_logits: torch.Tensor, beta: float,
+               temperature: float) -> torch.Tensor:  # fmt: skip
+    return generalized_jsd(student_h @ student_w.T, teacher_logits, beta, temperature)  # [n]
+
+
+def distill_loss(
+    student_hidden: torch.Tensor,
+    student_head: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_head: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> DistillLossOutput:
+    """Token-level distillation on the masked positions, from both models' hidden states, in chunks.
+
+    Args:
+        student_hidden: ``[B, T, H]`` student hidden states at the positions that predict the targets.
+        student_head: ``[V, H]`` student output embedding.
+        teacher_hidden: ``[B, T, H']`` teacher hidden states at the same positions (no gradient).
+        teacher_head: ``[V', H']`` teacher output embedding, ``V' >= V``: a larger teacher vocabulary
+            (padded embedding rows, e.g. 152,064 vs 151,936) is sliced to the student's first ``V`` rows.
+        mask: ``[B, T]`` 1 where a target token is.
+        weights: ``[B]`` per-sequence weights (teacher-cluster scores; 0 drops a sequence), default 1.
+        beta, temperature: see :func:`generalized_jsd`.
+        chunk_size: tokens per chunk. Neither model's ``[B, T, V]`` logits are ever built: each chunk's
+            teacher logits are made on the fly and the student's chunk is checkpointed, so one
+            ``[chunk, V]`` block of each is alive at a time (2.5 GB per side saved at 2 x 2048 tokens).
+
+    The loss is ``sum_t w_b D_t / sum_t w_b`` over target tokens (a weighted token mean; 0 when every weight is 0).
+    """
+    v = student_head.size(0)
+    if teacher_head.size(0) < v:
+        raise ValueError(f"teacher vocabulary ({teacher_head.size(0)}) is smaller than the student's ({v})")
+    keep = mask.bool()  # [B, T]
+    h, th = student_hidden[keep], teacher_hidden[keep]  # [N, H], [N, H']
+    head_t = teacher_head[:v]  # [V, H']
+    w = (weights if weights is not None else mask.new_ones(mask.size(0), dtype=torch.float32)).float()
+    w = w.to(h.device)[:, None].expand_as(keep)[keep]  # [N]
+    total = student_hidden[:, :0].sum().float()  # [] zero, in the graph
+    raw = total.detach().clone()
+    for start in range(0, h.size(0), chunk_size):
+        with torch.no_grad():
+            t_logits = th[start : start + chunk_size] @ head_t.T  # [n, V]
+        part = (h[start : start + chunk_size], student_head, t_logits.to(h.device), beta, temperature)
+        d = checkpoint(_chunk_jsd, *part, use_reentrant=False) if h.requires_grad else _chunk_jsd(*part)  # [n]
+        total = total + (d * w[start : start + chunk_size]).sum()
+        raw = raw + d.detach().sum()
+    denom = w.sum().clamp(min=1e-8)
+    return DistillLossOutput(total / denom, raw, torch.tensor(float(h.size(0)), device=h.device))

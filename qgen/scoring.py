@@ -124,7 +124,8 @@ class NoveltyIndex:
 
     def max_similarity(self, texts: list[str]) -> np.ndarray:
         """``[n]`` highest cosine similarity of each text to any question in the bank (the reward's hot path:
-        no argmax, see :meth:`nearest` for the matching question)."""
+        no argmax, see :meth:`nearest` for the matching question).
+        """
         q = self.vectorize(texts)  # [n, F]
         best = np.zeros(len(texts), dtype=np.float32)
         for block in self._blocks:
@@ -135,7 +136,8 @@ class NoveltyIndex:
 
     def nearest(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """``([n] similarity, [n] bank position)`` of each text's most similar bank question (-1: none shares
-        an n-gram). Positions count the initial bank first, then the added questions in order."""
+        an n-gram). Positions count the initial bank first, then the added questions in order.
+        """
         q = self.vectorize(texts)  # [n, F]
         best = np.zeros(len(texts), dtype=np.float32)
         where = np.full(len(texts), -1, dtype=np.int64)
@@ -283,3 +285,30 @@ class DifficultyModel:
             return np.array([heuristic_difficulty(q, a) for q, a in zip(questions, analyses)], dtype=np.float32)
         x = self._features(questions, analyses, subjects or [""] * len(questions), fit=False)
         return np.clip(self.regressor.predict(x), 0.0, 1.0).astype(np.float32)
+
+
+_STEP_SPLIT = re.compile(r"[。；;\n]|(?<=[.!?])\s")
+
+
+def educational_value(parsed: ParsedQuestion, language: str, knowledge: list[str] | None = None) -> float:
+    """A cheap stand-in for a teacher's educational-value rating of one question, in [0, 1].
+
+    Four equal parts: (1) a worked solution of at least three steps (sentences or lines); (2) the question
+    and solution touch the intended knowledge points (share of them mentioned; half credit when none are
+    given); (3) a statement of teachable length (Chinese 20-400 characters, English 12-150 words; linear
+    fall-off outside); (4) a short, checkable answer (non-empty, at most 60 characters, or option letters).
+    ``callbacks.OpenAIJudge`` asks an LLM for the real thing.
+    """
+    steps = [s for s in _STEP_SPLIT.split(parsed.analysis) if len(s.strip()) >= 4]
+    worked = min(1.0, len(steps) / 3)
+    body = f"{parsed.question}\n{parsed.analysis}".lower()
+    if knowledge:
+        covered = sum(k.lower() in body for k in knowledge if k.strip()) / max(1, len([k for k in knowledge if k.strip()]))
+    else:
+        covered = 0.5
+    size = len(parsed.question) if language == "zh" else len(parsed.question.split())
+    low, high = (20, 400) if language == "zh" else (12, 150)
+    length = 1.0 if low <= size <= high else (size / low if size < low else max(0.0, 2.0 - size / high))
+    answer = parsed.answer.strip()
+    checkable = bool(answer) and (len(answer) <= 60 or bool(parsed.options))
+    return float(0.25 * worked + 0.25 * covered + 0.25 * length + 0.25 * checkable)

@@ -1,0 +1,322 @@
+"""Stage 3, distillation: a student learns from a frozen teacher, token by token, judged by a teacher cluster.
+
+One training step:
+
+1. the sequences: with probability ``lmbda`` the student writes its own completions for the batch's
+   prompts (on-policy, GKD), otherwise the batch's dataset targets are used;
+2. the **teacher cluster** (judge callbacks registered in ``setup``: difficulty, rigor, novelty,
+   educational value, optionally an LLM judge) scores each on-policy sequence (dataset targets too with
+   ``judge_dataset``); their weighted mean ``s`` in [0, 1] (times the novelty penalty of near-copies)
+   ``weight``s the sequence's loss by ``s`` or ``filter``s it (kept when ``s >= judge_threshold``);
+3. the loss: the generalised Jensen-Shannon divergence (:func:`qgen.losses.generalized_jsd`; ``beta`` 0 =
+   forward KL, 1 = reverse KL, ``temperature`` on both sides) between the student's and the teacher's
+   next-token distributions on the completion tokens, a weighted token mean; plus ``sft_weight`` times
+   the plain cross-entropy on dataset batches.
+
+The teacher is any causal LM with the student's tokenizer: a HF folder or hub id, an ``embedded:<preset>``
+model, a qgen ``.ckpt`` (its backbone + adapter, merged), or ``last`` (the newest GRPO, else SFT,
+``last.ckpt`` under ``lightning_logs/``). It is frozen, in eval mode, optionally 4-bit, and never in a
+checkpoint: checkpoints hold the student's trainable weights only. A teacher vocabulary larger than the
+student's (padded embedding rows) is sliced; different tokenizers are refused at start.
+
+Validation logs ``val/kl_to_teacher`` (forward KL per target token, temperature 1) and ``val/loss``
+(the student's cross-entropy) on the held-out questions.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import asdict
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import SumMetric
+
+from qgen.checkpointing import restore_rng, slim_checkpoint
+from qgen.formatting import parse_question
+from qgen.generation import GenerationSpec, QuestionWriterMixin
+from qgen.losses import IGNORE_INDEX, distill_loss, token_nll
+from qgen.models import LoraSpec, load_causal_lm, load_from_checkpoint, load_tokenizer, resolve
+from qgen.optim import configure_optimizers
+from qgen.sampling import generate_group
+from qgen.scoring import RewardOutput, ScoringBatch
+from qgen.sft import default_optimizer, default_scheduler
+
+TEACHER_CLASSES = ("qgen.GRPOModule", "qgen.grpo.GRPOModule", "qgen.SFTModule", "qgen.sft.SFTModule")
+
+
+def resolve_teacher(teacher: str, root: str = "lightning_logs") -> str:
+    """``last`` -> the newest GRPO ``last.ckpt`` under ``root``, else the newest SFT one; anything else as given."""
+    if teacher != "last":
+        return teacher
+    from qgen.cli import find_last_checkpoint
+
+    for classes in (TEACHER_CLASSES[:2], TEACHER_CLASSES[2:]):
+        for class_path in classes:
+            try:
+                return find_last_checkpoint(root, class_path)
+            except FileNotFoundError:
+                continue
+    raise FileNotFoundError(f"model.teacher=last: no GRPO or SFT last.ckpt under {root}/; train one first")
+
+
+def check_same_tokenizer(student, teacher, teacher_name: str) -> None:
+    """Refuse a teacher whose tokenizer maps any token differently from the student's."""
+    s_vocab, t_vocab = student.get_vocab(), teacher.get_vocab()
+    differ = [tok for tok, i in s_vocab.items() if t_vocab.get(tok) != i]
+    if differ or len(t_vocab) != len(s_vocab):
+        example = ""
+        if differ:
+            example = f" (e.g. {differ[0]!r}: student id {s_vocab[differ[0]]}, teacher id {t_vocab.get(differ[0])})"
+        raise ValueError(
+            f"model.teacher {teacher_name}: its tokenizer differs from the student's ({len(t_vocab)} vs {len(s_vocab)} "
+            f"tokens, {len(differ)} mapped differently{example}); token-level distillation needs the same tokenizer"
+        )  # fmt: skip
+
+
+class DistillModule(QuestionWriterMixin, L.LightningModule):
+    """Distil a frozen teacher into a student question writer (see the module docstring).
+
+    Args:
+        teacher: teacher model: HF folder / hub id, ``embedded:<preset>``, a qgen ``.ckpt``, or ``last``.
+        model_name_or_path: the student's backbone (``null`` = the embedded default; ``embedded:mini`` is a
+            smaller student with the same tokenizer).
+        lora: student LoRA settings; ``null`` = full fine-tuning (right for a small or randomly initialised student).
+        quantization: ``nf4`` / ``int8`` student base weights (QLoRA; needs ``lora``).
+        dtype: dtype of the student's base weights.
+        gradient_checkpointing: recompute the student's activations in backward.
+        teacher_quantization: load the teacher in ``nf4`` / ``int8``.
+        teacher_dtype: dtype of the teacher (default: the student's).
+        beta: GJSD interpolation: 0 = forward KL, 1 = reverse KL.
+        temperature: softmax temperature of both distributions.
+        lmbda: share of steps whose sequences the student generates itself (on-policy).
+        sft_weight: weight of the plain cross-entropy on dataset batches (0 = distillation only).
+        judge_mode: ``weight`` (loss weighted by the cluster score), ``filter`` (kept when the score is at
+            least ``judge_threshold``) or ``off``.
+        judge_threshold: the ``filter`` threshold.
+        judge_dataset: also judge the dataset targets (by default only the student's own samples are judged).
+        generation: sampling settings of on-policy steps, ``predict`` and ``test``.
+        loss_chunk_size: tokens per chunk of the divergence.
+        optimizer: optimizer factory.
+        scheduler: LR scheduler factory.
+    """
+
+    score_prefix = "judge"
+
+    def __init__(
+        self,
+        teacher: str = "last",
+        model_name_or_path: str | None = "embedded:mini",
+        lora: LoraSpec | None = None,
+        quantization: Literal["nf4", "int8"] | None = None,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        gradient_checkpointing: bool = False,
+        teacher_quantization: Literal["nf4", "int8"] | None = None,
+        teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        lmbda: float = 0.5,
+        sft_weight: float = 0.0,
+        judge_mode: Literal["weight", "filter", "off"] = "weight",
+        judge_threshold: float = 0.5,
+        judge_dataset: bool = False,
+        generation: GenerationSpec = GenerationSpec(max_new_tokens=128, temperature=1.0, top_p=1.0),
+        loss_chunk_size: int = 1024,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable = default_scheduler,
+    ):
+        super().__init__()
+        problems = []
+        if not 0 <= beta <= 1 or temperature <= 0:
+            problems.append("need 0 <= model.beta <= 1 and model.temperature > 0")
+        if not 0 <= lmbda <= 1 or sft_weight < 0:
+            problems.append("need 0 <= model.lmbda <= 1 and model.sft_weight >= 0")
+        if quantization is not None and lora is None:
+            problems.append("model.quantization needs model.lora: quantized base weights cannot be fully fine-tuned")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.lora = LoraSpec(**lora) if isinstance(lora, dict) else lora
+        self.hparams["lora"] = asdict(self.lora) if self.lora is not None else None
+        if isinstance(generation, GenerationSpec):
+            self.hparams["generation"] = asdict(generation)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.model: torch.nn.Module | None = None
+        self.teacher: torch.nn.Module | None = None  # frozen; excluded from checkpoints (not trainable)
+        self.tokenizer = None
+        self.rewards: dict[str, Any] = {}  # the teacher cluster: name -> judge callback
+        self.last: dict[str, Any] = {}
+        self.strict_loading = False
+        self.val_kl, self.val_nll, self.val_tokens = SumMetric(), SumMetric(), SumMetric()
+        self._step_started = 0.0
+
+    # ---------------------------------------------------------------------------------------- building
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        self.model = load_causal_lm(hp.model_name_or_path, self.lora, hp.quantization, hp.dtype,
+                                    hp.gradient_checkpointing, device=device)  # fmt: skip
+        if self._trainer is not None and self.trainer.state.fn in ("predict", "test"):
+            return  # generating with the student needs no teacher
+        self.teacher = self._load_teacher(device)
+
+    def _load_teacher(self, device) -> torch.nn.Module:
+        hp = self.hparams
+        name = resolve_teacher(hp.teacher)
+        if name.endswith(".ckpt"):
+            from qgen.models import checkpoint_backbone
+
+            teacher_backbone = checkpoint_backbone(name)["model_name_or_path"]
+            teacher = load_from_checkpoint(name, merge=True, quantization=hp.teacher_quantization,
+                                           dtype=hp.teacher_dtype or hp.dtype, device=device)  # fmt: skip
+        else:
+            teacher_backbone = name
+            teacher = load_causal_lm(name, None, hp.teacher_quantization, hp.teacher_dtype or hp.dtype,
+                                     device=device, frozen=True).eval()  # fmt: skip
+            teacher.requires_grad_(False)
+        if resolve(teacher_backbone) != resolve(hp.model_name_or_path):
+            check_same_tokenizer(load_tokenizer(hp.model_name_or_path), load_tokenizer(teacher_backbone), name)
+        student_vocab = self.model.get_output_embeddings().weight.size(0)
+        if teacher.get_output_embeddings().weight.size(0) < student_vocab:
+            raise ValueError(f"model.teacher {name}: its vocabulary is smaller than the student's ({student_vocab})")
+        print(f"distillation teacher: {name}")
+        return teacher
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # no dropout in the teacher, ever
+        return self
+
+    def register_reward(self, callback: Any) -> None:
+        self.rewards[callback.name] = callback
+
+    def setup(self, stage: str) -> None:
+        self.tokenizer = self.trainer.datamodule.tokenizer if self.trainer.datamodule is not None else None
+
+    # ------------------------------------------------------------------------------------------- judging
+    def judge(self, texts: list[str], records: list, truncated: list[bool]) -> tuple[torch.Tensor, dict]:
+        """Cluster score in [0, 1] per sequence: weighted mean of the judges, times any near-copy penalty."""
+        parsed = [parse_question(t) for t in texts]
+        batch = ScoringBatch(texts, parsed, records, [r.language if r else "en" for r in records], truncated, 1)
+        outputs: dict[str, RewardOutput] = {name: cb.score(batch) for name, cb in self.rewards.items()}
+        total_weight = sum(cb.weight for cb in self.rewards.values()) or 1.0
+        score = sum(cb.weight * torch.as_tensor(outputs[n].values, dtype=torch.float32) for n, cb in self.rewards.items())
+        score = score / total_weight
+        for out in outputs.values():
+            if out.factor is not None:
+                score = score * torch.as_tensor(out.factor, dtype=torch.float32)
+        return score, outputs
+
+    def sequence_weights(self, score: torch.Tensor) -> torch.Tensor:
+        if self.hparams.judge_mode == "filter":
+            return (score >= self.hparams.judge_threshold).float()
+        return score.clamp(0.0, 1.0)
+
+    # ------------------------------------------------------------------------------------------ training
+    def _on_policy(self, batch_idx: int) -> bool:
+        # a pure function of (seed, step, micro-batch): a resumed run makes the same choices
+        draw = random.Random(f"{os.environ.get('PL_GLOBAL_SEED', '0')}:{self.global_step}:{batch_idx}").random()
+        return draw < self.hparams.lmbda
+
+    def _sequences(self, batch: dict[str, torch.Tensor], on_policy: bool):
+        """``(ids, attention_mask, position_ids, labels, texts, truncated)`` of the step's sequences."""
+        if not on_policy:
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            labels = batch["labels"]
+            targets = torch.where(labels != IGNORE_INDEX, labels, self.tokenizer.pad_token_id)
+            texts = self.tokenizer.batch_decode(targets, skip_special_tokens=True)
+            return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), labels, texts, [False] * ids.size(0)
+        spec = self.generation_spec()
+        prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_lengths"])]
+        rollout = generate_group(self.model, self.tokenizer, prompts, 1, spec.max_new_tokens, spec.temperature,
+                                 spec.top_p)  # fmt: skip
+        p = rollout.prompt_length
+        labels = torch.full_like(rollout.sequences, IGNORE_INDEX)
+        labels[:, p:] = torch.where(rollout.completion_mask.bool(), rollout.completion_ids, IGNORE_INDEX)
+        mask = rollout.attention_mask
+        return (rollout.sequences, mask, (mask.cumsum(-1) - 1).clamp(min=0), labels, rollout.texts,
+                rollout.truncated.tolist())  # fmt: skip
+
+    def _hidden(self, model: torch.nn.Module, ids, mask, position_ids) -> torch.Tensor:
+        return model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        on_policy = self._on_policy(batch_idx)
+        ids, mask, pos, labels, texts, truncated = self._sequences(batch, on_policy)
+        examples = self.trainer.datamodule.datasets["train"].examples
+        records = [examples[int(i)].record for i in batch["index"]]
+        self.last = {}
+        weights = torch.ones(ids.size(0))
+        if self.rewards and hp.judge_mode != "off" and (on_policy or hp.judge_dataset):
+            score, components = self.judge(texts, records, truncated)
+            weights = self.sequence_weights(score)
+            self.last.update(components=components, rewards=score, texts=texts)
+            self.log("train/judge_score_mean", score.mean(), batch_size=ids.size(0))
+            self.log("train/judge_kept_frac", (weights > 0).float().mean(), batch_size=ids.size(0))
+        target = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
+        hidden = self._hidden(self.model, ids, mask, pos)  # [B, T, H]
+        with torch.no_grad():
+            teacher_hidden = self._hidden(self.teacher, ids, mask, pos)
+        head = self.model.get_output_embeddings().weight
+        out = distill_loss(hidden[:, :-1], head, teacher_hidden[:, :-1], self.teacher.get_output_embeddings().weight,
+                           target, weights.to(self.device), hp.beta, hp.temperature, hp.loss_chunk_size)  # fmt: skip
+        loss = out.loss
+        if hp.sft_weight > 0 and not on_policy:
+            nll = token_nll(hidden, head, labels, chunk_size=hp.loss_chunk_size)
+            loss = loss + hp.sft_weight * nll.loss
+            self.log("train/sft_nll", nll.loss.detach(), batch_size=ids.size(0))
+        n = ids.size(0)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/divergence", out.divergence_sum / out.tokens.clamp(min=1), batch_size=n)
+        self.log("train/on_policy", float(on_policy), batch_size=n)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
+        self._tokens = float(out.tokens)
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._step_started
+        self.log("train/target_tokens_per_s", getattr(self, "_tokens", 0.0) / max(elapsed, 1e-9), prog_bar=True)
+
+    # ---------------------------------------------------------------------------------------- validation
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = self._hidden(self.model, ids, mask, pos)
+        teacher_hidden = self._hidden(self.teacher, ids, mask, pos)
+        target = labels[:, 1:] != IGNORE_INDEX
+        kl = distill_loss(hidden[:, :-1], self.model.get_output_embeddings().weight, teacher_hidden[:, :-1],
+                          self.teacher.get_output_embeddings().weight, target, beta=0.0, temperature=1.0,
+                          chunk_size=self.hparams.loss_chunk_size)  # fmt: skip
+        nll = token_nll(hidden, self.model.get_output_embeddings().weight, labels, chunk_size=self.hparams.loss_chunk_size)
+        self.val_kl.update(kl.divergence_sum)
+        self.val_nll.update(nll.nll_sum)
+        self.val_tokens.update(nll.tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        tokens = self.val_tokens.compute().clamp(min=1)
+        self.log("val/kl_to_teacher", self.val_kl.compute() / tokens, prog_bar=True)
+        self.log("val/loss", self.val_nll.compute() / tokens)
+        self.val_kl.reset(), self.val_nll.reset(), self.val_tokens.reset()
+
+    # ------------------------------------------------------------------------------------------ plumbing
+    def configure_optimizers(self):
+        return configure_optimizers(
+            self, self.optimizer_factory, self.scheduler_factory, self.trainer.estimated_stepping_batches
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        slim_checkpoint(self, checkpoint)  # trainable weights only: the teacher never enters a checkpoint
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_rng(checkpoint)
