@@ -1,9 +1,17 @@
+"""``python -m qgen``: the LightningCLI stages (fit / validate / test / predict) plus three plain commands.
+
+- ``score``: model-free scoring and contamination report of a question file (:mod:`qgen.score`);
+- ``export``: a checkpoint as a PEFT adapter or merged model folder (:mod:`qgen.export`);
+- ``pipeline``: SFT -> GRPO -> distillation on the embedded default, then sample questions (:mod:`qgen.pipeline`).
+"""
+
+import importlib
 import sys
 
-if len(sys.argv) > 1 and sys.argv[1] == "score":  # model-free subcommand, not a LightningCLI stage
-    from qgen.score import main as score_main
+COMMANDS = {"score": "qgen.score", "export": "qgen.export", "pipeline": "qgen.pipeline"}
 
-    sys.exit(score_main(sys.argv[2:]))
+if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
+    sys.exit(importlib.import_module(COMMANDS[sys.argv[1]]).main(sys.argv[2:]))
 
 from qgen.cli import main  # noqa: E402
 
