@@ -16,7 +16,7 @@ import os
 import sys
 
 from lightning.pytorch import LightningModule
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 
 import callbacks  # noqa: F401  (registers callback classes for `trainer.callbacks` in YAML)
 from qgen.data import QuestionDataModule
@@ -41,6 +41,17 @@ def find_last_checkpoint(root: str = "lightning_logs", class_path: str | None = 
             return path
     which = f" from {class_path}" if class_path else ""
     raise FileNotFoundError(f"--ckpt_path last: no last.ckpt{which} under {root}/; run `fit` first or give a path")
+
+
+class RunConfigCallback(SaveConfigCallback):
+    """Writes ``config.yaml`` into the run's log directory, and nowhere when there is none: with
+    ``trainer.logger: false`` (e.g. ``predict``) Lightning's log_dir is the working directory, where a
+    ``config.yaml`` of the user's own must not be overwritten."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.logger is None:
+            return
+        super().setup(trainer, pl_module, stage)
 
 
 class QGenCLI(LightningCLI):
@@ -69,6 +80,7 @@ def cli_main(args: ArgsType = None, run: bool = True) -> QGenCLI:
         subclass_mode_model=True,
         args=args,
         run=run,
+        save_config_callback=RunConfigCallback,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )

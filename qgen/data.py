@@ -354,7 +354,9 @@ class QuestionDataModule(L.LightningDataModule):
 
     def _write_summary(self) -> None:
         trainer = self.trainer
-        log_dir = trainer.log_dir if trainer is not None else None  # a collective under DDP: every rank calls it
+        # trainer.log_dir is a collective under DDP: every rank calls it. Without a logger there is no run
+        # directory (log_dir would be the working directory): the summary is printed only.
+        log_dir = trainer.log_dir if trainer is not None and trainer.logger is not None else None
         if trainer is not None and trainer.global_rank != 0:
             return
         print("data summary:\n" + json.dumps(self.summary, indent=2, ensure_ascii=False))

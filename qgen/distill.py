@@ -94,6 +94,8 @@ class DistillModule(QuestionWriterMixin, L.LightningModule):
         beta: GJSD interpolation: 0 = forward KL, 1 = reverse KL.
         temperature: softmax temperature of both distributions.
         lmbda: share of steps whose sequences the student generates itself (on-policy).
+        on_policy_start: optimizer step from which on-policy steps may be drawn: a student that still
+            writes noise learns nothing from the teacher's view of its noise (benchmarks/distill_kl.py).
         sft_weight: weight of the plain cross-entropy on dataset batches (0 = distillation only).
         judge_mode: ``weight`` (loss weighted by the cluster score), ``filter`` (kept when the score is at
             least ``judge_threshold``) or ``off``.
@@ -120,6 +122,7 @@ class DistillModule(QuestionWriterMixin, L.LightningModule):
         beta: float = 0.5,
         temperature: float = 1.0,
         lmbda: float = 0.5,
+        on_policy_start: int = 0,
         sft_weight: float = 0.0,
         judge_mode: Literal["weight", "filter", "off"] = "weight",
         judge_threshold: float = 0.5,
@@ -133,8 +136,8 @@ class DistillModule(QuestionWriterMixin, L.LightningModule):
         problems = []
         if not 0 <= beta <= 1 or temperature <= 0:
             problems.append("need 0 <= model.beta <= 1 and model.temperature > 0")
-        if not 0 <= lmbda <= 1 or sft_weight < 0:
-            problems.append("need 0 <= model.lmbda <= 1 and model.sft_weight >= 0")
+        if not 0 <= lmbda <= 1 or sft_weight < 0 or on_policy_start < 0:
+            problems.append("need 0 <= model.lmbda <= 1, model.sft_weight >= 0 and model.on_policy_start >= 0")
         if quantization is not None and lora is None:
             problems.append("model.quantization needs model.lora: quantized base weights cannot be fully fine-tuned")
         if problems:
@@ -222,6 +225,8 @@ class DistillModule(QuestionWriterMixin, L.LightningModule):
     # ------------------------------------------------------------------------------------------ training
     def _on_policy(self, batch_idx: int) -> bool:
         # a pure function of (seed, step, micro-batch): a resumed run makes the same choices
+        if self.global_step < self.hparams.on_policy_start:
+            return False
         draw = random.Random(f"{os.environ.get('PL_GLOBAL_SEED', '0')}:{self.global_step}:{batch_idx}").random()
         return draw < self.hparams.lmbda
 

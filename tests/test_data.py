@@ -36,7 +36,7 @@ def test_split_is_deterministic_and_disjoint(dm):
 
 def test_summary_counts(dm):
     s = dm.summary
-    assert s["records_per_source"] == {"jsonl:data": 716}
+    assert s["records_per_source"] == {"jsonl:data/*.jsonl": 716}
     assert sum(s["split"].values()) == 716
     assert sum(v for k, v in s["examples_per_task"].items() if k.startswith("train/")) == len(dm.datasets["train"])
 

@@ -126,3 +126,12 @@ def test_bad_hyperparameters_are_rejected():
         DistillModule(lmbda=2.0)
     with pytest.raises(ValueError, match="quantization needs model.lora"):
         DistillModule(quantization="nf4", lora=None)
+
+
+def test_on_policy_draws_follow_lmbda_and_wait_for_on_policy_start():
+    always, never, later = DistillModule(lmbda=1.0), DistillModule(lmbda=0.0), DistillModule(lmbda=1.0, on_policy_start=1)
+    assert always._on_policy(0) and not never._on_policy(0) and not later._on_policy(0)  # global_step is 0 here
+    share = DistillModule(lmbda=0.3)
+    draws = [share._on_policy(i) for i in range(2000)]
+    assert 0.27 < sum(draws) / len(draws) < 0.33
+    assert draws == [share._on_policy(i) for i in range(2000)]  # a pure function of (seed, step, batch): resumable

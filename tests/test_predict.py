@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import CONFIGS, ROOT, scalars, write_jsonl
+from conftest import CONFIGS, scalars, write_jsonl
 
 from callbacks.predictions import read_written
 from qgen.cli import cli_main
@@ -92,7 +92,7 @@ def test_predict_killed_halfway_and_rerun_completes_the_file(tmp_path):
     prompts, output = write_jsonl(tmp_path / "prompts.jsonl", rows), str(tmp_path / "pred.jsonl")
     expected = {f"p{i}#0" for i in range(18)} | {"multi#0", "multi#1", "multi#2"}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(_predict_cmd(prompts, output), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_predict_cmd(prompts, output), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 240
     while _lines(output) < 4 and proc.poll() is None and time.time() < deadline:
@@ -102,7 +102,8 @@ def test_predict_killed_halfway_and_rerun_completes_the_file(tmp_path):
     at_kill = _lines(output)
     assert 4 <= at_kill < len(expected), f"the kill came at {at_kill} of {len(expected)} lines: the test proves nothing"
     first = read_written(output)
-    done = subprocess.run(_predict_cmd(prompts, output), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(_predict_cmd(prompts, output), cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"{len(first)} predictions already written" in done.stdout
     with open(output, encoding="utf-8") as fh:
@@ -114,6 +115,8 @@ def test_predict_killed_halfway_and_rerun_completes_the_file(tmp_path):
         assert field in row
     assert set(row["scores"]) >= {"difficulty", "rigor", "novelty", "educational_value", "near_copy"}
     assert row["generation"]["max_new_tokens"] == 48
+    # no logger, no run directory: nothing else is written into the working directory (no config.yaml)
+    assert sorted(os.listdir(tmp_path)) == ["pred.jsonl", "prompts.jsonl"]
 
 
 def test_test_subcommand_writes_metrics_json_and_tensorboard(tmp_path):
