@@ -130,7 +130,7 @@ def test_the_api_key_reaches_the_server_but_no_file_or_log(tmp_path, monkeypatch
         cli_main(["fit", "--config", os.path.join(CONFIGS, "distill.yaml"), "--model.init_args.teacher=embedded:default",
                   "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.max_steps=2", "--trainer.log_every_n_steps=1",
                   "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--data.batch_size=2",
-                  "--model.init_args.lmbda=1.0", "--model.init_args.generation.max_new_tokens=12",
+                  "--model.init_args.lmbda=1.0", "--model.init_args.on_policy_start=0", "--model.init_args.generation.max_new_tokens=12",
                   "--trainer.callbacks+=callbacks.OpenAIJudge", f"--trainer.callbacks.base_url={server.url}",
                   "--trainer.callbacks.model=judge-model", "--trainer.callbacks.api_key_env=QGEN_TEST_JUDGE_KEY",
                   f"--trainer.callbacks.cache_dir={tmp_path / 'judge-cache'}"])  # fmt: skip

@@ -17,7 +17,7 @@ def renumber(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def bundled_bank():
-    return [r.question for r in read_source("jsonl", os.path.join(ROOT, "data")).records]
+    return [r.question for r in read_source("jsonl", os.path.join(ROOT, "data", "*.jsonl")).records]
 
 
 def _check_novelty(index, bank, lang, unrelated):

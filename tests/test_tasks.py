@@ -12,7 +12,7 @@ MIX = {"historical": 0.5, "variant": 0.3, "innovative": 0.2}
 
 @pytest.fixture(scope="module")
 def bundled():
-    return read_source("jsonl", os.path.join(ROOT, "data")).records
+    return read_source("jsonl", os.path.join(ROOT, "data", "*.jsonl")).records
 
 
 def test_mixture_proportions_and_determinism(bundled):
