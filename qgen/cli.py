@@ -43,6 +43,9 @@ def find_last_checkpoint(root: str = "lightning_logs", class_path: str | None = 
     raise FileNotFoundError(f"--ckpt_path last: no last.ckpt{which} under {root}/; run `fit` first or give a path")
 
 
+GENERATION_ARGS = ("generation", "max_new_tokens", "temperature", "top_p")  # model arguments that only steer sampling
+
+
 class RunConfigCallback(SaveConfigCallback):
     """Writes ``config.yaml`` into the run's log directory, and nowhere when there is none: with
     ``trainer.logger: false`` (e.g. ``predict``) Lightning's log_dir is the working directory, where a
@@ -70,7 +73,15 @@ class QGenCLI(LightningCLI):
                 save_dir = "lightning_logs"
             config.ckpt_path = find_last_checkpoint(save_dir, config.model.get("class_path"))
             print(f"resuming from {config.ckpt_path}")
+        # Lightning overwrites the model's arguments with the checkpoint's hyperparameters. For predict and
+        # test the sampling settings of this command (config or command line) must win over training's.
+        kept = {}
+        if subcommand in ("predict", "test") and self.config[subcommand].get("model") is not None:
+            init_args = self.config[subcommand].model.get("init_args") or {}
+            kept = {k: init_args[k] for k in GENERATION_ARGS if k in init_args}
         super()._parse_ckpt_path()
+        for key, value in kept.items():
+            self.config[subcommand].model.init_args[key] = value
 
 
 def cli_main(args: ArgsType = None, run: bool = True) -> QGenCLI:

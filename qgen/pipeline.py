@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distill-steps", type=int, help="override trainer.max_steps of configs/distill.yaml")
     parser.add_argument("--prompts", default=os.path.join(ROOT, "data", "prompts", "sample.jsonl"),
                         help="prompts JSONL for the final samples")  # fmt: skip
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the final samples")
     parser.add_argument("--root", default=".", help="save_dir of the logger: runs go to ROOT/lightning_logs")
     args = parser.parse_args(argv)
     sys.argv = sys.argv[:1]  # the stages get their arguments from us, not from the command line
@@ -100,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = os.path.join(args.root, "lightning_logs", "pipeline")
         os.makedirs(out_dir, exist_ok=True)
         results = {}
+        temperature = str(args.temperature)
         for stage, config, ckpt, extra in (
-            ("grpo", "grpo.yaml", grpo, ["--model.init_args.init_from", sft]),
-            ("distill", "distill.yaml", distill, ["--model.init_args.teacher", grpo]),
+            ("grpo", "grpo.yaml", grpo, ["--model.init_args.temperature", temperature]),
+            ("distill", "distill.yaml", distill, ["--model.init_args.generation.temperature", temperature]),
         ):
             results[stage] = predict(_config(config), ckpt, args.prompts,
                                      os.path.join(out_dir, f"predictions_{stage}.jsonl"), extra)  # fmt: skip

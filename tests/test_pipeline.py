@@ -22,6 +22,8 @@ def test_pipeline_runs_every_stage_and_prints_scored_questions(tmp_path):
             rows = [json.loads(line) for line in fh]
         assert len(rows) == 7  # data/prompts/sample.jsonl asks for 2 + 1 + 1 + 2 + 1 questions
         assert all({"difficulty", "rigor", "novelty", "educational_value"} <= set(r["scores"]) for r in rows)
+        # the sampling temperature of the command wins over the one in the checkpoint (1.0 in both configs)
+        assert all(r["generation"]["temperature"] == 0.7 for r in rows)
     assert "questions written by the distilled student" in done.stdout
     assert done.stdout.count("| difficulty ") == 14
     assert "stage seconds: sft" in done.stdout
