@@ -31,20 +31,18 @@ import time
 from dataclasses import asdict
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import SumMetric
 
-from qgen.checkpointing import restore_rng, slim_checkpoint
 from qgen.formatting import parse_question
-from qgen.generation import GenerationSpec, QuestionWriterMixin
+from qgen.generation import GenerationSpec
 from qgen.losses import IGNORE_INDEX, distill_loss, token_nll
 from qgen.models import LoraSpec, load_causal_lm, load_from_checkpoint, load_tokenizer, resolve
-from qgen.optim import configure_optimizers
 from qgen.sampling import generate_group
 from qgen.scoring import RewardOutput, ScoringBatch
 from qgen.sft import default_optimizer, default_scheduler
+from qgen.stage import StageModule
 
 TEACHER_CLASSES = ("qgen.GRPOModule", "qgen.grpo.GRPOModule", "qgen.SFTModule", "qgen.sft.SFTModule")
 
@@ -78,7 +76,7 @@ def check_same_tokenizer(student, teacher, teacher_name: str) -> None:
         )  # fmt: skip
 
 
-class DistillModule(QuestionWriterMixin, L.LightningModule):
+class DistillModule(StageModule):
     """Distil a frozen teacher into a student question writer (see the module docstring).
 
     Args:
@@ -313,15 +311,3 @@ class DistillModule(QuestionWriterMixin, L.LightningModule):
         self.log("val/kl_to_teacher", self.val_kl.compute() / tokens, prog_bar=True)
         self.log("val/loss", self.val_nll.compute() / tokens)
         self.val_kl.reset(), self.val_nll.reset(), self.val_tokens.reset()
-
-    # ------------------------------------------------------------------------------------------ plumbing
-    def configure_optimizers(self):
-        return configure_optimizers(
-            self, self.optimizer_factory, self.scheduler_factory, self.trainer.estimated_stepping_batches
-        )
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        slim_checkpoint(self, checkpoint)  # trainable weights only: the teacher never enters a checkpoint
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        restore_rng(checkpoint)

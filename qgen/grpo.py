@@ -25,22 +25,20 @@ import time
 from dataclasses import asdict
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from qgen.checkpointing import restore_rng, slim_checkpoint
 from qgen.formatting import parse_question
-from qgen.generation import GenerationSpec, QuestionWriterMixin
+from qgen.generation import GenerationSpec
 from qgen.losses import group_advantages, grpo_loss
 from qgen.models import LoraSpec, add_lora, causal_lm_nll, load_causal_lm, load_policy, load_trainable_weights
-from qgen.optim import configure_optimizers
 from qgen.sampling import Rollout, completion_logprobs, generate_group
 from qgen.scoring import RewardOutput, ScoringBatch
 from qgen.sft import default_optimizer, default_scheduler
+from qgen.stage import StageModule
 
 
-class GRPOModule(QuestionWriterMixin, L.LightningModule):
+class GRPOModule(StageModule):
     """Group Relative Policy Optimisation of a question writer, rewarded by the reward callbacks.
 
     Args:
@@ -211,14 +209,3 @@ class GRPOModule(QuestionWriterMixin, L.LightningModule):
         """Validation is the SFT loss of the held-out questions: it shows drift away from the question bank."""
         out = causal_lm_nll(self.model, batch, chunk_size=self.hparams.logprob_chunk_size)
         self.log("val/loss", out.loss, batch_size=batch["input_ids"].size(0))
-
-    def configure_optimizers(self):
-        return configure_optimizers(
-            self, self.optimizer_factory, self.scheduler_factory, self.trainer.estimated_stepping_batches
-        )
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        slim_checkpoint(self, checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        restore_rng(checkpoint)

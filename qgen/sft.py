@@ -15,15 +15,14 @@ import time
 from dataclasses import asdict
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import SumMetric
 
-from qgen.checkpointing import restore_rng, slim_checkpoint
-from qgen.generation import GenerationSpec, QuestionWriterMixin
+from qgen.generation import GenerationSpec
 from qgen.models import LoraSpec, causal_lm_nll, load_causal_lm
-from qgen.optim import WarmupCosineLR, configure_optimizers
+from qgen.optim import WarmupCosineLR
+from qgen.stage import StageModule
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -34,7 +33,7 @@ def default_scheduler(optimizer: torch.optim.Optimizer) -> WarmupCosineLR:
     return WarmupCosineLR(optimizer)
 
 
-class SFTModule(QuestionWriterMixin, L.LightningModule):
+class SFTModule(StageModule):
     """Supervised fine-tuning of a causal LM (full, LoRA or QLoRA).
 
     Args:
@@ -110,14 +109,3 @@ class SFTModule(QuestionWriterMixin, L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=False)
         self.log("val/ppl", torch.exp(loss))
         self.val_nll.reset(), self.val_tokens.reset()
-
-    def configure_optimizers(self):
-        return configure_optimizers(
-            self, self.optimizer_factory, self.scheduler_factory, self.trainer.estimated_stepping_batches
-        )
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        slim_checkpoint(self, checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        restore_rng(checkpoint)
