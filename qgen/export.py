@@ -4,8 +4,9 @@
     python -m qgen export --ckpt_path last --output out/merged --merge
 
 Without ``--merge`` a LoRA checkpoint becomes a PEFT adapter folder (``adapter_config.json`` +
-``adapter_model.safetensors``, naming its base model); with ``--merge`` (and always for a full fine-tune)
-a complete model folder with the adapter folded in. The tokenizer and its chat template are saved beside
+``adapter_model.safetensors``, naming its base model by absolute path; a GRPO run started from an SFT
+model, whose adapter sits on that model, gets it written to ``DIR/base_model``); with ``--merge`` (and
+always for a full fine-tune) a complete model folder with the adapter folded in. The tokenizer and its chat template are saved beside
 the weights, so ``AutoModelForCausalLM.from_pretrained(DIR)`` and ``AutoTokenizer.from_pretrained(DIR)``
 are all a user needs.
 """
@@ -20,19 +21,27 @@ import sys
 
 def export(ckpt_path: str, output: str, merge: bool = False) -> dict:
     """Write the model of ``ckpt_path`` to ``output``; returns a summary of what was written."""
-    from qgen.models import checkpoint_backbone, load_from_checkpoint, load_tokenizer, resolve
+    from qgen.models import checkpoint_backbone, load_from_checkpoint, load_policy, load_tokenizer, resolve
 
     info = checkpoint_backbone(ckpt_path)
     merged = merge or not info["lora"]
     if os.path.isdir(output) and os.listdir(output):
         raise FileExistsError(f"--output {output} exists and is not empty; choose a new folder")
     model = load_from_checkpoint(ckpt_path, merge=merged)
-    if not merged:
-        # name the resolved base folder (for the embedded default: its cache folder) so from_pretrained finds it
-        model.peft_config["default"].base_model_name_or_path = resolve(info["model_name_or_path"])
+    tokenizer = load_tokenizer(info["model_name_or_path"])
     os.makedirs(output, exist_ok=True)
+    if not merged:
+        # name the folder the adapter sits on, so from_pretrained finds it: the resolved backbone (for the
+        # embedded default, its cache folder), or, for GRPO started from an SFT model merged into its base,
+        # that merged model, written beside the adapter
+        base = resolve(info["model_name_or_path"])
+        if info["base_from"]:
+            base = os.path.abspath(os.path.join(output, "base_model"))
+            load_policy(info["base_from"], info["model_name_or_path"], info["dtype"]).save_pretrained(base)
+            tokenizer.save_pretrained(base)
+        model.peft_config["default"].base_model_name_or_path = base
     model.save_pretrained(output)
-    load_tokenizer(info["model_name_or_path"]).save_pretrained(output)
+    tokenizer.save_pretrained(output)
     summary = {"checkpoint": os.path.abspath(ckpt_path), "output": os.path.abspath(output),
                "kind": "merged" if merged else "adapter", "base": info["model_name_or_path"],
                "files": sorted(os.listdir(output))}  # fmt: skip

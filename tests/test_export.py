@@ -58,3 +58,25 @@ def test_export_refuses_a_non_empty_folder_and_a_missing_checkpoint(sft_checkpoi
     assert os.listdir(tmp_path / "busy") == ["keep.txt"]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         export(str(tmp_path / "nope.ckpt"), str(tmp_path / "out"))
+
+
+def test_a_grpo_adapter_export_carries_the_sft_model_it_sits_on(sft_checkpoint, tmp_path):
+    from qgen.grpo import GRPOModule
+
+    grpo = GRPOModule(init_from=sft_checkpoint, lora=LoraSpec(r=8, alpha=16, dropout=0.0))
+    grpo.configure_model()
+    with torch.no_grad():
+        for n, p in grpo.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    state = {f"model.{n}": p.detach().clone() for n, p in grpo.model.named_parameters() if p.requires_grad}
+    torch.save({"state_dict": state, "hyper_parameters": {**grpo.hparams, "_class_path": "qgen.GRPOModule"}},
+               tmp_path / "grpo.ckpt")  # fmt: skip
+    summary = export(str(tmp_path / "grpo.ckpt"), str(tmp_path / "adapter"))
+    assert summary["kind"] == "adapter" and "base_model" in summary["files"]
+    ids = torch.randint(5, 500, (1, 12))
+    grpo.model.eval()
+    with torch.no_grad():
+        expected = grpo.model(input_ids=ids).logits
+        exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "adapter")).eval()(input_ids=ids).logits
+    torch.testing.assert_close(exported, expected, atol=1e-4, rtol=1e-4)
