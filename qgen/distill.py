@@ -35,12 +35,11 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import SumMetric
 
-from qgen.formatting import parse_question
 from qgen.generation import GenerationSpec
 from qgen.losses import IGNORE_INDEX, distill_loss, token_nll
 from qgen.models import LoraSpec, load_causal_lm, load_from_checkpoint, load_tokenizer, resolve
 from qgen.sampling import generate_group
-from qgen.scoring import RewardOutput, ScoringBatch
+from qgen.scoring import combine_scores
 from qgen.sft import default_optimizer, default_scheduler
 from qgen.stage import StageModule
 
@@ -204,16 +203,8 @@ class DistillModule(StageModule):
     # ------------------------------------------------------------------------------------------- judging
     def judge(self, texts: list[str], records: list, truncated: list[bool]) -> tuple[torch.Tensor, dict]:
         """Cluster score in [0, 1] per sequence: weighted mean of the judges, times any near-copy penalty."""
-        parsed = [parse_question(t) for t in texts]
-        batch = ScoringBatch(texts, parsed, records, [r.language if r else "en" for r in records], truncated, 1)
-        outputs: dict[str, RewardOutput] = {name: cb.score(batch) for name, cb in self.rewards.items()}
-        total_weight = sum(cb.weight for cb in self.rewards.values()) or 1.0
-        score = sum(cb.weight * torch.as_tensor(outputs[n].values, dtype=torch.float32) for n, cb in self.rewards.items())
-        score = score / total_weight
-        for out in outputs.values():
-            if out.factor is not None:
-                score = score * torch.as_tensor(out.factor, dtype=torch.float32)
-        return score, outputs
+        score, outputs = combine_scores(self.rewards, texts, records, truncated, normalize=True)
+        return torch.as_tensor(score), outputs
 
     def sequence_weights(self, score: torch.Tensor) -> torch.Tensor:
         if self.hparams.judge_mode == "filter":

@@ -62,7 +62,7 @@ def read_prompts(path: str, default_n: int = 1) -> list[dict[str, Any]]:
             raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         if not str(obj.get("subject") or "").strip():
             raise DataError(f"{where}: missing required field 'subject'")
-        task = obj.get("task", "question" in obj and "variant" or "historical")
+        task = obj.get("task") or ("variant" if obj.get("question") else "historical")
         if task not in TASKS:
             raise DataError(f"{where}: unknown task '{task}'; tasks: {', '.join(TASKS)}")
         if task == "variant" and not str(obj.get("question") or "").strip():

@@ -28,12 +28,11 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from qgen.formatting import parse_question
 from qgen.generation import GenerationSpec
 from qgen.losses import group_advantages, grpo_loss
 from qgen.models import LoraSpec, add_lora, causal_lm_nll, load_causal_lm, load_policy, load_trainable_weights
 from qgen.sampling import Rollout, completion_logprobs, generate_group
-from qgen.scoring import RewardOutput, ScoringBatch
+from qgen.scoring import RewardOutput, combine_scores
 from qgen.sft import default_optimizer, default_scheduler
 from qgen.stage import StageModule
 
@@ -146,17 +145,9 @@ class GRPOModule(StageModule):
             raise RuntimeError(
                 "GRPOModule has no reward callbacks: add callbacks.DifficultyReward etc. to trainer.callbacks"
             )
-        parsed = [parse_question(t) for t in rollout.texts]
-        batch = ScoringBatch(rollout.texts, parsed, records, [r.language if r else "en" for r in records],
-                             rollout.truncated.tolist(), rollout.group_size)  # fmt: skip
-        outputs = {name: cb.score(batch) for name, cb in self.rewards.items()}
-        total = sum(
-            cb.weight * torch.as_tensor(outputs[name].values, dtype=torch.float32) for name, cb in self.rewards.items()
-        )
-        for out in outputs.values():
-            if out.factor is not None:
-                total = total * torch.as_tensor(out.factor, dtype=torch.float32)
-        return total.to(self.device), outputs
+        total, outputs = combine_scores(self.rewards, rollout.texts, records, rollout.truncated.tolist(),
+                                        rollout.group_size)  # fmt: skip
+        return torch.as_tensor(total, device=self.device), outputs
 
     # ------------------------------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from qgen.formatting import ParsedQuestion
+from qgen.formatting import ParsedQuestion, parse_question
 from qgen.records import Question
 
 _DIGITS = re.compile(r"\d+(?:\.\d+)?")
@@ -50,6 +50,25 @@ class RewardOutput:
     values: np.ndarray  # [N] in [0, 1]
     factor: np.ndarray | None = None  # [N] multiplier of the total reward (the novelty penalty)
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def combine_scores(scorers: dict, texts: list[str], records: list, truncated: list[bool], group_size: int = 1,
+                   normalize: bool = False) -> tuple[np.ndarray, dict[str, RewardOutput]]:  # fmt: skip
+    """Score ``texts`` with every scorer (reward / judge callbacks: ``weight`` and ``score(batch)``).
+
+    Returns ``sum_i w_i s_i`` (divided by ``sum_i w_i`` with ``normalize``), times every scorer's
+    ``factor`` (the novelty penalty of near-copies), and each scorer's output.
+    """
+    parsed = [parse_question(t) for t in texts]
+    batch = ScoringBatch(texts, parsed, records, [r.language if r else "en" for r in records], truncated, group_size)
+    outputs = {name: scorer.score(batch) for name, scorer in scorers.items()}
+    total = sum(scorer.weight * np.asarray(outputs[name].values, dtype=np.float32) for name, scorer in scorers.items())
+    if normalize:
+        total = total / (sum(scorer.weight for scorer in scorers.values()) or 1.0)
+    for out in outputs.values():
+        if out.factor is not None:
+            total = total * np.asarray(out.factor, dtype=np.float32)
+    return np.asarray(total, dtype=np.float32), outputs
 
 
 def _top_k_rows(mat: sp.csr_matrix, k: int | None) -> sp.csr_matrix:
