@@ -158,13 +158,10 @@ class DistillModule(StageModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        hp = self.hparams
-        device = self.trainer.strategy.root_device if self._trainer is not None else None
-        self.model = load_causal_lm(hp.model_name_or_path, self.lora, hp.quantization, hp.dtype,
-                                    hp.gradient_checkpointing, device=device)  # fmt: skip
+        self.model = self.load_backbone()
         if self._trainer is not None and self.trainer.state.fn in ("predict", "test"):
             return  # generating with the student needs no teacher
-        self.teacher = self._load_teacher(device)
+        self.teacher = self._load_teacher(self.target_device())
 
     def _load_teacher(self, device) -> torch.nn.Module:
         hp = self.hparams

@@ -30,7 +30,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from qgen.generation import GenerationSpec
 from qgen.losses import group_advantages, grpo_loss
-from qgen.models import LoraSpec, add_lora, causal_lm_nll, load_causal_lm, load_policy, load_trainable_weights
+from qgen.models import LoraSpec, add_lora, causal_lm_nll, load_policy, load_trainable_weights
 from qgen.sampling import Rollout, completion_logprobs, generate_group
 from qgen.scoring import RewardOutput, combine_scores
 from qgen.sft import default_optimizer, default_scheduler
@@ -114,17 +114,15 @@ class GRPOModule(StageModule):
         if self.model is not None:
             return
         hp = self.hparams
-        device = self.trainer.strategy.root_device if self._trainer is not None else None
         if hp.init_from and hp.quantization is None:
             # the starting policy's weights become the base; a fresh adapter on top is trained, so the KL
             # reference (adapter disabled) is exactly the policy GRPO started from
-            base = load_policy(hp.init_from, hp.model_name_or_path, hp.dtype, device)
+            base = load_policy(hp.init_from, hp.model_name_or_path, hp.dtype, self.target_device())
             if hp.gradient_checkpointing:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model = add_lora(base, self.lora, hp.gradient_checkpointing).train()
             return
-        self.model = load_causal_lm(hp.model_name_or_path, self.lora, hp.quantization, hp.dtype,
-                                    hp.gradient_checkpointing, device=device)  # fmt: skip
+        self.model = self.load_backbone()
         if hp.init_from:  # quantized base: the starting adapter itself is trained further
             load_trainable_weights(self.model, hp.init_from)
 

@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import SumMetric
 
 from qgen.generation import GenerationSpec
-from qgen.models import LoraSpec, causal_lm_nll, load_causal_lm
+from qgen.models import LoraSpec, causal_lm_nll
 from qgen.optim import WarmupCosineLR
 from qgen.stage import StageModule
 
@@ -75,12 +75,8 @@ class SFTModule(StageModule):
         self._step_started = 0.0
 
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        hp = self.hparams
-        device = self.trainer.strategy.root_device if self._trainer is not None else None
-        self.model = load_causal_lm(hp.model_name_or_path, self.lora, hp.quantization, hp.dtype,
-                                    hp.gradient_checkpointing, device=device)  # fmt: skip
+        if self.model is None:
+            self.model = self.load_backbone()
 
     def nll(self, batch: dict[str, torch.Tensor], normalizer=None):
         return causal_lm_nll(self.model, batch, normalizer, self.hparams.loss_chunk_size)

@@ -1,5 +1,7 @@
 """``StageModule``: what the SFT, GRPO and distillation modules share beyond the data.
 
+- the backbone, loaded from ``model_name_or_path``, ``lora``, ``quantization``, ``dtype`` and
+  ``gradient_checkpointing`` (:func:`qgen.models.load_causal_lm`);
 - the optimizer over the trainable parameters and a per-step scheduler, from the YAML factories;
 - slim checkpoints (trainable weights and RNG states only; :mod:`qgen.checkpointing`);
 - ``predict`` / ``test`` generation (:class:`qgen.generation.QuestionWriterMixin`).
@@ -10,14 +12,26 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
 
 from qgen.checkpointing import restore_rng, slim_checkpoint
 from qgen.generation import QuestionWriterMixin
+from qgen.models import load_causal_lm
 from qgen.optim import configure_optimizers
 
 
 class StageModule(QuestionWriterMixin, L.LightningModule):
-    """Base of every stage's LightningModule; subclasses set ``optimizer_factory`` and ``scheduler_factory``."""
+    """Base of every stage's LightningModule; subclasses set ``lora``, ``optimizer_factory`` and
+    ``scheduler_factory`` and have the backbone arguments among their hyperparameters."""
+
+    def target_device(self) -> torch.device | None:
+        """Where quantized weights must be loaded (the strategy's device), ``None`` outside a trainer."""
+        return self.trainer.strategy.root_device if self._trainer is not None else None
+
+    def load_backbone(self) -> torch.nn.Module:
+        hp = self.hparams
+        return load_causal_lm(hp.model_name_or_path, self.lora, hp.quantization, hp.dtype, hp.gradient_checkpointing,
+                              device=self.target_device())  # fmt: skip
 
     def configure_optimizers(self):
         return configure_optimizers(
