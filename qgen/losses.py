@@ -37,7 +37,10 @@ def token_nll(
     Position ``t`` predicts ``labels[t + 1]``. Only positions whose next label is not ``IGNORE_INDEX`` go
     through the output layer, ``chunk_size`` tokens at a time under activation checkpointing, so the
     ``[B, T, V]`` logits tensor is never built (it is 2.5 GB in fp32 for 2 x 2048 tokens at Qwen's
-    151,936-token vocabulary), and prompt tokens cost no output-layer FLOPs at all.
+    151,936-token vocabulary), and prompt tokens cost no output-layer FLOPs at all. The last chunk is not
+    checkpointed: its recompute would be the first thing backward does, while every activation is still
+    alive, so keeping its logits adds nothing to the peak (when this loss is the last computation of the
+    forward, as in every qgen stage) and saves an output-layer pass (the only one with a single chunk).
 
     Args:
         hidden: ``[B, T, H]`` final hidden states.
@@ -54,9 +57,8 @@ def token_nll(
     total = hidden[:, :0].sum().float()  # [] zero, but part of the graph: all-masked batches backprop zeros
     for start in range(0, y.numel(), chunk_size):
         part = (h[start : start + chunk_size], lm_head_weight, y[start : start + chunk_size])
-        total = total + (
-            checkpoint(_chunk_nll_sum, *part, use_reentrant=False) if h.requires_grad else _chunk_nll_sum(*part)
-        )
+        recompute = h.requires_grad and start + chunk_size < y.numel()  # not the last chunk
+        total = total + (checkpoint(_chunk_nll_sum, *part, use_reentrant=False) if recompute else _chunk_nll_sum(*part))
     count = torch.tensor(float(y.numel()), device=hidden.device)  # []
     denom = count.clamp(min=1.0) if normalizer is None else torch.as_tensor(normalizer, device=hidden.device)
     return NLLOutput(total / denom, total.detach(), count)

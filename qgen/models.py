@@ -258,41 +258,16 @@ def load_causal_lm(
     return model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as it finds them
 
 
-class FastDropout(nn.Dropout):
-    """``nn.Dropout`` whose CPU masks cost half the random draws: each 32-bit draw of the generator gives
-    two 16-bit uniforms, compared against ``p`` (so ``p`` is quantised to 1/65,536: 0.05 stays 0.05).
-
-    On CPU, drawing the Bernoulli masks of peft's LoRA dropout (one per adapted layer, input-sized) is a
-    large share of a LoRA step; this halves it. The masks come from the global torch generator, whose
-    state is in qgen's checkpoints, so resumed runs draw the same masks. Elsewhere (CUDA) it is
-    ``F.dropout``.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu":
-            return super().forward(x)
-        if self.p >= 1.0:
-            return x * 0.0
-        n = x.numel()
-        bits = torch.empty((n + 1) // 2, dtype=torch.int32).random_(-(2**31), 2**31 - 1)
-        keep = bits.view(torch.int16)[:n].view(x.shape) >= int(round(self.p * 65536)) - 32768
-        return x.masked_fill(~keep, 0.0) * (1.0 / (1.0 - self.p))
-
-
 def add_lora(model: nn.Module, lora: LoraSpec, gradient_checkpointing: bool = False) -> nn.Module:
-    """Wrap ``model`` with a fresh LoRA adapter (peft); only the adapter is trainable. The adapter's input
-    dropout is :class:`FastDropout` (the same distribution, cheaper masks on CPU)."""
+    """Wrap ``model`` with a fresh LoRA adapter (peft); only the adapter is trainable. Its layers are
+    :class:`qgen.lora.FastLoraLinear` (peft's maths and state dict, fewer passes on CPU)."""
     from peft import LoraConfig, get_peft_model
+
+    from qgen.lora import speed_up_lora
 
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
-    model = get_peft_model(model, config)
-    for module in model.modules():
-        dropouts = getattr(module, "lora_dropout", None)
-        if isinstance(dropouts, nn.ModuleDict):
-            for name, drop in dropouts.items():
-                if type(drop) is nn.Dropout:
-                    dropouts[name] = FastDropout(drop.p)
+    model = speed_up_lora(get_peft_model(model, config))
     if gradient_checkpointing:
         model.enable_input_require_grads()
     return model

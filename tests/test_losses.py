@@ -34,6 +34,24 @@ def test_token_nll_matches_full_logits_and_chunks():
             assert_close(g, r)
 
 
+def test_token_nll_recomputes_every_chunk_but_the_last(monkeypatch):
+    """10 target tokens in chunks of 4: 3 chunk forwards, then 2 recomputes in backward (not the last chunk's)."""
+    import qgen.losses as losses
+
+    calls = []
+    original = losses._chunk_nll_sum
+    monkeypatch.setattr(losses, "_chunk_nll_sum", lambda h, w, y: calls.append(h.size(0)) or original(h, w, y))
+    hidden, head = torch.randn(2, 6, 3, requires_grad=True), torch.randn(5, 3)
+    labels = torch.randint(0, 5, (2, 6))  # 2 x 5 = 10 targets (position t predicts labels[t + 1])
+    out = token_nll(hidden, head, labels, chunk_size=4)
+    assert calls == [4, 4, 2]
+    out.loss.backward()
+    assert sorted(calls[3:]) == [4, 4]
+    calls.clear()
+    token_nll(hidden, head, labels, chunk_size=16).loss.backward()
+    assert calls == [10]  # one chunk: no recompute at all
+
+
 def test_token_nll_normalizer_and_all_masked():
     hidden, head = torch.randn(2, 4, 3), torch.randn(6, 3)
     labels = torch.randint(0, 6, (2, 4))

@@ -94,32 +94,3 @@ def test_qlora_nf4_trains_a_step_on_cpu(tmp_path):
 def test_quantization_without_lora_is_rejected():
     with pytest.raises(ValueError, match="model.quantization needs model.lora"):
         SFTModule(lora=None, quantization="nf4")
-
-
-def test_fast_dropout_has_dropout_statistics_and_gradient():
-    from qgen.models import FastDropout
-
-    drop = FastDropout(0.05).train()
-    x = torch.ones(400_000, requires_grad=True)
-    y = drop(x)
-    dropped = (y == 0).float().mean().item()
-    assert 0.047 < dropped < 0.053
-    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.95))
-    assert abs(y.mean().item() - 1.0) < 0.01  # inverted scaling keeps the expectation
-    y.sum().backward()
-    torch.testing.assert_close(x.grad, y.detach())  # d(sum y)/dx = mask / (1 - p)
-    assert not torch.equal(drop(torch.ones(1000)), drop(torch.ones(1000)))  # fresh masks
-    torch.manual_seed(3)
-    a = drop(torch.ones(1000))
-    torch.manual_seed(3)
-    assert torch.equal(a, drop(torch.ones(1000)))  # from the global generator (checkpointed RNG state)
-    z = torch.randn(5, 7)
-    assert torch.equal(drop.eval()(z), z) and torch.equal(FastDropout(0.0).train()(z), z)
-
-
-def test_lora_adapters_use_fast_dropout():
-    from qgen.models import FastDropout, load_causal_lm
-
-    model = load_causal_lm(None, LoraSpec(r=4, alpha=8, dropout=0.1))
-    drops = [m for m in model.modules() if isinstance(m, FastDropout)]
-    assert len(drops) == 4 * 7 and all(d.p == 0.1 for d in drops)  # 4 layers x q, k, v, o, gate, up, down
