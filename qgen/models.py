@@ -298,13 +298,25 @@ def load_trainable_weights(model: nn.Module, source: str) -> int:
     return loaded
 
 
+def causal_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """The padding mask a causal LM needs for ``attention_mask`` ``[B, T]``: none when every row is right-padded.
+
+    Under the causal mask a real token only sees earlier positions, which are all real when the padding is
+    on the right, so real tokens' outputs are the same without a padding mask; pad positions carry no
+    loss. Without it attention takes the plain causal kernel and no ``[B, 1, T, T]`` mask is built.
+    """
+    right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()) and bool(attention_mask[:, 0].all())
+    return None if right_padded else attention_mask
+
+
 def causal_lm_nll(model: nn.Module, batch: dict[str, torch.Tensor], normalizer=None, chunk_size: int = 1024):
     """Assistant-token NLL of ``batch`` under ``model`` (:func:`qgen.losses.token_nll` on the decoder's
     hidden states, so the full-vocabulary logits are never built).
     """
     from qgen.losses import token_nll
 
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    mask = causal_attention_mask(batch["attention_mask"])
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
     return token_nll(hidden, model.get_output_embeddings().weight, batch["labels"], normalizer, chunk_size)
 
 

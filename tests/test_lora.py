@@ -74,7 +74,7 @@ def _lora_net(dropout: float, bias: bool = True):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_fast_lora_linear_equals_dense_lora_with_the_same_mask(bias):
-    """y = x W^T + b + 2 * (x * m / (1 - p)) A^T B^T (alpha / r = 8 / 4), with m the mask of the drawn positions."""
+    """The layer computes x W^T + b + 2 (x * m / (1 - p)) A^T B^T (alpha / r = 8 / 4), m = the drawn mask."""
     p = 0.3
     model, layer = _lora_net(p, bias)
     model.double()  # float64: the two summation orders agree to 1e-7
@@ -135,5 +135,6 @@ def test_embedded_lora_model_uses_fast_layers_with_peft_results():
     assert_close(fused[0], plain[0], atol=1e-5, rtol=1e-4)
     for a, b in zip(fused[1], plain[1]):
         assert_close(a, b, atol=1e-6, rtol=1e-4)
-    drops = [m for m in load_causal_lm(None, LoraSpec(r=4, alpha=8, dropout=0.1)).modules() if isinstance(m, FastDropout)]
+    dropping = load_causal_lm(None, LoraSpec(r=4, alpha=8, dropout=0.1))
+    drops = [m for m in dropping.modules() if isinstance(m, FastDropout)]
     assert len(drops) == 4 * 7 and all(d.p == 0.1 for d in drops)

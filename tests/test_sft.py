@@ -94,3 +94,32 @@ def test_qlora_nf4_trains_a_step_on_cpu(tmp_path):
 def test_quantization_without_lora_is_rejected():
     with pytest.raises(ValueError, match="model.quantization needs model.lora"):
         SFTModule(lora=None, quantization="nf4")
+
+
+def test_right_padded_batches_need_no_padding_mask():
+    """Right padding under a causal mask: the loss and gradients without the mask equal those with it."""
+    from qgen.losses import token_nll
+    from qgen.models import causal_attention_mask, causal_lm_nll, load_causal_lm
+
+    model = load_causal_lm(None, LoraSpec(r=4, alpha=8, dropout=0.0))
+    for m in model.modules():
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B["default"].weight, std=0.05)
+    ids = torch.randint(3, 1000, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[0, 7:], mask[2, 10:] = 0, 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    assert causal_attention_mask(mask) is None
+    left = torch.ones(3, 12, dtype=torch.long)
+    left[1, :3] = 0
+    assert causal_attention_mask(left) is left  # left padding keeps its mask
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    fast = causal_lm_nll(model, batch)
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    masked = token_nll(hidden, model.get_output_embeddings().weight, labels)
+    torch.testing.assert_close(fast.loss, masked.loss)
+    for a, b in zip(torch.autograd.grad(fast.loss, params), torch.autograd.grad(masked.loss, params)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
