@@ -1,10 +1,11 @@
 """GRPO learning signal: does GRPO raise the total reward above a control run that does not learn?
 
-A short SFT of the embedded default (``--sft-steps``), then two runs of ``--steps`` GRPO steps from its
-weights with the four reward callbacks at the seed's weights, the same seed and the same prompts: the
-*control* with learning rate 0 (it samples, scores and grows the novelty bank exactly like GRPO, but its
-policy never moves) and *GRPO* at ``--lr``. The reward is not stationary (the novelty bank fills with
-the run's own questions), so the comparison is GRPO vs control over the last 10 steps, not first vs last.
+A short SFT of all weights of the embedded default (``--sft-steps``, as ``configs/sft.yaml``), then two
+runs of ``--steps`` GRPO steps from it with the four reward callbacks at the seed's weights, the same
+seed and the same prompts: the *control* with learning rate 0 (it samples, scores and grows the novelty
+bank exactly like GRPO, but its policy never moves) and *GRPO* at ``--lr`` (default: the learning rate
+of ``configs/grpo.yaml``). The reward is not stationary (the novelty bank fills with the run's own
+questions), so the comparison is GRPO vs control over the last 10 steps, not first vs last.
 
     python benchmarks/grpo_learning.py [--sft-steps 150] [--steps 60] [--lr 5e-4]
 
@@ -61,7 +62,7 @@ def main() -> None:
     L.seed_everything(0)
     lora = LoraSpec(r=32, alpha=64, dropout=0.05)
     ckpt = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0)
-    sft = SFTModule(lora=lora, optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3))
+    sft = SFTModule(lora=None, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))  # as configs/sft.yaml
     trainer(root, args.sft_steps, [ckpt]).fit(sft, QuestionDataModule(batch_size=8, max_length=512))
     runs = {name: grpo_run(root, lora, args, lr) for name, lr in (("control", 0.0), ("GRPO", args.lr))}
     print(f"\nGRPO on the embedded default after {args.sft_steps} SFT steps: {args.steps} steps, "
