@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 from typing import Any
@@ -48,8 +50,13 @@ class PredictionWriter(BasePredictionWriter):
     ``novelty`` (1 - max TF-IDF similarity to the training questions; ``near_copy`` above ``threshold``)
     and ``educational_value``.
 
+    Under DDP every rank generates its share: rank ``r`` > 0 writes ``<output>.rank<r>``, every rank skips
+    the keys of all these files, and at the end rank 0 moves the rank files' rows into ``output`` (once
+    per key: the distributed sampler repeats a few prompts to even out the shards) and deletes them. A
+    run killed before that leaves the rank files, and the next run (any number of processes) merges them.
+
     Args:
-        output: the JSONL file; under DDP, rank ``r`` > 0 writes ``<output>.rank<r>``.
+        output: the JSONL file.
         threshold: similarity above which a question is flagged as a near-copy of a training question.
         overwrite: start the file afresh instead of completing it.
     """
@@ -61,15 +68,22 @@ class PredictionWriter(BasePredictionWriter):
         self.difficulty: DifficultyModel | None = None
         self.bank: NoveltyIndex | None = None
         self.written = 0
+        self.seen: set[str] = set()  # keys written by this process in this run
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "predict":
             return
         self.path = self.output if trainer.global_rank == 0 else f"{self.output}.rank{trainer.global_rank}"
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        if self.overwrite and os.path.exists(self.path):
-            os.remove(self.path)
-        done = read_written(self.path)
+        if self.overwrite:  # each rank removes its own file; rank 0 also those of an earlier, larger world
+            larger = [p for r, p in self._rank_files().items() if r >= trainer.world_size]
+            for path in [self.path, *(larger if trainer.global_rank == 0 else [])]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+            done: set[str] = set()
+        else:
+            done = set().union(*(read_written(path) for path in [self.output, *self._rank_files().values()]))
+        self.seen = set()
         if trainer.datamodule is not None:
             trainer.datamodule.skip_prediction_keys = done
             train = trainer.datamodule.load_records()["train"]
@@ -97,12 +111,44 @@ class PredictionWriter(BasePredictionWriter):
                 "near_copy": bool(s > self.threshold),
             }  # fmt: skip
 
+    def _rank_files(self) -> dict[int, str]:
+        """``{rank: path}`` of the ``<output>.rank<r>`` files on disk."""
+        found = {}
+        for path in glob.glob(glob.escape(self.output) + ".rank*"):
+            suffix = path[len(self.output) + len(".rank") :]
+            if suffix.isdigit():
+                found[int(suffix)] = path
+        return dict(sorted(found.items()))
+
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        self.score(prediction)
+        rows = [row for row in prediction if row["key"] not in self.seen]
+        self.seen.update(row["key"] for row in rows)
+        self.score(rows)
         with open(self.path, "a", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in prediction)
+            fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
             fh.flush()
-        self.written += len(prediction)
+        self.written += len(rows)
 
     def on_predict_end(self, trainer, pl_module) -> None:
         print(f"wrote {self.written} predictions to {self.path}")
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("PredictionWriter.merge")  # every rank has flushed its file
+        if trainer.global_rank == 0:
+            self.merge_rank_files()
+
+    def merge_rank_files(self) -> int:
+        """Append the rows of ``<output>.rank*`` whose keys ``output`` lacks, then delete those files."""
+        done, moved = read_written(self.output), 0
+        for path in self._rank_files().values():
+            read_written(path)  # cuts a torn last line
+            with open(path, encoding="utf-8") as src, open(self.output, "a", encoding="utf-8") as out:
+                for line in src:
+                    key = json.loads(line)["key"]
+                    if key not in done:
+                        done.add(key)
+                        out.write(line)
+                        moved += 1
+            os.remove(path)
+        if moved:
+            print(f"merged {moved} predictions of the other ranks into {self.output}")
+        return moved

@@ -8,9 +8,9 @@ import sys
 import time
 
 import pytest
-from conftest import CONFIGS, scalars, write_jsonl
+from conftest import CONFIGS, run_qgen, scalars, write_jsonl
 
-from callbacks.predictions import read_written
+from callbacks.predictions import PredictionWriter, read_written
 from qgen.cli import cli_main
 from qgen.generation import read_prompts
 from qgen.metrics import bleu4, distinct_n, rouge_l, self_bleu
@@ -69,6 +69,18 @@ def test_a_torn_last_line_is_cut_and_a_foreign_line_refused(tmp_path):
     path.write_text('{"key": "a#0"}\nnot json\n{"key": "b#0"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match="line 2 is not a prediction row"):
         read_written(str(path))
+
+
+def test_rank_files_are_merged_once_per_key(tmp_path):
+    out = tmp_path / "pred.jsonl"
+    row = lambda key: json.dumps({"key": key, "text": key}) + "\n"  # noqa: E731
+    out.write_text(row("a") + row("b"))
+    (tmp_path / "pred.jsonl.rank1").write_text(row("b") + row("c") + '{"key": "torn')
+    (tmp_path / "pred.jsonl.rank2").write_text(row("d"))
+    (tmp_path / "pred.jsonl.rankfoo").write_text("not a rank file")
+    assert PredictionWriter(str(out)).merge_rank_files() == 2
+    assert [json.loads(line)["key"] for line in out.read_text().splitlines()] == ["a", "b", "c", "d"]
+    assert sorted(os.listdir(tmp_path)) == ["pred.jsonl", "pred.jsonl.rankfoo"]
 
 
 def _predict_cmd(prompts, output):
@@ -133,3 +145,18 @@ def test_test_subcommand_writes_metrics_json_and_tensorboard(tmp_path):
     assert sum(metrics["difficulty_histogram"]) == 8
     assert scalars(log_dir, "test/rougeL")
     assert len((log_dir / "test_generations.jsonl").read_text().splitlines()) == 8
+
+
+@pytest.mark.slow
+def test_predict_under_ddp_writes_one_complete_file(tmp_path):
+    """7 prompts on 2 CPU processes (the sampler repeats one to even the shards): 7 rows, once each, one file."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"p{i}", "subject": "Algebra"} for i in range(7)])
+    output = str(tmp_path / "pred.jsonl")
+    args = _predict_cmd(prompts, output)[3:] + ["--trainer.strategy=ddp", "--trainer.devices=2",
+                                                "--trainer.accelerator=cpu", "--model.init_args.generation.max_new_tokens=16"]  # fmt: skip
+    proc = run_qgen(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(output, encoding="utf-8") as fh:
+        keys = [json.loads(line)["key"] for line in fh]
+    assert sorted(keys) == [f"p{i}#0" for i in range(7)]
+    assert sorted(os.listdir(tmp_path)) == ["pred.jsonl", "prompts.jsonl"]
