@@ -57,9 +57,14 @@ def _sft_args(save_dir, steps, *extra):
     ]
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    """20 steps straight == 10 steps, then `--ckpt_path last` for 10 more: same train loss at every step."""
-    ckpt_every = ["--trainer.callbacks.init_args.every_n_train_steps=10"]
+@pytest.mark.parametrize("lora", [[], ["--model.init_args.lora.r=8", "--model.init_args.lora.dropout=0.1"]],
+                         ids=["full", "lora-dropout"])  # fmt: skip
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, lora):
+    """20 steps straight == 10 steps, then `--ckpt_path last` for 10 more: same train loss at every step.
+
+    With LoRA dropout, the resumed steps must also draw the same dropout masks (the RNG state is checkpointed).
+    """
+    ckpt_every = ["--trainer.callbacks.init_args.every_n_train_steps=10", *lora]
     cli_main(_sft_args(tmp_path / "straight", 20, *ckpt_every))
     cli_main(_sft_args(tmp_path / "split", 10, *ckpt_every))
     cli_main(_sft_args(tmp_path / "split", 20, *ckpt_every, "--ckpt_path", "last"))
