@@ -49,7 +49,8 @@ GENERATION_ARGS = ("generation", "max_new_tokens", "temperature", "top_p")  # mo
 class RunConfigCallback(SaveConfigCallback):
     """Writes ``config.yaml`` into the run's log directory, and nowhere when there is none: with
     ``trainer.logger: false`` (e.g. ``predict``) Lightning's log_dir is the working directory, where a
-    ``config.yaml`` of the user's own must not be overwritten."""
+    ``config.yaml`` of the user's own must not be overwritten.
+    """
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if trainer.logger is None:

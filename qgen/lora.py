@@ -135,7 +135,8 @@ class FastLoraLinear(PeftLoraLinear):
 
 def speed_up_lora(model: nn.Module) -> nn.Module:
     """Swap peft's LoRA ``Linear`` layers of ``model`` for :class:`FastLoraLinear` and their dropouts for
-    :class:`FastDropout`, in place (same parameters, same state dict)."""
+    :class:`FastDropout`, in place (same parameters, same state dict).
+    """
     for module in model.modules():
         if type(module) is PeftLoraLinear:
             module.__class__ = FastLoraLinear

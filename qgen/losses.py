@@ -152,6 +152,11 @@ def grpo_loss(
         advantages: ``[N]`` per-completion advantages.
         mask: ``[N, C]`` 1 for completion tokens (up to and including EOS).
         ref_logp: ``[N, C]`` reference log-probs; needed when ``beta > 0``.
+        beta: weight of the KL penalty (0: no reference needed).
+        epsilon_low: lower clip range of the ratio.
+        epsilon_high: upper clip range of the ratio (DAPO's clip-higher when above ``epsilon_low``).
+        aggregation: ``grpo``, ``dapo`` or ``dr_grpo`` (see above).
+        max_completion_length: the constant normaliser of ``dr_grpo`` (default: ``C``).
     """
     mask = mask.to(logp.dtype)  # [N, C]
     adv = advantages[:, None]  # [N, 1]
@@ -248,7 +253,8 @@ def distill_loss(
             (padded embedding rows, e.g. 152,064 vs 151,936) is sliced to the student's first ``V`` rows.
         mask: ``[B, T]`` 1 where a target token is.
         weights: ``[B]`` per-sequence weights (teacher-cluster scores; 0 drops a sequence), default 1.
-        beta, temperature: see :func:`generalized_jsd`.
+        beta: see :func:`generalized_jsd`.
+        temperature: see :func:`generalized_jsd`.
         chunk_size: tokens per chunk. Neither model's ``[B, T, V]`` logits are ever built: each chunk's
             teacher logits are made on the fly and the student's chunk is checkpointed, so one
             ``[chunk, V]`` block of each is alive at a time (2.5 GB per side saved at 2 x 2048 tokens).

@@ -260,7 +260,8 @@ def load_causal_lm(
 
 def add_lora(model: nn.Module, lora: LoraSpec, gradient_checkpointing: bool = False) -> nn.Module:
     """Wrap ``model`` with a fresh LoRA adapter (peft); only the adapter is trainable. Its layers are
-    :class:`qgen.lora.FastLoraLinear` (peft's maths and state dict, fewer passes on CPU)."""
+    :class:`qgen.lora.FastLoraLinear` (peft's maths and state dict, fewer passes on CPU).
+    """
     from peft import LoraConfig, get_peft_model
 
     from qgen.lora import speed_up_lora

@@ -40,7 +40,8 @@ class WarmupCosineLR(LRScheduler):
 
 def configure_optimizers(module: nn.Module, optimizer_factory, scheduler_factory, estimated_steps: int) -> dict:
     """The optimizer over the trainable parameters and a per-step scheduler; a ``total_steps`` left at
-    ``None`` is filled with the trainer's estimate."""
+    ``None`` is filled with the trainer's estimate.
+    """
     optimizer = optimizer_factory([p for p in module.parameters() if p.requires_grad])
     scheduler = scheduler_factory(optimizer)
     if getattr(scheduler, "total_steps", 0) is None:

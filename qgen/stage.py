@@ -22,7 +22,8 @@ from qgen.optim import configure_optimizers
 
 class StageModule(QuestionWriterMixin, L.LightningModule):
     """Base of every stage's LightningModule; subclasses set ``lora``, ``optimizer_factory`` and
-    ``scheduler_factory`` and have the backbone arguments among their hyperparameters."""
+    ``scheduler_factory`` and have the backbone arguments among their hyperparameters.
+    """
 
     def target_device(self) -> torch.device | None:
         """Where quantized weights must be loaded (the strategy's device), ``None`` outside a trainer."""

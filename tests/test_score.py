@@ -13,7 +13,8 @@ from qgen.score import main as score_main
 @needs_shared
 def test_contamination_report_finds_exact_and_renumbered_benchmark_copies(tmp_path):
     """10 exact and 10 renumbered AIME 2024 problems planted among 200 MATH test problems: all 20 found,
-    at most 2 others flagged."""
+    at most 2 others flagged.
+    """
     rng = random.Random(0)
     aime = [
         json.loads(line) for line in open(os.path.join(SHARED, "qwen25_math_eval/aime24/test.jsonl"), encoding="utf-8")
