@@ -43,6 +43,13 @@ def dropped_positions(n: int, p: float, device: torch.device | str = "cpu") -> t
     return ends[: int(torch.searchsorted(ends, n, right=True))] - 1
 
 
+def apply_dropout(x: torch.Tensor, p: float, dropped: torch.Tensor) -> torch.Tensor:
+    """``x`` times ``1 / (1 - p)`` with the ``dropped`` flat positions zeroed (a new tensor)."""
+    y = (x * (1.0 / (1.0 - p))).contiguous()  # a permuted x gives a permuted product
+    y.view(-1).index_fill_(0, dropped, 0.0)
+    return y
+
+
 class FastDropout(nn.Dropout):
     """``nn.Dropout`` whose CPU masks are drawn as :func:`dropped_positions` (same distribution, about ``p``
     of the random draws). Elsewhere (CUDA) it is ``F.dropout``.
@@ -53,9 +60,7 @@ class FastDropout(nn.Dropout):
             return super().forward(x)
         if self.p >= 1.0:
             return x * 0.0
-        y = x * (1.0 / (1.0 - self.p))
-        y.view(-1).index_fill_(0, dropped_positions(y.numel(), self.p), 0.0)
-        return y
+        return apply_dropout(x, self.p, dropped_positions(x.numel(), self.p))
 
 
 class _LoraLinearFn(torch.autograd.Function):
@@ -66,11 +71,7 @@ class _LoraLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float, dropped):
-        if dropped is None:
-            xd = x  # [N, in]
-        else:
-            xd = x * (1.0 / (1.0 - p))  # [N, in]
-            xd.view(-1).index_fill_(0, dropped, 0.0)
+        xd = x if dropped is None else apply_dropout(x, p, dropped)  # [N, in]
         u = xd @ lora_a.T  # [N, r]
         y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T  # [N, out]
         y.addmm_(u, lora_b.T, alpha=scaling)  # [N, out]
