@@ -82,8 +82,9 @@ class TokenizedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def __getitem__(self, index: int | tuple[int, float]) -> dict[str, Any]:
-        i, step_tokens = index if isinstance(index, tuple) else (index, None)
+    def __getitem__(self, index: int | tuple) -> dict[str, Any]:
+        i, step_tokens, window, micro = (tuple(index) + (None, None, None))[:4] if isinstance(index, tuple) else (
+            index, None, None, None)  # fmt: skip
         item = {
             "input_ids": self.input_ids[i],
             "labels": self.labels[i],
@@ -92,6 +93,8 @@ class TokenizedDataset(Dataset):
         }
         if step_tokens is not None:
             item["step_tokens"] = step_tokens
+        if window is not None:
+            item["step_window"], item["micro_index"] = window, micro
         return item
 
 
@@ -115,6 +118,9 @@ def collate(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]
     }
     if "step_tokens" in items[0]:
         batch["step_tokens"] = torch.tensor(items[0]["step_tokens"], dtype=torch.float32)
+    if "step_window" in items[0]:  # the whole optimizer step's micro-batches on this rank (GRPO's rollout buffer)
+        batch["step_window"] = items[0]["step_window"]
+        batch["micro_index"] = items[0]["micro_index"]
     return batch
 
 
@@ -125,15 +131,19 @@ class ResumableSampler(DistributedSampler):
     ``(i, step_tokens)`` where ``step_tokens`` = target tokens of the whole optimizer step (every
     micro-batch of every rank) / (world size x accumulation): the per-micro-batch loss ``sum / step_tokens``
     then averages, over Lightning's division by the accumulation count and DDP's mean over ranks, to the
-    step's exact token-mean.
+    step's exact token-mean. With ``with_window`` the index also carries the step's micro-batches on this
+    rank (a tuple of index tuples) and this micro-batch's position among them: GRPO generates the whole
+    step's rollouts at its first micro-batch from them.
     """
 
     GROUP_CHUNK = 32  # global batches sorted together when grouping by length
 
     def __init__(self, dataset: TokenizedDataset, batch_size: int, accumulate: int, num_replicas: int = 1,
-                 rank: int = 0, shuffle: bool = True, seed: int = 0, group_by_length: bool = False):  # fmt: skip
+                 rank: int = 0, shuffle: bool = True, seed: int = 0, group_by_length: bool = False,
+                 with_window: bool = False):  # fmt: skip
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         self.batch_size, self.accumulate, self.group_by_length = batch_size, accumulate, group_by_length
+        self.with_window = with_window
         self.target_tokens = dataset.target_tokens
         self.resume_epoch, self.resume_skip = -1, 0
 
@@ -151,8 +161,13 @@ class ResumableSampler(DistributedSampler):
         for w in range(0, len(local), window):
             total = sum(self.target_tokens[i] for shard in shards for i in shard[w : w + window])
             step_tokens = max(total, 1) / (self.num_replicas * self.accumulate)
+            part = local[w : w + window]
+            micro = tuple(tuple(part[b : b + self.batch_size]) for b in range(0, len(part), self.batch_size))
             for pos in range(max(w, start), min(w + window, len(local))):
-                yield local[pos], step_tokens
+                if self.with_window:
+                    yield local[pos], step_tokens, micro, (pos - w) // self.batch_size
+                else:
+                    yield local[pos], step_tokens
 
     def _global_order(self) -> list[int]:
         if not self.shuffle:
@@ -393,6 +408,7 @@ class QuestionDataModule(L.LightningDataModule):
             rank=trainer.global_rank if trainer else 0,
             seed=self.hparams.seed,
             group_by_length=self.hparams.group_by_length,
+            with_window=bool(getattr(trainer.lightning_module, "needs_step_window", False)) if trainer else False,
         )
         return self._loader(self.datasets["train"], sampler, StatefulDataLoader, progress=self._progress)
 

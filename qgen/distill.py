@@ -10,7 +10,9 @@ One training step:
    ``weight``s the sequence's loss by ``s`` or ``filter``s it (kept when ``s >= judge_threshold``);
 3. the loss: the generalised Jensen-Shannon divergence (:func:`qgen.losses.generalized_jsd`; ``beta`` 0 =
    forward KL, 1 = reverse KL, ``temperature`` on both sides) between the student's and the teacher's
-   next-token distributions on the completion tokens, a weighted token mean; plus ``sft_weight`` times
+   next-token distributions on the completion tokens, each sequence's divergence times its weight, summed and
+   divided by the micro-batch's target-token count (not by the sum of the weights, which would cancel a lone
+   sequence's weight); plus ``sft_weight`` times
    the plain cross-entropy on dataset batches.
 
 The teacher is any causal LM with the student's tokenizer: a HF folder or hub id, an ``embedded:<preset>``

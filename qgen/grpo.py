@@ -29,9 +29,10 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from qgen.generation import GenerationSpec
-from qgen.losses import group_advantages, grpo_loss
+from qgen.losses import gathered_std, grpo_loss
 from qgen.models import LoraSpec, add_lora, causal_lm_nll, load_policy, load_trainable_weights
-from qgen.sampling import Rollout, completion_logprobs, generate_group
+from qgen.rollouts import StepRollouts
+from qgen.sampling import Rollout, completion_logprobs, concat_rollouts, generate_group
 from qgen.scoring import RewardOutput, combine_scores
 from qgen.sft import default_optimizer, default_scheduler
 from qgen.stage import StageModule
@@ -52,17 +53,20 @@ class GRPOModule(StageModule):
         gradient_checkpointing: recompute activations in backward.
         group_size: completions sampled per prompt.
         max_new_tokens: completion length limit; longer completions are truncated (and score lower rigor).
-        temperature: sampling temperature.
+        temperature: sampling temperature; log-probs (ratio, gradient, KL) are of the tempered policy.
         top_p: nucleus sampling threshold.
         beta: KL coefficient (0 = no reference pass).
         epsilon_low: lower clip range of the ratio.
         epsilon_high: upper clip range of the ratio.
         advantage: ``group_std``, ``no_std``, ``median`` or ``batch_std`` (see ``group_advantages``).
-        aggregation: ``grpo`` (per-sequence mean), ``dapo`` (token mean) or ``dr_grpo`` (constant normaliser).
+        aggregation: ``grpo`` (per-sequence mean), ``dapo`` (token mean over the whole optimizer step, every
+            micro-batch and rank) or ``dr_grpo`` (constant normaliser).
         logprob_chunk_size: rows per chunk of the per-token log-prob computation.
         share_prompt_forward: run each prompt through the decoder once for its whole group (its KV cache is
             shared by the G completions) when computing log-probs; same values and gradients, a fraction of
             the cost. Ignored under gradient checkpointing, which disables the KV cache.
+        generation_batch_size: prompts per ``generate`` call when the step's rollouts are made (all
+            ``accumulate_grad_batches`` micro-batches at its first one); ``null`` = all in one call.
         optimizer: optimizer factory.
         scheduler: LR scheduler factory.
     """
@@ -86,6 +90,7 @@ class GRPOModule(StageModule):
         aggregation: Literal["grpo", "dapo", "dr_grpo"] = "grpo",
         logprob_chunk_size: int = 1024,
         share_prompt_forward: bool = True,
+        generation_batch_size: int | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable = default_scheduler,
     ):
@@ -93,6 +98,8 @@ class GRPOModule(StageModule):
         problems = []
         if lora is None:
             problems.append("model.lora is required: the GRPO reference is the backbone with the adapter disabled")
+        if generation_batch_size is not None and generation_batch_size < 1:
+            problems.append("model.generation_batch_size must be >= 1 (or null: the whole step in one call)")
         if group_size < 2:
             problems.append("model.group_size must be >= 2 for group-relative advantages")
         if not (0 <= epsilon_low < 1 and epsilon_high >= 0 and beta >= 0 and temperature > 0 and 0 < top_p <= 1):
@@ -107,6 +114,7 @@ class GRPOModule(StageModule):
         self.tokenizer = None
         self.rewards: dict[str, Any] = {}  # name -> reward callback (registered in its setup)
         self.last: dict[str, Any] = {}  # the latest rollout and scores, read by callbacks after the step
+        self._rollouts: StepRollouts | None = None  # the current optimizer step's rollouts
         self.strict_loading = False
 
     # ---------------------------------------------------------------------------------------- building
@@ -148,51 +156,91 @@ class GRPOModule(StageModule):
         return torch.as_tensor(total, device=self.device), outputs
 
     # ------------------------------------------------------------------------------------------ training
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    needs_step_window = True  # the train sampler hands every micro-batch the step's micro-batches
+
+    def _step_rollouts(self, batch: dict) -> tuple[StepRollouts, int]:
+        """The current optimizer step's rollouts, generated (and their scoring started) at its first micro-batch."""
         hp, g = self.hparams, self.hparams.group_size
-        prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_lengths"])]
-        examples = self.trainer.datamodule.datasets["train"].examples
-        records = [examples[int(i)].record for i in batch["index"] for _ in range(g)]
-        started = time.perf_counter()
-        rollout = generate_group(self.model, self.tokenizer, prompts, g, hp.max_new_tokens, hp.temperature, hp.top_p)
-        gen_seconds = time.perf_counter() - started
-        rewards, components = self.score(rollout, records)  # [N]
-        advantages = group_advantages(rewards.view(-1, g), hp.advantage).view(-1)  # [N]
+        dataset = self.trainer.datamodule.datasets["train"]
+        if "step_window" in batch:
+            window, micro = [list(mb) for mb in batch["step_window"]], int(batch["micro_index"])
+        else:  # a loader without the step's window (e.g. a hand-made one): the micro-batch is its own step
+            window, micro = [[int(i) for i in batch["index"]]], 0
+        key = (self.global_step, tuple(tuple(mb) for mb in window))
+        if self._rollouts is not None and self._rollouts.key == key and micro >= self._rollouts.first:
+            return self._rollouts, micro
+        if self._rollouts is not None:
+            self._rollouts.close()
+        prompts = [[dataset.input_ids[i][: dataset.prompt_lengths[i]] for i in mb] for mb in window[micro:]]
+        records = [[dataset.examples[i].record for i in mb] for mb in window[micro:]]
+
+        def generate(flat: list[list[int]]) -> Rollout:
+            step = hp.generation_batch_size or len(flat)
+            parts = [generate_group(self.model, self.tokenizer, flat[i : i + step], g, hp.max_new_tokens,
+                                    hp.temperature, hp.top_p) for i in range(0, len(flat), step)]  # fmt: skip
+            return concat_rollouts(parts, self.tokenizer.pad_token_id)
+
+        self._rollouts = StepRollouts(key, prompts, records, micro, g, generate, self.score, hp.advantage,
+                                      self.trainer.accumulate_grad_batches, self.trainer.world_size)  # fmt: skip
+        return self._rollouts, micro
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        hp = self.hparams
+        step, micro = self._step_rollouts(batch)
+        rollout = step.rollout_of(micro)
+        # the log-prob passes run while the step's scoring (reward callbacks, judges) runs in its thread
         decoder, head = self.model.get_decoder(), self.model.get_output_embeddings().weight
         share = hp.share_prompt_forward and not hp.gradient_checkpointing
-        logp = completion_logprobs(decoder, head, rollout, hp.logprob_chunk_size, share)  # [N, C]
+        logp = completion_logprobs(decoder, head, rollout, hp.logprob_chunk_size, share, hp.temperature)  # [N, C]
         ref_logp = None
         if hp.beta > 0:
             with torch.no_grad(), self.model.disable_adapter():
-                ref_logp = completion_logprobs(decoder, head, rollout, hp.logprob_chunk_size, share)
+                ref_logp = completion_logprobs(decoder, head, rollout, hp.logprob_chunk_size, share, hp.temperature)
+        part = step.micro(micro)  # joins the scoring
+        advantages = part.advantages.to(logp.device)
         out = grpo_loss(logp, logp.detach(), advantages, rollout.completion_mask, ref_logp, hp.beta,
-                        hp.epsilon_low, hp.epsilon_high, hp.aggregation, hp.max_new_tokens)  # fmt: skip
-        self.last.update(rollout=rollout, rewards=rewards.detach().cpu(), components=components, prompts=prompts)
-        self._log_step(out, rollout, rewards, advantages, gen_seconds)
+                        hp.epsilon_low, hp.epsilon_high, hp.aggregation, hp.max_new_tokens,
+                        token_normalizer=part.token_normalizer)  # fmt: skip
+        self.last.update(rollout=rollout, rewards=part.rewards, components=part.components, prompts=part.prompts)
+        self._log_step(out, rollout, part.rewards.to(logp.device), advantages, part.gen_seconds, step)
         return out.loss
 
-    def _log_step(
-        self, out, rollout: Rollout, rewards: torch.Tensor, advantages: torch.Tensor, gen_seconds: float
-    ) -> None:
+    def on_train_end(self) -> None:
+        if self._rollouts is not None:
+            self._rollouts.close()
+            self._rollouts = None
+
+    def _log_step(self, out, rollout: Rollout, rewards: torch.Tensor, advantages: torch.Tensor, gen_seconds: float,
+                  step: StepRollouts) -> None:  # fmt: skip
+        """Per-micro-batch statistics, reduced over ranks (``sync_dist``): every rank holds the same share of
+        completions, so the mean over ranks of a mean is the global mean; stds are taken over the gathered values.
+        """
         g = self.hparams.group_size
         lengths = rollout.completion_mask.sum(-1).float()  # [N]
-        stats = {
+        zero = rewards.new_zeros(())
+        means = {
             "train/loss": out.loss.detach(),
             "train/reward_mean": rewards.mean(),
-            "train/reward_std": rewards.std() if rewards.numel() > 1 else rewards.new_zeros(()),
-            "train/advantage_std": advantages.std() if advantages.numel() > 1 else advantages.new_zeros(()),
             "train/frac_zero_std": (rewards.view(-1, g).std(dim=1) < 1e-6).float().mean(),
             "train/kl": out.kl,
             "train/clipfrac": out.clipfrac,
             "train/ratio_mean": out.ratio_mean,
             "train/completion_len_mean": lengths.mean(),
-            "train/completion_len_max": lengths.max(),
             "train/frac_truncated": rollout.truncated.float().mean(),
-            "train/gen_tokens_per_s": lengths.sum() / max(gen_seconds, 1e-9),
-            "train/lr": torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"]),
         }
-        self.log_dict({k: v.float() for k, v in stats.items()}, prog_bar=False, batch_size=rewards.numel() // g)
-        self.log("reward", rewards.mean(), prog_bar=True, logger=False, batch_size=rewards.numel() // g)
+        n = rewards.numel() // g
+        self.log_dict({k: v.float() for k, v in means.items()}, batch_size=n, sync_dist=True)
+        stds = {
+            "train/reward_std": gathered_std(rewards) if rewards.numel() > 1 else zero,
+            "train/advantage_std": gathered_std(advantages) if advantages.numel() > 1 else zero,
+        }
+        self.log_dict({k: v.float() for k, v in stds.items()}, batch_size=n)  # already global
+        self.log("train/completion_len_max", lengths.max(), batch_size=n, sync_dist=True, reduce_fx="max")
+        # the step's generation throughput on this rank (the whole step's tokens over its generation time)
+        self.log("train/gen_tokens_per_s", torch.tensor(float(step.rollout.completion_mask.sum()) / max(gen_seconds, 1e-9)),
+                 batch_size=n, sync_dist=True, reduce_fx="sum")  # fmt: skip
+        self.log("train/lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=n)
+        self.log("reward", rewards.mean(), prog_bar=True, logger=False, batch_size=n, sync_dist=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Validation is the SFT loss of the held-out questions: it shows drift away from the question bank."""

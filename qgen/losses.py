@@ -74,45 +74,66 @@ def reference_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 # ------------------------------------------------------------------------------------------------- GRPO
 
 
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:  # fmt: skip
     logits = (hidden @ weight.T).float()  # [n, V]
+    if temperature != 1.0:
+        logits = logits / temperature
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [n]
 
 
 def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
-                   chunk_size: int = 1024) -> torch.Tensor:  # fmt: skip
-    """``log p(targets[b, t] | hidden[b, t])`` for every position, ``[B, T]``.
+                   chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """``log p_T(targets[b, t] | hidden[b, t])`` for every position, ``[B, T]``, under ``softmax(logits / T)``.
 
-    Gather-then-logsumexp over ``chunk_size`` rows at a time (checkpointed when differentiable): peak extra
+    ``temperature`` must be the one the tokens were sampled at: the policy that GRPO's ratio, gradient and
+    KL are about is the tempered distribution that produced the samples (as in TRL). Gather-then-logsumexp over ``chunk_size`` rows at a time (checkpointed when differentiable): peak extra
     memory is one ``[chunk_size, V]`` block instead of the ``[B, T, V]`` log-softmax.
     """
     b, t, h = hidden.shape
     flat_h, flat_y = hidden.reshape(b * t, h), targets.reshape(b * t)  # [B*T, H], [B*T]
     parts = []
     for start in range(0, b * t, chunk_size):
-        args = (flat_h[start : start + chunk_size], lm_head_weight, flat_y[start : start + chunk_size])
+        args = (flat_h[start : start + chunk_size], lm_head_weight, flat_y[start : start + chunk_size], temperature)
         parts.append(
             checkpoint(_chunk_logprobs, *args, use_reentrant=False) if hidden.requires_grad else _chunk_logprobs(*args)
         )
     return torch.cat(parts).view(b, t)  # [B, T]
 
 
+def gathered_std(values: torch.Tensor) -> torch.Tensor:
+    """Unbiased std of ``values`` over every rank (``values`` as they are outside ``torch.distributed``)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return values.std()
+    flat = values.detach().reshape(-1).double()
+    stats = torch.stack([flat.new_tensor(float(flat.numel())), flat.sum(), (flat * flat).sum()])
+    dist.all_reduce(stats)
+    n, total, squares = stats.unbind()
+    var = (squares - total * total / n) / (n - 1).clamp(min=1)
+    return var.clamp(min=0).sqrt().to(values.dtype)
+
+
 def group_advantages(rewards: torch.Tensor, mode: str = "group_std", eps: float = 1e-4) -> torch.Tensor:
     """Group-relative advantages, ``rewards`` ``[B, G]`` (G completions of each of B prompts) -> ``[B, G]``.
 
     ``group_std`` (GRPO, DeepSeekMath eq. 3; TRL's default): ``(r - mean_g) / (std_g + eps)``, unbiased std.
-    ``no_std`` (Dr. GRPO): ``r - mean_g``. ``median``: ``r - median_g`` (the seed recipe's baseline).
-    ``batch_std``: ``(r - mean_g) / (std over the whole batch + eps)``. A group whose rewards are all equal
-    gets advantage 0 in every mode.
+    ``no_std`` (Dr. GRPO): ``r - mean_g``. ``median``: ``r - median_g`` (the seed recipe's baseline), the
+    true median: the mean of the two middle values when ``G`` is even, so ``[0, 0, 1, 1]`` gives
+    ``-0.5, -0.5, 0.5, 0.5``. ``batch_std``: ``(r - mean_g) / (std + eps)`` with the std over every reward
+    given, gathered over all ranks under ``torch.distributed`` (TRL's ``scale_rewards="batch"``): pass the
+    whole optimizer step's rewards. A group whose rewards are all equal gets advantage 0 in every mode.
     """
-    centre = (
-        rewards.median(dim=1, keepdim=True).values if mode == "median" else rewards.mean(dim=1, keepdim=True)
-    )  # [B, 1]
+    if mode == "median":
+        centre = rewards.quantile(0.5, dim=1, keepdim=True)  # [B, 1], linear interpolation: the true median
+    else:
+        centre = rewards.mean(dim=1, keepdim=True)  # [B, 1]
     adv = rewards - centre  # [B, G]
     if mode == "group_std":
         adv = adv / (rewards.std(dim=1, keepdim=True) + eps)  # [B, G]
     elif mode == "batch_std":
-        adv = adv / (rewards.std() + eps)  # [B, G]
+        adv = adv / (gathered_std(rewards) + eps)  # [B, G]
     elif mode not in ("no_std", "median"):
         raise ValueError(f"unknown advantage mode '{mode}'; modes: group_std, no_std, median, batch_std")
     return torch.nan_to_num(adv)
@@ -136,6 +157,7 @@ def grpo_loss(
     epsilon_high: float = 0.2,
     aggregation: str = "grpo",
     max_completion_length: int | None = None,
+    token_normalizer: torch.Tensor | float | None = None,
 ) -> GRPOLossOutput:
     """Clipped-ratio policy loss with a k3 KL penalty to the reference (DeepSeekMath GRPO, eq. 3-4).
 
@@ -157,6 +179,10 @@ def grpo_loss(
         epsilon_high: upper clip range of the ratio (DAPO's clip-higher when above ``epsilon_low``).
         aggregation: ``grpo``, ``dapo`` or ``dr_grpo`` (see above).
         max_completion_length: the constant normaliser of ``dr_grpo`` (default: ``C``).
+        token_normalizer: the divisor of ``dapo`` in place of this call's token count. DAPO's token mean is
+            over the whole optimizer step (every accumulated micro-batch, every rank): pass that step's
+            completion-token count / (micro-batches x ranks), and the trainer's division by the accumulation
+            count and DDP's mean over ranks turn the micro-batch losses into the step's exact token mean.
     """
     mask = mask.to(logp.dtype)  # [N, C]
     adv = advantages[:, None]  # [N, 1]
@@ -173,7 +199,8 @@ def grpo_loss(
     if aggregation == "grpo":
         loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()  # []
     elif aggregation == "dapo":
-        loss = (per_token * mask).sum() / tokens.clamp(min=1)  # []
+        denom = tokens.clamp(min=1) if token_normalizer is None else torch.as_tensor(token_normalizer).to(logp)
+        loss = (per_token * mask).sum() / denom  # []
     elif aggregation == "dr_grpo":
         loss = (per_token * mask).sum() / (logp.size(0) * (max_completion_length or logp.size(1)))  # []
     else:
@@ -242,6 +269,7 @@ def distill_loss(
     beta: float = 0.5,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    normalizer: torch.Tensor | float | None = None,
 ) -> DistillLossOutput:
     """Token-level distillation on the masked positions, from both models' hidden states, in chunks.
 
@@ -259,7 +287,13 @@ def distill_loss(
             teacher logits are made on the fly and the student's chunk is checkpointed, so one
             ``[chunk, V]`` block of each is alive at a time (2.5 GB per side saved at 2 x 2048 tokens).
 
-    The loss is ``sum_t w_b D_t / sum_t w_b`` over target tokens (a weighted token mean; 0 when every weight is 0).
+    The loss is ``sum_t w_b D_t / normalizer``; the default normaliser is the number of target tokens, which
+    does not depend on the weights, so a sequence judged 0.05 contributes 5% of what the same sequence judged
+    1.0 does, whatever else is in the micro-batch (dividing by the sum of the weights instead would cancel
+    them out for a lone sequence). Every weight 0 gives loss 0.
+
+    Args (continued):
+        normalizer: divide by this instead of the target-token count (e.g. the step's token count).
     """
     v = student_head.size(0)
     if teacher_head.size(0) < v:
@@ -278,5 +312,6 @@ def distill_loss(
         d = checkpoint(_chunk_jsd, *part, use_reentrant=False) if h.requires_grad else _chunk_jsd(*part)  # [n]
         total = total + (d * w[start : start + chunk_size]).sum()
         raw = raw + d.detach().sum()
-    denom = w.sum().clamp(min=1e-8)
-    return DistillLossOutput(total / denom, raw, torch.tensor(float(h.size(0)), device=h.device))
+    count = torch.tensor(float(h.size(0)), device=h.device)
+    denom = count.clamp(min=1.0) if normalizer is None else torch.as_tensor(normalizer, device=h.device)
+    return DistillLossOutput(total / denom, raw, count)

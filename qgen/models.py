@@ -247,6 +247,7 @@ def load_causal_lm(
         )
         kwargs["device_map"] = {"": str(device or "cpu")}
     model = AutoModelForCausalLM.from_pretrained(resolve(model_name_or_path), **kwargs)
+    check_final_logits(model, model_name_or_path)
     if quantization is not None and not frozen:
         from peft import prepare_model_for_kbit_training
 
@@ -256,6 +257,35 @@ def load_causal_lm(
     if lora is not None:
         model = add_lora(model, lora, gradient_checkpointing)
     return model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as it finds them
+
+
+# config fields through which a model post-processes its final logits (Gemma-2/3 soft-capping, Cohere's scale,
+# Granite's divisor, ...): qgen builds log-probs as hidden state x output weights, which would skip them
+_LOGIT_FIELDS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0,
+                 "output_multiplier_scale": 1.0}  # fmt: skip
+
+
+def check_final_logits(model: nn.Module, name: str | None = None) -> None:
+    """Refuse a model whose logits are not ``hidden @ W_out.T``: every qgen loss computes them that way, in
+    chunks, so a model-specific final-logit step (soft-capping, scaling, an output bias) would be skipped
+    silently and every loss, log-prob and KL would be of another model.
+    """
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    found = []
+    for field, neutral in _LOGIT_FIELDS.items():
+        value = getattr(text, field, neutral)
+        if value is not None and value != neutral:
+            found.append(f"{field}={value}")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "bias", None) is not None:
+        found.append("an output-layer bias")
+    if found:
+        raise ValueError(
+            f"{name or getattr(config, 'name_or_path', 'this model')}: its final logits are post-processed "
+            f"({', '.join(found)}), which qgen's chunked losses do not apply; models whose logits are plain "
+            "hidden-state x output-weight products (Qwen, Llama, Mistral, ...) are supported"
+        )
 
 
 def add_lora(model: nn.Module, lora: LoraSpec, gradient_checkpointing: bool = False) -> nn.Module:

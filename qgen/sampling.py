@@ -27,6 +27,58 @@ class Rollout:
     texts: list[str]  # N decoded completions (special tokens dropped)
     group_size: int
 
+    def select(self, start: int, end: int) -> Rollout:
+        """Rows ``start:end`` (whole groups), with the padding columns that none of them uses cut off: the
+        left padding of their prompts and the completion columns past their longest completion.
+        """
+        if start % self.group_size or end % self.group_size:
+            raise ValueError(f"rows {start}:{end} split a group of {self.group_size}")
+        p = self.prompt_length
+        used = self.attention_mask[start:end, :p].any(0)  # [P]
+        left = int(used.int().argmax()) if bool(used.any()) else p - 1
+        cmask = self.completion_mask[start:end]  # [n, C]
+        width = max(1, int(cmask.sum(1).max()))
+        seq = self.sequences[start:end, left : p + width]
+        return Rollout(
+            sequences=seq,
+            attention_mask=self.attention_mask[start:end, left : p + width],
+            prompt_length=p - left,
+            completion_ids=self.completion_ids[start:end, :width],
+            completion_mask=cmask[:, :width],
+            truncated=self.truncated[start:end],
+            texts=self.texts[start:end],
+            group_size=self.group_size,
+        )
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """One rollout of several (prompt-major rows in order): prompts re-padded on the left, completions on the right."""
+    if len(parts) == 1:
+        return parts[0]
+    p = max(r.prompt_length for r in parts)
+    c = max(r.completion_ids.size(1) for r in parts)
+
+    def pad(t: torch.Tensor, left: int, right: int, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (left, right), value=value)
+
+    seqs, masks, comps, cmasks = [], [], [], []
+    for r in parts:
+        left, right = p - r.prompt_length, c - r.completion_ids.size(1)
+        seqs.append(pad(r.sequences, left, right, pad_id))
+        masks.append(pad(r.attention_mask, left, right, 0))
+        comps.append(pad(r.completion_ids, 0, right, pad_id))
+        cmasks.append(pad(r.completion_mask, 0, right, 0))
+    return Rollout(
+        sequences=torch.cat(seqs),
+        attention_mask=torch.cat(masks),
+        prompt_length=p,
+        completion_ids=torch.cat(comps),
+        completion_mask=torch.cat(cmasks),
+        truncated=torch.cat([r.truncated for r in parts]),
+        texts=[t for r in parts for t in r.texts],
+        group_size=parts[0].group_size,
+    )
+
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ``[B, P]`` ids and attention mask."""
@@ -90,8 +142,11 @@ def generate_group(model: nn.Module, tokenizer, prompts: list[list[int]], group_
 
 
 def completion_logprobs(decoder: nn.Module, lm_head_weight: torch.Tensor, rollout: Rollout, chunk_size: int = 1024,
-                        share_prompt: bool = True) -> torch.Tensor:  # fmt: skip
+                        share_prompt: bool = True, temperature: float = 1.0) -> torch.Tensor:  # fmt: skip
     """Per-token log-probs of the completion tokens, ``[N, C]``; position ids follow the left padding.
+
+    ``temperature`` is the sampling temperature: the log-probs are those of ``softmax(logits / T)``, the
+    distribution the tokens were drawn from (greedy, ``T = 0``, is scored at 1).
 
     With ``share_prompt`` each prompt goes through the decoder once, not ``G`` times: its KV cache (still
     part of the autograd graph) is repeated for the ``G`` completions, which then attend to it. Values and
@@ -100,11 +155,12 @@ def completion_logprobs(decoder: nn.Module, lm_head_weight: torch.Tensor, rollou
     prompts. It needs the KV cache in training mode, so it is off under gradient checkpointing.
     """
     mask, p, g = rollout.attention_mask, rollout.prompt_length, rollout.group_size
+    t = temperature if temperature > 0 else 1.0
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, P+C]
     completions = rollout.sequences[:, p:]  # [N, C]
     if not share_prompt or g == 1:
         hidden = decoder(input_ids=rollout.sequences, attention_mask=mask, position_ids=position_ids).last_hidden_state
-        return token_logprobs(hidden[:, p - 1 : -1], lm_head_weight, completions, chunk_size)  # [N, C]
+        return token_logprobs(hidden[:, p - 1 : -1], lm_head_weight, completions, chunk_size, t)  # [N, C]
     prompt = decoder(input_ids=rollout.sequences[::g, :p], attention_mask=mask[::g, :p],
                      position_ids=position_ids[::g, :p], use_cache=True)  # fmt: skip
     cache = prompt.past_key_values
@@ -120,4 +176,4 @@ def completion_logprobs(decoder: nn.Module, lm_head_weight: torch.Tensor, rollou
     ).last_hidden_state  # [N, C, H]
     # position P-1 (the prompt's last token) predicts completion token 0; completion position t predicts t+1
     hidden = torch.cat([prompt.last_hidden_state[:, -1:].repeat_interleave(g, 0), rest[:, :-1]], dim=1)  # [N, C, H]
-    return token_logprobs(hidden, lm_head_weight, completions, chunk_size)  # [N, C]
+    return token_logprobs(hidden, lm_head_weight, completions, chunk_size, t)  # [N, C]

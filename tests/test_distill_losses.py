@@ -67,13 +67,14 @@ def _setup(seed=0, b=3, t=6, h=8, v=11, vt=None):
     return sh, sw, th, tw, mask
 
 
-def test_distill_loss_is_the_weighted_token_mean_over_masked_positions_only():
+def test_distill_loss_is_the_weighted_sum_over_the_token_count_on_masked_positions_only():
     sh, sw, th, tw, mask = _setup()
     weights = torch.tensor([1.0, 0.5, 0.0])
     out = distill_loss(sh, sw, th, tw, mask, weights, beta=0.3, temperature=1.5, chunk_size=4)
     per_token = generalized_jsd(sh @ sw.T, th @ tw.T, 0.3, 1.5)  # [B, T]
     w = weights[:, None] * mask
-    assert out.loss.item() == pytest.approx((per_token * w).sum().item() / w.sum().item(), rel=1e-5)
+    # the weights scale the sum; the divisor is the (unweighted) number of target tokens
+    assert out.loss.item() == pytest.approx((per_token * w).sum().item() / mask.sum().item(), rel=1e-5)
     assert out.tokens.item() == mask.sum().item()
     assert out.divergence_sum.item() == pytest.approx((per_token * mask).sum().item(), rel=1e-5)
     # masked positions do not matter at all
@@ -105,3 +106,23 @@ def test_chunked_gradient_equals_the_plain_computation():
         grads.append(s.grad)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
     assert grads[0][mask == 0].abs().max() == 0
+
+
+def test_judge_weight_of_a_lone_sequence_does_not_cancel_out():
+    """One sequence per micro-batch (configs/qwen3-distill.yaml): a sequence judged 0.05 must train 20x less
+    than the same sequence judged 1.0, in loss and gradient (dividing by the sum of the weights made them equal).
+    """
+    sh, sw, th, tw, mask = _setup(seed=5, b=1)
+    grads = {}
+    for w in (1.0, 0.05):
+        s = sh.clone().requires_grad_(True)
+        out = distill_loss(s, sw, th, tw, mask, torch.tensor([w]), beta=0.5)
+        out.loss.backward()
+        grads[w] = (out.loss.item(), s.grad.norm().item())
+    assert grads[0.05][0] == pytest.approx(0.05 * grads[1.0][0], rel=1e-5)
+    assert grads[0.05][1] == pytest.approx(0.05 * grads[1.0][1], rel=1e-5)
+    # a given normaliser (e.g. the step's token count) replaces the micro-batch token count
+    n = mask.sum().item()
+    assert distill_loss(sh, sw, th, tw, mask, normalizer=2 * n).loss.item() == pytest.approx(
+        distill_loss(sh, sw, th, tw, mask).loss.item() / 2, rel=1e-6
+    )

@@ -15,6 +15,10 @@ def test_group_advantages_hand_computed():
     assert_close(group_advantages(rewards, "group_std", eps=0.0), torch.tensor([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]))
     assert_close(group_advantages(rewards, "no_std"), torch.tensor([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]))
     assert_close(group_advantages(torch.tensor([[0.0, 0.0, 3.0]]), "median"), torch.tensor([[0.0, 0.0, 3.0]]))
+    # an even group: the median is the mean of the two middle values, so half the group gets negative signal
+    even = group_advantages(torch.tensor([[0.0, 0, 0, 0, 1, 1, 1, 1]]), "median")
+    assert_close(even, torch.tensor([[-0.5, -0.5, -0.5, -0.5, 0.5, 0.5, 0.5, 0.5]]))
+    assert_close(group_advantages(torch.tensor([[1.0, 4.0, 2.0, 10.0]]), "median"), torch.tensor([[-2.0, 1.0, -1.0, 7.0]]))
     # batch std of [1, 2, 3, 5, 5, 5] (unbiased) = sqrt(3.1) = 1.76068
     assert_close(
         group_advantages(rewards, "batch_std", eps=0.0),
@@ -98,3 +102,34 @@ def test_token_logprobs_match_log_softmax():
     ref = torch.log_softmax(hidden @ head.T, -1).gather(-1, targets[..., None]).squeeze(-1)
     for chunk in (1, 3, 100):
         assert_close(token_logprobs(hidden, head, targets, chunk), ref)
+
+
+def test_token_logprobs_score_the_tempered_distribution():
+    """At temperature T the sampled token's log-prob is log_softmax(logits / T), not of the plain logits."""
+    g = torch.Generator().manual_seed(0)
+    hidden, head = torch.randn(2, 3, 4, generator=g), torch.randn(7, 4, generator=g)
+    targets = torch.randint(0, 7, (2, 3), generator=g)
+    logits = hidden @ head.T
+    for t in (0.7, 1.0, 1.5):
+        want = torch.log_softmax(logits / t, -1).gather(-1, targets[..., None]).squeeze(-1)
+        assert_close(token_logprobs(hidden, head, targets, chunk_size=4, temperature=t), want)
+    plain = token_logprobs(hidden, head, targets)
+    assert (token_logprobs(hidden, head, targets, temperature=0.7) - plain).abs().max() > 1e-2
+
+
+def test_dapo_token_mean_over_two_micro_batches_equals_one_big_batch():
+    """Micro-batches of 5 and 2 tokens: DAPO's step token mean is sum / 7 over both, not the mean of the two
+    per-micro-batch means. With token_normalizer = 7 / 2 (two micro-batches) and the trainer's division by
+    the accumulation count, the accumulated loss equals the one-batch loss.
+    """
+    g = torch.Generator().manual_seed(1)
+    logp, adv = torch.randn(4, 3, generator=g) * 0.1, torch.tensor([1.0, -0.5, 2.0, -1.0])
+    old = logp + 0.05 * torch.randn(4, 3, generator=g)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 0, 0]])
+    whole = grpo_loss(logp, old, adv, mask, aggregation="dapo").loss
+    halves = [grpo_loss(logp[i : i + 2], old[i : i + 2], adv[i : i + 2], mask[i : i + 2], aggregation="dapo",
+                        token_normalizer=7 / 2).loss for i in (0, 2)]  # fmt: skip
+    assert_close((halves[0] + halves[1]) / 2, whole)
+    per_micro = [grpo_loss(logp[i : i + 2], old[i : i + 2], adv[i : i + 2], mask[i : i + 2], aggregation="dapo").loss
+                 for i in (0, 2)]  # fmt: skip
+    assert abs(((per_micro[0] + per_micro[1]) / 2 - whole).item()) > 1e-3  # the old per-micro-batch mean differs

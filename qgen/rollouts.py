@@ -1,0 +1,153 @@
+"""The rollouts of one GRPO optimizer step: generated at its first micro-batch, consumed by all of them.
+
+Why a buffer: two of GRPO's normalisers are properties of the whole optimizer step, not of one
+micro-batch. DAPO's token mean divides by the completion tokens of every accumulated micro-batch on every
+rank, and ``advantage: batch_std`` scales by the std of every reward of the step (TRL gathers it over all
+processes). Both are known only once the whole step has generated. So at the step's first micro-batch
+:class:`StepRollouts` generates the rollouts of all ``accumulate_grad_batches`` micro-batches on this rank
+(the sampler hands each micro-batch the indices of the step's micro-batches), counts the completion tokens
+over all ranks, and starts scoring; the later micro-batches take their share from it.
+
+Scoring (reward callbacks, possibly an LLM judge over HTTP) runs in a background thread while the first
+micro-batch computes its log-prob forward passes; :meth:`StepRollouts.micro` joins it before the loss,
+so rewards are never stale.
+
+This is also the seam for a generation backend: ``generate`` is any callable from token-id prompts to a
+:class:`qgen.sampling.Rollout`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from qgen.losses import group_advantages
+from qgen.sampling import Rollout
+from qgen.scoring import RewardOutput
+
+
+@dataclass
+class MicroRollout:
+    """One micro-batch's share of the step: ``n`` completions (whole groups)."""
+
+    rollout: Rollout
+    prompts: list[list[int]]  # the micro-batch's prompts (one per group)
+    rewards: torch.Tensor  # [n]
+    advantages: torch.Tensor  # [n]
+    components: dict[str, RewardOutput]  # each reward component, this micro-batch's rows
+    token_normalizer: float  # the step's completion tokens over all ranks / (ranks x micro-batches)
+    gen_seconds: float  # the step's generation time (shared by its micro-batches)
+
+
+def _all_reduce_sum(value: float) -> float:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def _slice_output(out: RewardOutput, start: int, end: int) -> RewardOutput:
+    return RewardOutput(
+        out.values[start:end],
+        None if out.factor is None else out.factor[start:end],
+        {k: v[start:end] for k, v in out.extra.items()},
+    )
+
+
+class StepRollouts:
+    """The rollouts, rewards and normalisers of one optimizer step on this rank.
+
+    Args:
+        key: identifies the step (the trainer's global step and the micro-batches' indices).
+        micro_prompts: for each micro-batch from ``first`` on, its prompts (token ids).
+        micro_records: for each micro-batch, the records behind its prompts (one per prompt).
+        first: position of the first generated micro-batch in the step (0 unless resumed mid-step).
+        group_size: completions per prompt.
+        generate: ``prompts -> Rollout`` (all of the step's prompts in one call, or in chunks).
+        score: ``(rollout, records per completion) -> (rewards [N], components)``.
+        advantage: the advantage mode (:func:`qgen.losses.group_advantages`).
+        micro_batches: the step's number of micro-batches (``accumulate_grad_batches``); with the world size
+            it turns the step's token count into the per-micro-batch normaliser.
+        world_size: ranks taking part.
+        background: score in a thread while the first micro-batch runs its forward passes.
+    """
+
+    def __init__(self, key, micro_prompts: list[list[list[int]]], micro_records: list[list], first: int,
+                 group_size: int, generate: Callable[[list[list[int]]], Rollout], score: Callable,
+                 advantage: str, micro_batches: int, world_size: int = 1, background: bool = True):  # fmt: skip
+        self.key, self.first, self.group_size, self.advantage = key, first, group_size, advantage
+        self.micro_prompts = micro_prompts
+        prompts = [p for mp in micro_prompts for p in mp]
+        started = time.perf_counter()
+        self.rollout = generate(prompts)
+        self.gen_seconds = time.perf_counter() - started
+        bounds, start = [], 0
+        for mp in micro_prompts:
+            bounds.append((start, start + len(mp) * group_size))
+            start += len(mp) * group_size
+        self.bounds = bounds
+        self.rollouts = [self.rollout.select(s, e) for s, e in bounds]
+        local_tokens = float(self.rollout.completion_mask.sum())
+        self.step_tokens = _all_reduce_sum(local_tokens)  # every rank generates its step: same call count
+        self.token_normalizer = max(self.step_tokens, 1.0) / (world_size * micro_batches)
+        records = [r for mr in micro_records for r in mr for _ in range(group_size)]
+        self._pool: ThreadPoolExecutor | None = None
+        if background:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qgen-score")
+            self._scores: Future | tuple = self._pool.submit(score, self.rollout, records)
+        else:
+            self._scores = score(self.rollout, records)
+        self.rewards: torch.Tensor | None = None
+        self.components: dict[str, RewardOutput] = {}
+        self.advantages: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.rollouts)
+
+    def rollout_of(self, micro: int) -> Rollout:
+        """The rollout of micro-batch ``micro`` (its position in the step), without waiting for its scores."""
+        return self.rollouts[micro - self.first]
+
+    def _join(self) -> None:
+        if self.rewards is not None:
+            return
+        if isinstance(self._scores, Future):
+            try:
+                rewards, components = self._scores.result()
+            finally:
+                self._pool.shutdown(wait=False)
+        else:
+            rewards, components = self._scores
+        self.rewards = torch.as_tensor(rewards, dtype=torch.float32).detach()
+        self.components = components
+        g = self.group_size
+        # batch_std: the std over the whole step, gathered over ranks (every rank joins at its first micro-batch)
+        self.advantages = group_advantages(self.rewards.view(-1, g), self.advantage).view(-1)
+
+    def micro(self, micro: int) -> MicroRollout:
+        """Micro-batch ``micro``'s share, its scores joined (waits for the scoring thread the first time)."""
+        self._join()
+        i = micro - self.first
+        start, end = self.bounds[i]
+        return MicroRollout(
+            rollout=self.rollouts[i],
+            prompts=self.micro_prompts[i],
+            rewards=self.rewards[start:end],
+            advantages=self.advantages[start:end],
+            components={k: _slice_output(v, start, end) for k, v in self.components.items()},
+            token_normalizer=self.token_normalizer,
+            gen_seconds=self.gen_seconds,
+        )
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
