@@ -58,7 +58,7 @@ class RewardCallback(Callback):
         values = torch.as_tensor(out.values, dtype=torch.float32)
         n = max(1, values.numel() // max(1, pl_module.hparams.get("group_size", 1)))
         prefix = getattr(pl_module, "score_prefix", "reward")  # GRPO: rewards; distillation: the teacher cluster
-        pl_module.log(f"train/{prefix}_{self.name}_mean", values.mean(), batch_size=n)
+        pl_module.log(f"train/{prefix}_{self.name}_mean", values.mean(), batch_size=n, sync_dist=True)  # over ranks
         pl_module.log(
             f"train/{prefix}_{self.name}_std", values.std() if values.numel() > 1 else values.new_zeros(()), batch_size=n
         )

@@ -252,8 +252,8 @@ class DistillModule(StageModule):
             score, components = self.judge(texts, records, truncated)
             weights = self.sequence_weights(score)
             self.last.update(components=components, rewards=score, texts=texts)
-            self.log("train/judge_score_mean", score.mean(), batch_size=ids.size(0))
-            self.log("train/judge_kept_frac", (weights > 0).float().mean(), batch_size=ids.size(0))
+            self.log("train/judge_score_mean", score.mean(), batch_size=ids.size(0), sync_dist=True)
+            self.log("train/judge_kept_frac", (weights > 0).float().mean(), batch_size=ids.size(0), sync_dist=True)
         target = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
         hidden = self._hidden(self.model, ids, mask, pos)  # [B, T, H]
         with torch.no_grad():
@@ -265,11 +265,11 @@ class DistillModule(StageModule):
         if hp.sft_weight > 0 and not on_policy:
             nll = token_nll(hidden, head, labels, chunk_size=hp.loss_chunk_size)
             loss = loss + hp.sft_weight * nll.loss
-            self.log("train/sft_nll", nll.loss.detach(), batch_size=ids.size(0))
+            self.log("train/sft_nll", nll.loss.detach(), batch_size=ids.size(0), sync_dist=True)
         n = ids.size(0)
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        self.log("train/divergence", out.divergence_sum / out.tokens.clamp(min=1), batch_size=n)
-        self.log("train/on_policy", float(on_policy), batch_size=n)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        self.log("train/divergence", out.divergence_sum / out.tokens.clamp(min=1), batch_size=n, sync_dist=True)
+        self.log("train/on_policy", float(on_policy), batch_size=n, sync_dist=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
         self._tokens = float(out.tokens)
         return loss
@@ -279,7 +279,8 @@ class DistillModule(StageModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_started
-        self.log("train/target_tokens_per_s", getattr(self, "_tokens", 0.0) / max(elapsed, 1e-9), prog_bar=True)
+        self.log("train/target_tokens_per_s", getattr(self, "_tokens", 0.0) / max(elapsed, 1e-9), prog_bar=True,
+                 sync_dist=True, reduce_fx="sum")
 
     # ---------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

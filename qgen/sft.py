@@ -83,8 +83,11 @@ class SFTModule(StageModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.nll(batch, batch.get("step_tokens"))
-        self.log("train/loss", out.loss, prog_bar=True)
-        self.log("train/token_nll", out.nll_sum / out.tokens.clamp(min=1))
+        # under DDP each rank's loss is its share of the step's token mean (sum / (step tokens / ranks)), so the
+        # mean over ranks is the global loss; the token NLL is reduced as a sum of sums over a sum of counts
+        self.log("train/loss", out.loss, prog_bar=True, sync_dist=True)
+        self.log("train/token_nll", out.nll_sum / out.tokens.clamp(min=1) if self.trainer.world_size == 1 else
+                 self.all_gather(out.nll_sum).sum() / self.all_gather(out.tokens).sum().clamp(min=1))  # fmt: skip
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return out.loss
 
@@ -93,7 +96,8 @@ class SFTModule(StageModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_started
-        self.log("train/tokens_per_s", batch["attention_mask"].sum().item() / max(elapsed, 1e-9), prog_bar=True)
+        self.log("train/tokens_per_s", batch["attention_mask"].sum().item() / max(elapsed, 1e-9), prog_bar=True,
+                 sync_dist=True, reduce_fx="sum")  # every rank's tokens: the run's throughput
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self.nll(batch)
