@@ -18,8 +18,6 @@ In YAML::
 
 from __future__ import annotations
 
-import pickle
-
 import numpy as np
 import torch
 from lightning.pytorch import Callback
@@ -93,13 +91,19 @@ class DifficultyReward(RewardCallback):
         return RewardOutput(model.predict(questions, [p.analysis for p in batch.parsed], subjects))
 
     def state_dict(self) -> dict:
-        if self.model is None:
+        if self.model is None or not self.model.fitted:
             return {}
-        return {"model": torch.frombuffer(bytearray(pickle.dumps(self.model)), dtype=torch.uint8)}
+        return {"difficulty_model": self.model.state()}  # plain arrays and strings: nothing to unpickle
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if "model" in state_dict:
-            self.model = pickle.loads(state_dict["model"].numpy().tobytes())
+        if "model" in state_dict:  # the pickled bytes that checkpoints of qgen <= 0.1.0 held
+            raise ValueError(
+                "DifficultyReward: this checkpoint stores the difficulty model as pickled bytes, which can run code "
+                "when loaded; qgen refuses it. Start from the run's weights instead (model.init_from) and the "
+                "difficulty model is refitted from the training data"
+            )
+        if "difficulty_model" in state_dict:
+            self.model = DifficultyModel.from_state(state_dict["difficulty_model"])
 
 
 class NoveltyReward(RewardCallback):

@@ -9,12 +9,88 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import random
+import tempfile
 from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, truncated, not a checkpoint, or holding code-running objects."""
+
+
+def load_checkpoint_file(path: str, mmap: bool = False, map_location: Any = "cpu") -> dict[str, Any]:
+    """The one way qgen reads a ``.ckpt``: ``torch.load(weights_only=True)``, so nothing in it can run code
+    (a pickled object, a ``__reduce__`` payload, is refused); every failure names the file.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (a write was interrupted?)")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is refused: it holds objects that only full unpickling could build, and unpickling "
+            f"can run code ({first})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not a checkpoint): {err}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint {path} is not a checkpoint (it holds a {type(data).__name__})")
+    return data
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` that never leaves a partial file at ``path``: write a temporary file in the same folder
+    (so the rename cannot cross filesystems, as one into ``$TMPDIR`` would), fsync it, then ``os.replace``.
+    Until the replace, ``path`` still holds the previous complete file.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:  # pragma: no cover - filesystems without directory fsync
+        pass
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O for every qgen run: atomic same-folder writes (:func:`atomic_torch_save`)
+    and loads that refuse anything that could run code (:func:`load_checkpoint_file`).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        atomic_torch_save(checkpoint, os.fspath(path))
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if weights_only is False:
+            raise CheckpointError(f"checkpoint {path}: qgen never loads checkpoints with weights_only=False")
+        return load_checkpoint_file(os.fspath(path), map_location=map_location or "cpu")
 
 
 def get_rng_states() -> dict[str, Any]:
@@ -51,3 +127,49 @@ def restore_rng(checkpoint: dict[str, Any]) -> None:
     """``on_load_checkpoint`` of every stage."""
     if "rng_states" in checkpoint:
         set_rng_states(checkpoint["rng_states"])
+
+
+def content_hash(path: str) -> str:
+    """SHA-256 of a file, or of a folder's files (names and bytes, sorted): identifies a starting policy."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, f) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))  # fmt: skip
+    for name in files:
+        digest.update(os.path.basename(name).encode())
+        with open(name, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_source(path: str, checkpoint_dir: str | None) -> dict[str, str]:
+    """How a checkpoint names the model it was started from: absolute path, content hash, and the path
+    relative to the checkpoint's own folder (to find it again when both moved together).
+    """
+    path = os.path.abspath(path)
+    info = {"path": path, "sha256": content_hash(path)}
+    if checkpoint_dir:
+        info["relative"] = os.path.relpath(path, os.path.abspath(checkpoint_dir))
+    return info
+
+
+def locate_source(ckpt_path: str, recorded: str, info: dict | None) -> str:
+    """The starting policy of ``ckpt_path``: its recorded path if it is there, else the same relative position
+    beside the checkpoint; with a recorded hash, the file found must match it.
+    """
+    info = info or {}
+    candidates = [info.get("path") or recorded]
+    if not os.path.isabs(recorded):  # checkpoints of older qgen versions: relative to the run's working folder
+        candidates.append(os.path.abspath(recorded))
+    if info.get("relative"):
+        candidates.append(os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), info["relative"])))
+    for candidate in candidates:
+        if candidate and os.path.exists(candidate):
+            if info.get("sha256") and content_hash(candidate) != info["sha256"]:
+                raise CheckpointError(f"{ckpt_path} was trained on top of {candidate}, which has changed since "
+                                      "(its SHA-256 differs); restore that file or retrain")  # fmt: skip
+            return candidate
+    raise CheckpointError(f"{ckpt_path} was trained on top of {recorded}, which is gone (looked in: "
+                          f"{', '.join(dict.fromkeys(c for c in candidates if c))})")  # fmt: skip

@@ -17,8 +17,10 @@ import sys
 
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import CheckpointIO
 
 import callbacks  # noqa: F401  (registers callback classes for `trainer.callbacks` in YAML)
+from qgen.checkpointing import CheckpointError, SafeCheckpointIO, load_checkpoint_file
 from qgen.data import QuestionDataModule
 from qgen.records import DataError
 
@@ -27,20 +29,49 @@ def find_last_checkpoint(root: str = "lightning_logs", class_path: str | None = 
     """The newest ``version_N/checkpoints/last.ckpt`` under ``root`` written by a ``class_path`` module.
 
     Filtering by the module class keeps ``--ckpt_path last`` of a GRPO run from picking up the SFT run
-    that it was started from (both live under ``lightning_logs/``).
+    that it was started from (both live under ``lightning_logs/``). A ``last.ckpt`` that cannot be read (an
+    interrupted write, a foreign file) is skipped with a warning naming it, and the next newest is taken.
     """
-    import torch
-
     found = sorted(glob.glob(os.path.join(root, "**", "checkpoints", "last.ckpt"), recursive=True),
                    key=os.path.getmtime, reverse=True)  # fmt: skip
     for path in found:
-        if class_path is None:
-            return path
-        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
-        if hparams.get("_class_path") == class_path:
+        try:
+            hparams = load_checkpoint_file(path, mmap=True).get("hyper_parameters") or {}
+        except CheckpointError as err:
+            print(f"qgen: warning: skipping {path}: {err}", file=sys.stderr)
+            continue
+        if class_path is None or same_class(hparams.get("_class_path"), class_path):
             return path
     which = f" from {class_path}" if class_path else ""
     raise FileNotFoundError(f"--ckpt_path last: no last.ckpt{which} under {root}/; run `fit` first or give a path")
+
+
+def same_class(a: str | None, b: str | None) -> bool:
+    """``qgen.SFTModule`` and ``qgen.sft.SFTModule`` name one class."""
+    if not a or not b:
+        return False
+    return a.rsplit(".", 1)[-1] == b.rsplit(".", 1)[-1] and a.split(".", 1)[0] == b.split(".", 1)[0]
+
+
+CLAIMED: list[str] = []  # run folders made by this process, removed again if the run fails before writing to them
+
+
+def claim_version_dir(root: str, name: str) -> int:
+    """The next free ``version_N`` under ``root/name``, created here with ``mkdir`` (which fails if another run
+    got there first, and then the next number is tried): two runs started together never share a folder.
+    """
+    parent = os.path.join(root, name) if name else root
+    os.makedirs(parent, exist_ok=True)
+    taken = [int(d.removeprefix("version_")) for d in os.listdir(parent)
+             if d.startswith("version_") and d.removeprefix("version_").isdigit()]  # fmt: skip
+    version = max(taken, default=-1) + 1
+    while True:
+        try:
+            os.mkdir(os.path.join(parent, f"version_{version}"))
+            CLAIMED.append(os.path.join(parent, f"version_{version}"))
+            return version
+        except FileExistsError:
+            version += 1
 
 
 GENERATION_ARGS = ("generation", "max_new_tokens", "temperature", "top_p")  # model arguments that only steer sampling
@@ -62,18 +93,32 @@ class QGenCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer")
 
+    def _save_dir(self, config) -> tuple[str, str]:
+        """``(save_dir, name)`` of the run's logger: where ``version_N`` folders and checkpoints go."""
+        save_dir, name = config.trainer.default_root_dir or ".", "lightning_logs"
+        logger = config.trainer.get("logger")
+        if hasattr(logger, "init_args"):
+            save_dir = logger.init_args.get("save_dir") or save_dir
+            name = logger.init_args.get("name", name) or ""
+        return save_dir, name
+
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
-        if subcommand and self.config[subcommand].get("ckpt_path") == "last":
-            config = self.config[subcommand]
-            save_dir = config.trainer.default_root_dir or "."
-            logger = config.trainer.get("logger")
-            if hasattr(logger, "init_args") and logger.init_args.get("save_dir"):
-                save_dir = logger.init_args.save_dir
-            elif save_dir == ".":
-                save_dir = "lightning_logs"
-            config.ckpt_path = find_last_checkpoint(save_dir, config.model.get("class_path"))
-            print(f"resuming from {config.ckpt_path}")
+        config = self.config[subcommand] if subcommand else None
+        if config is not None and config.get("ckpt_path"):
+            if config.ckpt_path == "last":
+                save_dir, name = self._save_dir(config)
+                config.ckpt_path = find_last_checkpoint(os.path.join(save_dir, name), config.model.get("class_path"))
+                print(f"resuming from {config.ckpt_path}")
+            # checked before the logger makes a run folder: a bad path fails with one line and leaves nothing
+            hparams = load_checkpoint_file(config.ckpt_path, mmap=True).get("hyper_parameters") or {}
+            saved, wanted = hparams.get("_class_path"), config.model.get("class_path") if config.get("model") else None
+            if saved and wanted and not same_class(saved, wanted):
+                raise CheckpointError(
+                    f"--ckpt_path {config.ckpt_path} was written by {saved}, but this run is {wanted}: --ckpt_path "
+                    f"resumes a run of the same stage. To start {wanted} from that model, pass it as "
+                    "--model.init_args.init_from (GRPO) or --model.init_args.teacher (distillation)"
+                )
         # Lightning overwrites the model's arguments with the checkpoint's hyperparameters. For predict and
         # test the sampling settings of this command (config or command line) must win over training's.
         kept = {}
@@ -84,18 +129,56 @@ class QGenCLI(LightningCLI):
         for key, value in kept.items():
             self.config[subcommand].model.init_args[key] = value
 
+    def before_instantiate_classes(self) -> None:
+        """Checks that need no model, then the run folder: paths first (one clear line, no folder left behind),
+        then ``version_N`` claimed atomically for ``fit``.
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        init_args = config.model.get("init_args") if config.get("model") is not None else None
+        init_from = init_args.get("init_from") if init_args is not None else None
+        if init_from:
+            if not os.path.exists(init_from):
+                raise CheckpointError(f"--model.init_args.init_from {init_from}: no such checkpoint file or adapter folder")
+            if os.path.isfile(init_from):
+                load_checkpoint_file(init_from, mmap=True)  # readable and safe, before anything is created
+            init_args["init_from"] = os.path.abspath(init_from)  # checkpoints must work from any folder
+        logger = config.trainer.get("logger")
+        if subcommand == "fit" and hasattr(logger, "init_args") and logger.init_args.get("version") is None:
+            if logger.class_path.rsplit(".", 1)[-1] in ("TensorBoardLogger", "CSVLogger"):
+                save_dir, name = self._save_dir(config)
+                logger.init_args["version"] = claim_version_dir(save_dir, name)
+
+    def instantiate_trainer(self, **kwargs):
+        """Every run writes and reads checkpoints through :class:`qgen.checkpointing.SafeCheckpointIO`."""
+        plugins = kwargs.pop("plugins", None) or self._get(self.config_init, "trainer", default={}).get("plugins")
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else ([plugins] if plugins else [])
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(SafeCheckpointIO())
+        return super().instantiate_trainer(plugins=plugins, **kwargs)
+
 
 def cli_main(args: ArgsType = None, run: bool = True) -> QGenCLI:
-    return QGenCLI(
-        LightningModule,
-        QuestionDataModule,
-        subclass_mode_model=True,
-        args=args,
-        run=run,
-        save_config_callback=RunConfigCallback,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    try:
+        return QGenCLI(
+            LightningModule,
+            QuestionDataModule,
+            subclass_mode_model=True,
+            args=args,
+            run=run,
+            save_config_callback=RunConfigCallback,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
+    except BaseException:
+        for folder in CLAIMED:  # a run that failed at start leaves no empty version_N behind
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+        raise
+    finally:
+        CLAIMED.clear()
 
 
 def main() -> None:
@@ -103,4 +186,10 @@ def main() -> None:
         cli_main()
     except DataError as err:  # bad input: one clear line, not a traceback
         print(f"qgen: data error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except CheckpointError as err:
+        print(f"qgen: checkpoint error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except FileNotFoundError as err:
+        print(f"qgen: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -21,6 +21,7 @@ import sys
 
 def export(ckpt_path: str, output: str, merge: bool = False) -> dict:
     """Write the model of ``ckpt_path`` to ``output``; returns a summary of what was written."""
+    from qgen.checkpointing import locate_source
     from qgen.models import checkpoint_backbone, load_from_checkpoint, load_policy, load_tokenizer, resolve
 
     info = checkpoint_backbone(ckpt_path)
@@ -37,7 +38,8 @@ def export(ckpt_path: str, output: str, merge: bool = False) -> dict:
         base = resolve(info["model_name_or_path"])
         if info["base_from"]:
             base = os.path.abspath(os.path.join(output, "base_model"))
-            load_policy(info["base_from"], info["model_name_or_path"], info["dtype"]).save_pretrained(base)
+            source = locate_source(ckpt_path, info["base_from"], info["base_from_info"])
+            load_policy(source, info["model_name_or_path"], info["dtype"]).save_pretrained(base)
             tokenizer.save_pretrained(base)
         model.peft_config["default"].base_model_name_or_path = base
     model.save_pretrained(output)

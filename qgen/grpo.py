@@ -21,6 +21,7 @@ clipping stay in the trainer's YAML.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict
 from typing import Any, Literal
@@ -28,6 +29,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from qgen.checkpointing import describe_source
 from qgen.generation import GenerationSpec
 from qgen.losses import gathered_std, grpo_loss
 from qgen.models import LoraSpec, add_lora, causal_lm_nll, load_policy, load_trainable_weights
@@ -95,6 +97,8 @@ class GRPOModule(StageModule):
         scheduler: LRSchedulerCallable = default_scheduler,
     ):
         super().__init__()
+        if init_from and os.path.exists(init_from):
+            init_from = os.path.abspath(init_from)  # export and resume must find it from any working folder
         problems = []
         if lora is None:
             problems.append("model.lora is required: the GRPO reference is the backbone with the adapter disabled")
@@ -115,6 +119,7 @@ class GRPOModule(StageModule):
         self.rewards: dict[str, Any] = {}  # name -> reward callback (registered in its setup)
         self.last: dict[str, Any] = {}  # the latest rollout and scores, read by callbacks after the step
         self._rollouts: StepRollouts | None = None  # the current optimizer step's rollouts
+        self._init_from_info: dict | None = None
         self.strict_loading = False
 
     # ---------------------------------------------------------------------------------------- building
@@ -133,6 +138,14 @@ class GRPOModule(StageModule):
         self.model = self.load_backbone()
         if hp.init_from:  # quantized base: the starting adapter itself is trained further
             load_trainable_weights(self.model, hp.init_from)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.hparams.init_from:  # where the starting policy is, and its hash, to find and check it on load
+            if self._init_from_info is None:
+                callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+                self._init_from_info = describe_source(self.hparams.init_from, getattr(callback, "dirpath", None))
+            checkpoint.setdefault("qgen", {})["init_from"] = self._init_from_info
 
     def register_reward(self, callback: Any) -> None:
         self.rewards[callback.name] = callback

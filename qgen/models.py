@@ -22,6 +22,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from qgen.checkpointing import load_checkpoint_file, locate_source
+
 BUNDLED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 EMBEDDED_VERSION = 2  # bump when the build below changes
 
@@ -304,26 +306,52 @@ def add_lora(model: nn.Module, lora: LoraSpec, gradient_checkpointing: bool = Fa
     return model
 
 
+def _names(keys: list[str], limit: int = 5) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
 def load_trainable_weights(model: nn.Module, source: str) -> int:
     """Load adapter (or full) weights into ``model`` from a qgen ``.ckpt`` or a PEFT adapter folder.
 
-    Returns the number of tensors loaded; raises when nothing in ``source`` matches the model.
+    Every trainable tensor of ``model`` must be in ``source`` with its shape, and every tensor of ``source``
+    must be one of them: a partial match (another LoRA rank, other target modules, another backbone) is an
+    error that names the tensors, never a silent half-load. Returns the number of tensors loaded.
     """
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if os.path.isdir(source):
         from peft import set_peft_model_state_dict
         from peft.utils import load_peft_weights
 
-        result = set_peft_model_state_dict(model, load_peft_weights(source))
-        loaded = len(load_peft_weights(source)) - len(getattr(result, "unexpected_keys", []))
+        weights = load_peft_weights(source)
+        result = set_peft_model_state_dict(model, weights)
+        unexpected = list(getattr(result, "unexpected_keys", []))
+        adapter_missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+        if unexpected or adapter_missing:
+            raise ValueError(f"init_from: the adapter in {source} does not fit this model's LoRA layers ("
+                             + "; ".join(x for x in (unexpected and f"unexpected: {_names(unexpected)}",
+                                                     adapter_missing and f"missing: {_names(adapter_missing)}") if x)
+                             + "); use the same lora settings and backbone it was trained with")  # fmt: skip
+        loaded = len(weights)
     else:
         if not os.path.isfile(source):
             raise FileNotFoundError(f"init_from: {source} is neither a checkpoint file nor an adapter folder")
-        state = torch.load(source, map_location="cpu", weights_only=True)["state_dict"]
+        state = load_checkpoint_file(source).get("state_dict") or {}
         state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-        own = model.state_dict()
-        matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        model.load_state_dict(matched, strict=False)
-        loaded = len(matched)
+        params = dict(model.named_parameters())
+        unknown = [k for k in state if k not in params]
+        wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(params[k].shape)}" for k in state
+                 if k in params and params[k].shape != state[k].shape]  # fmt: skip
+        missing = [k for k in trainable if k not in state]
+        if unknown or wrong or missing:
+            parts = [f"{label}: {_names(keys)}" for label, keys in
+                     (("not in this model", unknown), ("other shapes", wrong), ("trainable but absent", missing)) if keys]  # fmt: skip
+            raise ValueError(f"{source} does not match this model ({'; '.join(parts)}): a different backbone or "
+                             "LoRA config (rank, target modules)?")  # fmt: skip
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v.to(params[k].dtype))
+        loaded = len(state)
     if loaded == 0:
         raise ValueError(f"init_from: no weights in {source} match this model (a different backbone or LoRA config?)")
     return loaded
@@ -357,13 +385,15 @@ def checkpoint_backbone(ckpt_path: str) -> dict:
     """
     if not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist")
-    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+    data = load_checkpoint_file(ckpt_path, mmap=True)
+    hparams = data.get("hyper_parameters") or {}
     if "model_name_or_path" not in hparams:
         raise ValueError(f"{ckpt_path} is not a qgen checkpoint (its hyper_parameters name no backbone)")
     return {"model_name_or_path": hparams["model_name_or_path"], "lora": hparams.get("lora"),
             "dtype": hparams.get("dtype", "float32"), "class_path": hparams.get("_class_path"),
             # GRPO started from a policy merged into its base (see GRPOModule.init_from): rebuild that first
-            "base_from": hparams.get("init_from") if hparams.get("quantization") is None else None}  # fmt: skip
+            "base_from": hparams.get("init_from") if hparams.get("quantization") is None else None,
+            "base_from_info": (data.get("qgen") or {}).get("init_from")}  # fmt: skip
 
 
 def load_policy(
@@ -410,9 +440,8 @@ def load_from_checkpoint(
     lora = LoraSpec(**info["lora"]) if info["lora"] else None
     dtype = dtype or info["dtype"]
     if info["base_from"]:
-        if not os.path.exists(info["base_from"]):
-            raise FileNotFoundError(f"{ckpt_path} was trained on top of {info['base_from']}, which no longer exists")
-        model = load_policy(info["base_from"], info["model_name_or_path"], dtype, device)
+        base_from = locate_source(ckpt_path, info["base_from"], info["base_from_info"])
+        model = load_policy(base_from, info["model_name_or_path"], dtype, device)
         model = add_lora(model, lora) if lora is not None else model
     else:
         model = load_causal_lm(info["model_name_or_path"], lora, quantization, dtype, device=device, frozen=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from qgen.formatting import ParsedQuestion, parse_question
@@ -28,9 +29,9 @@ def normalize_for_similarity(text: str) -> str:
     return _SPACE.sub(" ", _DIGITS.sub("0", text.lower())).strip()
 
 
-def char_vectorizer(max_features: int | None = 2**18) -> TfidfVectorizer:
+def char_vectorizer(max_features: int | None = 2**18, vocabulary: list[str] | None = None) -> TfidfVectorizer:
     return TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4), sublinear_tf=True, max_features=max_features,
-                           preprocessor=normalize_for_similarity, dtype=np.float32)  # fmt: skip
+                           preprocessor=normalize_for_similarity, dtype=np.float32, vocabulary=vocabulary)  # fmt: skip
 
 
 @dataclass
@@ -255,14 +256,21 @@ class DifficultyModel:
 
     def __init__(self, alpha: float = 3.0, max_features: int = 2**17):
         self.alpha, self.max_features = alpha, max_features
-        self.regressor = None
+        self.coef: np.ndarray | None = None  # ridge weights over the features; None = the heuristic
+        self.intercept = 0.0
         self.subjects: list[str] = []
         self.n_train = 0
 
-    def _make_vectorizers(self) -> list[TfidfVectorizer]:
+    @property
+    def fitted(self) -> bool:
+        return self.coef is not None
+
+    def _make_vectorizers(self, vocabularies: list[list[str]] | None = None) -> list[TfidfVectorizer]:
+        vocabularies = vocabularies or [None] * 4
         words = dict(ngram_range=(1, 2), sublinear_tf=True, max_features=self.max_features, min_df=2, dtype=np.float32)
-        return [char_vectorizer(self.max_features), char_vectorizer(self.max_features),
-                TfidfVectorizer(**words), TfidfVectorizer(**words)]  # fmt: skip
+        return [char_vectorizer(self.max_features, vocabularies[0]), char_vectorizer(self.max_features, vocabularies[1]),
+                TfidfVectorizer(**words, vocabulary=vocabularies[2]),
+                TfidfVectorizer(**words, vocabulary=vocabularies[3])]  # fmt: skip
 
     def _features(self, questions: list[str], analyses: list[str], subjects: list[str], fit: bool):
         fields = [questions, analyses, questions, analyses]
@@ -292,7 +300,8 @@ class DifficultyModel:
         x = self._features(
             [r.question for r in labelled], [r.analysis for r in labelled], [r.subject for r in labelled], fit=True
         )
-        self.regressor = Ridge(alpha=self.alpha).fit(x, np.array([r.difficulty for r in labelled], dtype=np.float32))
+        ridge = Ridge(alpha=self.alpha).fit(x, np.array([r.difficulty for r in labelled], dtype=np.float32))
+        self.coef, self.intercept = np.asarray(ridge.coef_, dtype=np.float32), float(ridge.intercept_)
         self.n_train = len(labelled)
         return self
 
@@ -300,10 +309,44 @@ class DifficultyModel:
         self, questions: list[str], analyses: list[str] | None = None, subjects: list[str] | None = None
     ) -> np.ndarray:
         analyses = analyses or [""] * len(questions)
-        if self.regressor is None:
+        if not self.fitted:
             return np.array([heuristic_difficulty(q, a) for q, a in zip(questions, analyses)], dtype=np.float32)
         x = self._features(questions, analyses, subjects or [""] * len(questions), fit=False)
-        return np.clip(self.regressor.predict(x), 0.0, 1.0).astype(np.float32)
+        return np.clip(x @ self.coef + self.intercept, 0.0, 1.0).astype(np.float32)
+
+    # --------------------------------------------------------------------- checkpoint state: plain values only
+    def state(self) -> dict:
+        """The fitted model as plain values (strings, numbers, tensors): no pickle, so a checkpoint that holds
+        it loads under ``torch.load(weights_only=True)`` and cannot run code.
+        """
+        if not self.fitted:
+            return {}
+        vocabularies = [sorted(v.vocabulary_, key=v.vocabulary_.get) for v in self._vectorizers]
+        return {
+            "format": 1,
+            "alpha": float(self.alpha),
+            "max_features": int(self.max_features),
+            "vocabularies": vocabularies,
+            "idf": [torch.from_numpy(np.asarray(v.idf_, dtype=np.float32)) for v in self._vectorizers],
+            "coef": torch.from_numpy(self.coef),
+            "intercept": float(self.intercept),
+            "subjects": list(self.subjects),
+            "n_train": int(self.n_train),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> DifficultyModel:
+        """Rebuild from :meth:`state`; anything else (e.g. pickled bytes from older checkpoints) is refused."""
+        if not isinstance(state, dict) or state.get("format") != 1:
+            raise ValueError("difficulty model state is not qgen's plain format (format 1); refusing to load it")
+        model = cls(state["alpha"], state["max_features"])
+        model.subjects, model.n_train = list(state["subjects"]), int(state["n_train"])
+        model._vectorizers = model._make_vectorizers([list(v) for v in state["vocabularies"]])
+        for vec, idf in zip(model._vectorizers, state["idf"]):
+            vec.idf_ = torch.as_tensor(idf).numpy().astype(np.float64)
+        model.coef = torch.as_tensor(state["coef"]).numpy().astype(np.float32)
+        model.intercept = float(state["intercept"])
+        return model
 
 
 _STEP_SPLIT = re.compile(r"[。；;\n]|(?<=[.!?])\s")

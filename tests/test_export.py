@@ -80,3 +80,35 @@ def test_a_grpo_adapter_export_carries_the_sft_model_it_sits_on(sft_checkpoint, 
         expected = grpo.model(input_ids=ids).logits
         exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "adapter")).eval()(input_ids=ids).logits
     torch.testing.assert_close(exported, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_moved_grpo_run_still_finds_its_sft_model_and_a_changed_one_is_refused(sft_checkpoint, tmp_path, monkeypatch):
+    """GRPO checkpoints name their starting policy by absolute path, SHA-256 and position relative to the
+    checkpoint: when the runs' folder moves, export finds it beside the checkpoint; when it changed, it refuses.
+    """
+    import shutil
+
+    from qgen.checkpointing import CheckpointError, describe_source
+    from qgen.grpo import GRPOModule
+
+    runs = tmp_path / "runs"
+    (runs / "sft").mkdir(parents=True)
+    (runs / "grpo").mkdir()
+    shutil.copy(sft_checkpoint, runs / "sft" / "last.ckpt")
+    monkeypatch.chdir(runs)
+    grpo = GRPOModule(init_from="sft/last.ckpt", lora=LoraSpec(r=8, alpha=16, dropout=0.0))
+    assert os.path.isabs(grpo.hparams.init_from)  # a relative path is stored absolute
+    grpo.configure_model()
+    state = {f"model.{n}": p.detach().clone() for n, p in grpo.model.named_parameters() if p.requires_grad}
+    torch.save({"state_dict": state, "hyper_parameters": {**grpo.hparams, "_class_path": "qgen.GRPOModule"},
+                "qgen": {"init_from": describe_source("sft/last.ckpt", str(runs / "grpo"))}},
+               runs / "grpo" / "last.ckpt")  # fmt: skip
+    moved = tmp_path / "elsewhere" / "runs"
+    shutil.move(str(runs), str(moved))
+    monkeypatch.chdir(tmp_path)
+    summary = export(str(moved / "grpo" / "last.ckpt"), str(tmp_path / "adapter"))
+    assert "base_model" in summary["files"]
+    with open(moved / "sft" / "last.ckpt", "ab") as fh:  # the SFT model changed after GRPO started from it
+        fh.write(b"\0")
+    with pytest.raises(CheckpointError, match="has changed since"):
+        export(str(moved / "grpo" / "last.ckpt"), str(tmp_path / "adapter2"))
