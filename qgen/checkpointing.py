@@ -123,6 +123,33 @@ def slim_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
     checkpoint["rng_states"] = get_rng_states()
 
 
+def continue_unfinished_epoch(trainer: Any, checkpoint: dict[str, Any]) -> None:
+    """Make a checkpoint written as ``max_steps`` stopped the run mid-epoch resume *inside* that epoch.
+
+    When ``max_steps`` ends a run, Lightning closes the epoch loop and counts the epoch as completed before
+    the final ``last.ckpt`` is written, so a run extended with a larger ``max_steps`` would start a new epoch
+    and skip the rest of the old one. Here the epoch is put back to "started, not finished" (as in a
+    checkpoint written mid-epoch), and the train loader's position to that epoch, so the extended run reads
+    the remaining batches of the epoch first, exactly as one longer run would.
+    """
+    loops = checkpoint.get("loops", {}).get("fit_loop")
+    max_steps = getattr(trainer, "max_steps", -1)
+    if not loops or max_steps is None or max_steps < 0 or trainer.global_step < max_steps:
+        return
+    batches, epochs = loops["epoch_loop.batch_progress"], loops["epoch_progress"]
+    finished = epochs["current"]["completed"] == epochs["current"]["ready"] > 0
+    if batches.get("is_last_batch", True) or not finished or batches["current"]["ready"] == 0:
+        return
+    for counter in (epochs["total"], epochs["current"]):
+        counter["completed"] -= 1
+        counter["processed"] -= 1
+    checkpoint["epoch"] = max(0, checkpoint.get("epoch", 1) - 1)
+    loader_states = loops.get("state_dict", {}).get("combined_loader") or []
+    for state in loader_states:
+        if isinstance(state, dict) and "epoch" in state:
+            state["epoch"] = max(0, state["epoch"] - 1)
+
+
 def restore_rng(checkpoint: dict[str, Any]) -> None:
     """``on_load_checkpoint`` of every stage."""
     if "rng_states" in checkpoint:

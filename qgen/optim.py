@@ -25,7 +25,24 @@ class WarmupCosineLR(LRScheduler):
         if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
             raise ValueError("scheduler: warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
         self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
+        self.auto_total = total_steps is None  # the horizon follows the trainer's max_steps
         super().__init__(optimizer, last_epoch)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the position; a horizon that follows ``max_steps`` is recomputed, not restored.
+
+        A run resumed with a larger ``max_steps`` decays over the new horizon (a message says so) instead of
+        sitting at the old run's floor. A ``total_steps`` set in the config is restored as saved.
+        """
+        current, auto = self.total_steps, self.auto_total and state_dict.get("auto_total", False)
+        super().load_state_dict(state_dict)
+        if auto and current is not None and current != state_dict.get("total_steps"):
+            print(f"scheduler: cosine horizon recomputed from max_steps: {state_dict.get('total_steps')} -> {current} "
+                  f"steps (resumed at step {self.last_epoch})")  # fmt: skip
+            self.total_steps = current
+            self.auto_total = True
+            for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+                group["lr"] = lr
 
     def factor(self, step: int) -> float:
         if step < self.warmup_steps:

@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from qgen.checkpointing import restore_rng, slim_checkpoint
+from qgen.checkpointing import continue_unfinished_epoch, restore_rng, slim_checkpoint
 from qgen.generation import QuestionWriterMixin
 from qgen.models import load_causal_lm
 from qgen.optim import configure_optimizers
@@ -41,6 +41,8 @@ class StageModule(QuestionWriterMixin, L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         slim_checkpoint(self, checkpoint)  # trainable weights only: no frozen base, reference or teacher
+        if self._trainer is not None:
+            continue_unfinished_epoch(self.trainer, checkpoint)  # extending max_steps continues the epoch
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         restore_rng(checkpoint)

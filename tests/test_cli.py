@@ -77,6 +77,39 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, lora):
         assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
 
 
+def test_extending_max_steps_continues_the_epoch_and_the_schedule(tmp_path, capsys):
+    """--trainer.max_steps=10, then 20 with --ckpt_path last (warm-up 3, so the horizon shows):
+
+    - with ``total_steps`` set, the extended run IS the 20-step run: same data order, losses and LRs (before
+      the fix the resumed run started a new epoch and skipped the rest of the first one);
+    - with the default horizon (``max_steps``), it is recomputed at resume (and said so): from step 10 on the
+      LR is the 20-step run's, never the first run's floor.
+    """
+    warm = ["--trainer.callbacks.init_args.every_n_train_steps=1000", "--model.init_args.scheduler.init_args.warmup_steps=3"]
+    fixed = [*warm, "--model.init_args.scheduler.init_args.total_steps=20"]
+    cli_main(_sft_args(tmp_path / "straight", 20, *fixed))
+    cli_main(_sft_args(tmp_path / "fixed", 10, *fixed))
+    cli_main(_sft_args(tmp_path / "fixed", 20, *fixed, "--ckpt_path", "last"))
+    cli_main(_sft_args(tmp_path / "auto", 10, *warm))
+    capsys.readouterr()
+    cli_main(_sft_args(tmp_path / "auto", 20, *warm, "--ckpt_path", "last"))
+    assert "horizon recomputed from max_steps: 10 -> 20" in capsys.readouterr().out
+
+    def run(name, tag):
+        logs = tmp_path / name / "lightning_logs"
+        return {**scalars(logs / "version_0", tag), **scalars(logs / "version_1", tag)} if name != "straight" else \
+            scalars(logs / "version_0", tag)  # fmt: skip
+
+    straight, fixed_loss = run("straight", "train/loss"), run("fixed", "train/loss")
+    assert sorted(fixed_loss) == list(range(20))
+    for step in range(20):
+        assert fixed_loss[step] == pytest.approx(straight[step], abs=1e-6), step
+    straight_lr, auto_lr = run("straight", "train/lr"), run("auto", "train/lr")
+    for step in range(10, 20):
+        assert auto_lr[step] == pytest.approx(straight_lr[step], rel=1e-5), step
+    assert auto_lr[10] > 3 * auto_lr[9]  # the first run had decayed near its floor by step 9; step 10 is back on course
+
+
 @pytest.mark.slow
 def test_sft_cli_trains_and_writes_run_files(tmp_path):
     proc = run_qgen(_sft_args(tmp_path, 30)[0:] + ["--trainer.limit_val_batches=4", "--trainer.val_check_interval=30"])
