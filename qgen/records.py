@@ -92,10 +92,19 @@ def _require(rec: dict, keys: tuple[str, ...], where: str) -> None:
             raise DataError(f"{where}: missing required field '{key}'")
 
 
-def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, object)``; a malformed line raises :class:`DataError` naming file and line."""
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+def iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, object)``; a malformed line raises :class:`DataError` naming file and line. A line
+    that is not UTF-8 is yielded as a :class:`DataError` (naming file, line and byte), for the reader to raise,
+    or to count as skipped under ``skip_invalid``.
+    """
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield lineno, DataError(f"{path}, line {lineno}: not UTF-8 text (byte 0x{raw[err.start]:02x} at "
+                                        f"column {err.start + 1}); re-save the file as UTF-8")  # fmt: skip
+                continue
             if not line.strip():
                 continue
             try:
@@ -105,8 +114,13 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict]]:
 
 
 def load_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
+    with open(path, "rb") as fh:
+        data = fh.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); re-save the file as UTF-8") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
@@ -229,7 +243,16 @@ def convert_mapped(rec: dict, where: str, mapping: dict[str, str], defaults: dic
     if isinstance(out.get("knowledge"), str):
         out["knowledge"] = [out["knowledge"]]
     if "difficulty" in out:
-        out["difficulty"] = float(out["difficulty"])
+        try:
+            out["difficulty"] = float(out["difficulty"])
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: field '{mapping.get('difficulty', 'difficulty')}' must be a number in [0, 1], "
+                            f"got {out['difficulty']!r}") from None  # fmt: skip
+        if not 0.0 <= out["difficulty"] <= 1.0:
+            raise DataError(f"{where}: field '{mapping.get('difficulty', 'difficulty')}' must be in [0, 1], "
+                            f"got {out['difficulty']}")  # fmt: skip
+    if not isinstance(out.get("knowledge", []), list):
+        raise DataError(f"{where}: field '{mapping.get('knowledge', 'knowledge')}' must be a string or a list of strings")
     for key, value in (defaults or {}).items():
         out.setdefault(key, value)
     out.setdefault("id", where)
@@ -294,8 +317,16 @@ def read_source(
         raise DataError(f"unknown source format '{format}' for {path}; supported formats: {', '.join(FORMATS)}")
     unknown = set(defaults) - set(Question.__dataclass_fields__)
     if unknown:
-        fields = ", ".join(Question.__dataclass_fields__)
-        raise DataError(f"source {path}: unknown option(s) {sorted(unknown)}; record fields are: {fields}")
+        import difflib
+
+        options = ["format", "path", "name", "mapping", "split", "skip_invalid"]
+        hints = [f"'{u}' -> did you mean '{m[0]}'?" for u in sorted(unknown)
+                 if (m := difflib.get_close_matches(u, options + list(Question.__dataclass_fields__), n=1))]  # fmt: skip
+        raise DataError(
+            f"source {path}: unknown option(s) {sorted(unknown)}" + (f" ({'; '.join(hints)})" if hints else "")
+            + f"; source options are: {', '.join(options)}; any other key must be a record field given as a "
+            f"default for every record: {', '.join(f for f in Question.__dataclass_fields__ if f != 'source')}"
+        )
     if format == "hf":
         raw = _raw_hf(path, split)
     elif format == "gaokao_bench":
@@ -306,19 +337,22 @@ def read_source(
     records, skipped = [], 0
     for where, rec, ctx in raw:
         try:
+            if isinstance(rec, DataError):  # a line that could not even be decoded
+                raise rec
             if convert is None:
                 fields = convert_mapped(rec, where, mapping or {}, defaults)
             else:
                 if not isinstance(rec, dict):
                     raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
                 fields = convert(rec, where, ctx)
-        except DataError:
+            fields = {**{k: v for k, v in defaults.items() if k not in fields}, **fields}
+            question = Question(source=name or format, **fields)
+        except (TypeError, ValueError) as err:  # DataError included; anything else is named here
             if not skip_invalid:
-                raise
+                raise err if isinstance(err, DataError) else DataError(f"{where}: invalid record ({err})") from None
             skipped += 1
             continue
-        fields = {**{k: v for k, v in defaults.items() if k not in fields}, **fields}
-        records.append(Question(source=name or format, **fields))
+        records.append(question)
     if not records:
         suffix = f" ({skipped} invalid records skipped)" if skipped else ""
         raise DataError(f"source {path} ({format}) holds no records{suffix}")

@@ -31,8 +31,14 @@ def test_stage_config_parses_and_round_trips(config, capsys, tmp_path):
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=os.path.basename)
 def test_overlay_composes_with_every_stage(overlay, capsys):
+    import yaml
+
     for config in STAGE_CONFIGS:
-        assert "sources:" in _print_config(["--config", config, "--config", overlay], capsys)
+        composed = _print_config(["--config", config, "--config", overlay], capsys)
+        assert "sources:" in composed
+        # an overlay of data sources or prompts never changes the stage's lengths
+        alone = yaml.safe_load(_print_config(["--config", config], capsys))["data"]["max_length"]
+        assert yaml.safe_load(composed)["data"]["max_length"] == alone, config
 
 
 def test_unknown_option_is_rejected(capsys):

@@ -142,3 +142,32 @@ def test_shared_record_counts():
     assert len(read_source("gaokao_bench", os.path.join(SHARED, "gaokao_bench")).records) == 2707
     tal = read_source("tal_scq", os.path.join(SHARED, "tal_scq5k/*/*_train_3K.jsonl")).records
     assert len(tal) == 6000 and {r.language for r in tal} == {"zh", "en"}
+
+
+def test_non_utf8_bytes_and_a_bad_difficulty_are_data_errors_that_skip_invalid_counts(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    good = json.dumps({"question": "What is 1+1?", "answer": "2"}).encode()
+    latin1 = json.dumps({"question": "Café?", "answer": "1"}, ensure_ascii=False).encode("latin-1")
+    hard = json.dumps({"question": "Why?", "answer": "1", "difficulty": "hard"}).encode()
+    path.write_bytes(b"\n".join([good, latin1, hard, good]) + b"\n")
+    with pytest.raises(DataError, match=r"mixed.jsonl, line 2: not UTF-8 text \(byte 0xe9"):
+        read_source("jsonl", str(path))
+    path.write_bytes(b"\n".join([good, hard, good]) + b"\n")
+    with pytest.raises(DataError, match=r"mixed.jsonl, line 2: field 'difficulty' must be a number in \[0, 1\], got 'hard'"):
+        read_source("jsonl", str(path))
+    path.write_bytes(b"\n".join([good, latin1, hard, good]) + b"\n")
+    result = read_source("jsonl", str(path), skip_invalid=True)
+    assert len(result.records) == 2 and result.skipped == 2
+    gaokao = tmp_path / "g.json"
+    gaokao.write_bytes(b'{"keywords": "x",\n "example": ["\xff"]}')
+    with pytest.raises(DataError, match=r"g.json, line 2: not UTF-8"):
+        read_source("gaokao_bench", str(gaokao))
+
+
+def test_a_typo_in_a_source_option_lists_the_source_options(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError) as err:
+        read_source("jsonl", path, skip_invlaid=True)
+    message = str(err.value)
+    assert "'skip_invlaid' -> did you mean 'skip_invalid'?" in message
+    assert "source options are: format, path, name, mapping, split, skip_invalid" in message
