@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -55,19 +56,34 @@ DEFAULT_RUBRIC = (
     "solution; appropriate difficulty; originality; and educational value. Reply with one line of the form "
     "'Score: N' where N is an integer from 1 to 10."
 )
-_SCORE_LINE = re.compile(r"(?:score|rating|评分|得分|分数)\s*[:：=]?\s*\**\s*(10|[1-9])(?:\.\d+)?\b", re.IGNORECASE)
-_ANY_SCORE = re.compile(r"\b(10|[1-9])\s*(?:/\s*10|分)?\b")
+_SCORE_LINE = re.compile(r"(?:score|rating|评分|得分|分数)\s*\**\s*[:：=]\s*\**\s*(-?\d+(?:\.\d+)?)(?!\s*[/／]\s*(?!10\b)\d)",
+                         re.IGNORECASE)  # fmt: skip
+_BARE = re.compile(r"^\s*\**\s*(\d+(?:\.\d+)?)\s*(?:/\s*10|分)?\s*\**\s*$")
 _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 
 def parse_rating(content: str) -> int | None:
-    """The 1-10 rating in a judge reply: a 'Score: N' line wins, else the last standalone 1-10 number."""
+    """The explicit 1-10 rating in a judge reply, or ``None`` (a failed rating, counted and logged).
+
+    Only an explicit rating counts: a ``Score: N`` (``Rating``, ``评分`` ...) line outside the reasoning, the
+    last one winning, or a reply that is nothing but the number (``8``, ``8/10``). Reasoning is dropped first,
+    including an unclosed ``<think>`` of a reply cut off mid-thought. A rating outside 1-10 (``Score: -3``,
+    ``Score: 12``) is not clamped into range, and no other number in the text (``2 of 4 parts missing``) is
+    ever taken for a rating.
+    """
     content = _THINK.sub("", content or "")
+    if "<think>" in content:  # cut off inside its reasoning: no verdict was given
+        content = content[: content.index("<think>")]
     found = _SCORE_LINE.findall(content)
-    if found:
-        return int(found[-1])
-    found = _ANY_SCORE.findall(content)
-    return int(found[-1]) if found else None
+    if not found:
+        bare = _BARE.match(content)
+        found = [bare.group(1)] if bare else []
+    if not found:
+        return None
+    value = float(found[-1])
+    if not 1 <= value <= 10:
+        return None
+    return int(value + 0.5)
 
 
 class JudgeError(RuntimeError):
@@ -82,10 +98,15 @@ class OpenAIJudge(RewardCallback):
       logs or checkpoints.
     - At setup the endpoint is probed (``GET /models``): an unreachable server or a rejected key stops the
       run before training starts, with a message naming ``base_url``.
-    - Each request has a bounded ``timeout``; timeouts, connection errors, HTTP 429 and 5xx are retried
-      ``max_retries`` times with exponential backoff (``backoff`` x 2^attempt seconds); other 4xx errors
-      are not retried. After the last retry ``on_error: raise`` stops the run, ``neutral`` scores 0.5 and
-      counts the failure (``train/judge_<name>_failures``).
+    - Each attempt has a total deadline of ``timeout`` seconds (connect, send and every read together: a
+      server that drips a byte at a time cannot hold a step); timeouts, connection errors, HTTP 429 and 5xx
+      are retried ``max_retries`` times with exponential backoff (``backoff`` x 2^attempt seconds, or the
+      server's ``Retry-After`` when it is longer, up to ``max_retry_after``); other 4xx errors are not retried.
+      A reply without an explicit rating (see :func:`parse_rating`) is a failed rating too.
+    - After the last retry ``on_error: raise`` stops the run; ``neutral`` scores 0.5, counts the failure
+      (``train/<prefix>_<name>_failures``) and prints a warning line for the step.
+    - Circuit breaker: after ``max_consecutive_failures`` failed ratings in a row, ``raise`` stops the run and
+      ``neutral`` stops asking for the rest of the run, with a warning line at every step it is skipped.
     - At most ``concurrency`` requests are in flight.
     - Ratings are cached on disk (``cache_dir``, one JSONL file per model), keyed by a hash of the model,
       the rubric and the question text, so reruns and resumed runs do not pay twice.
@@ -96,7 +117,7 @@ class OpenAIJudge(RewardCallback):
         weight: weight of this judge in the cluster.
         api_key_env: environment variable holding the API key (unset = no Authorization header, for local servers).
         rubric: system prompt; must ask for a 1-10 rating ("Score: N").
-        timeout: seconds per request (connect, read and write).
+        timeout: seconds one attempt may take in all (connect, send and every read together).
         max_retries: retries after the first attempt.
         backoff: base of the exponential backoff, seconds.
         concurrency: requests in flight at most.
@@ -104,6 +125,8 @@ class OpenAIJudge(RewardCallback):
         temperature: judge sampling temperature.
         cache_dir: folder of the rating cache; ``null`` = no cache.
         on_error: ``raise`` or ``neutral`` when a question cannot be rated.
+        max_consecutive_failures: failed ratings in a row that open the circuit breaker.
+        max_retry_after: the longest ``Retry-After`` wait honoured, seconds.
         name: component name in logs (several LLM judges can sit side by side).
     """
 
@@ -123,16 +146,23 @@ class OpenAIJudge(RewardCallback):
         cache_dir: str | None = ".qgen_cache/judge",
         on_error: Literal["raise", "neutral"] = "raise",
         name: str = "llm",
+        max_consecutive_failures: int = 8,
+        max_retry_after: float = 60.0,
     ):
         super().__init__(weight)
-        if timeout <= 0 or max_retries < 0 or backoff < 0 or concurrency < 1:
-            raise ValueError("OpenAIJudge: need timeout > 0, max_retries >= 0, backoff >= 0, concurrency >= 1")
+        if timeout <= 0 or max_retries < 0 or backoff < 0 or concurrency < 1 or max_consecutive_failures < 1:
+            raise ValueError("OpenAIJudge: need timeout > 0, max_retries >= 0, backoff >= 0, concurrency >= 1, "
+                             "max_consecutive_failures >= 1")  # fmt: skip
+        self.max_consecutive_failures, self.max_retry_after = max_consecutive_failures, max_retry_after
+        self.consecutive_failures = 0
+        self.tripped = False  # the circuit breaker is open: no more requests this run
         self.base_url, self.model, self.api_key_env, self.rubric = base_url.rstrip("/"), model, api_key_env, rubric
         self.timeout, self.max_retries, self.backoff, self.concurrency = timeout, max_retries, backoff, concurrency
         self.max_tokens, self.temperature, self.on_error, self.name = max_tokens, temperature, on_error, name
         self.cache_dir = cache_dir
         self.cache: dict[str, int] = {}
         self.requests = self.cache_hits = self.failures = 0
+        self.last_error = ""
         self._client = None
         self._lock = threading.Lock()
 
@@ -205,6 +235,52 @@ class OpenAIJudge(RewardCallback):
             fh.writelines(json.dumps({"key": k, "rating": v}) + "\n" for k, v in ratings.items())
 
     # -------------------------------------------------------------------------------------------- requests
+    def _post(self, body: dict) -> tuple[int, dict, bytes]:
+        """One attempt under a total deadline of ``timeout`` seconds: ``(status, headers, body)``.
+
+        The request runs in a daemon thread that streams the body and gives up at the deadline; should the
+        server stall inside the headers, the thread is left behind (a daemon: it never blocks the exit) and
+        this attempt fails at the deadline all the same.
+        """
+        deadline = time.monotonic() + self.timeout
+        result: dict = {}
+
+        def work() -> None:
+            try:
+                with self._client.stream("POST", "/chat/completions", json=body) as response:
+                    chunks = []
+                    for chunk in response.iter_bytes():
+                        chunks.append(chunk)
+                        if time.monotonic() > deadline:
+                            raise TimeoutError("total deadline")
+                    result["value"] = (response.status_code, dict(response.headers), b"".join(chunks))
+            except BaseException as err:  # noqa: BLE001 - handed to the caller
+                result["error"] = err
+
+        worker = threading.Thread(target=work, daemon=True, name="qgen-judge-request")
+        worker.start()
+        worker.join(max(0.0, deadline - time.monotonic()) + 0.05)
+        if worker.is_alive() or isinstance(result.get("error"), TimeoutError):
+            raise TimeoutError(f"no complete reply within {self.timeout:g} s")
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
+
+    def _retry_after(self, headers: dict) -> float:
+        value = {k.lower(): v for k, v in headers.items()}.get("retry-after")
+        if not value:
+            return 0.0
+        try:
+            seconds = float(value)
+        except ValueError:
+            from email.utils import parsedate_to_datetime
+
+            try:
+                seconds = parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError):
+                return 0.0
+        return min(max(seconds, 0.0), self.max_retry_after)
+
     def rate(self, question: str) -> int | None:
         """One rating, with retries; ``None`` (or :class:`JudgeError` with ``on_error: raise``) on failure."""
         body = {
@@ -213,50 +289,85 @@ class OpenAIJudge(RewardCallback):
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
         }
-        last = ""
+        last, attempts, wait = "", 0, 0.0
         for attempt in range(self.max_retries + 1):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                time.sleep(max(self.backoff * 2 ** (attempt - 1), wait))
+            wait = 0.0
+            attempts += 1
             with self._lock:
                 self.requests += 1
             try:
-                response = self._client.post("/chat/completions", json=body)
-            except httpx.TransportError as err:  # timeouts included
-                last = type(err).__name__
+                status, headers, content = self._post(body)
+            except (httpx.TransportError, TimeoutError) as err:  # timeouts included
+                last = f"{type(err).__name__}: {err}" if isinstance(err, TimeoutError) else type(err).__name__
                 continue
-            if response.status_code == 429 or response.status_code >= 500:
-                last = f"HTTP {response.status_code}"
+            if status == 429 or status >= 500:
+                last, wait = f"HTTP {status}", self._retry_after(headers)
                 continue
-            if response.status_code >= 400:
-                last = f"HTTP {response.status_code}"
+            if status >= 400:
+                last = f"HTTP {status}"
                 break  # a bad request does not get better by repeating it
             try:
-                rating = parse_rating(response.json()["choices"][0]["message"].get("content") or "")
+                reply = json.loads(content)["choices"][0]["message"].get("content") or ""
+                rating = parse_rating(reply)
             except (ValueError, KeyError, IndexError, TypeError):
                 rating, last = None, "malformed response"
+            else:
+                last = f"no explicit 1-10 rating in the reply ({reply.strip()[-80:]!r})" if rating is None else ""
             if rating is not None:
+                with self._lock:
+                    self.consecutive_failures = 0
                 return rating
-            last = last or "no 1-10 rating in the reply"
         with self._lock:
             self.failures += 1
+            self.consecutive_failures += 1
+            self.last_error = last
+            if self.consecutive_failures >= self.max_consecutive_failures:
+                self.tripped = True
+        plural = "attempt" if attempts == 1 else "attempts"
         if self.on_error == "raise":
-            raise JudgeError(f"OpenAIJudge: {self.base_url} could not rate a question after "
-                             f"{self.max_retries + 1} attempts (last: {last})")  # fmt: skip
+            raise JudgeError(f"OpenAIJudge: {self.base_url} could not rate a question after {attempts} {plural} "
+                             f"(last: {last})")  # fmt: skip
         return None
 
     def score(self, batch: ScoringBatch) -> RewardOutput:
+        if self.tripped:
+            self._warn(f"skipped: the circuit breaker opened after {self.consecutive_failures} failed ratings in a "
+                       f"row (last: {self.last_error}); every question scores 0.5 for the rest of the run")  # fmt: skip
+            return RewardOutput(np.full(len(batch.texts), 0.5, dtype=np.float32))
         if self._client is None:
             self.connect(check=False)
         questions = [t for t in batch.texts]
         keys = [self.cache_key(q) for q in questions]
         missing = {k: q for k, q in zip(keys, questions) if k not in self.cache}
         self.cache_hits += len(keys) - len(missing)
+        failed_before = self.failures
         if missing:
-            with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-                ratings = dict(zip(missing, pool.map(self.rate, missing.values())))
-            self._store({k: v for k, v in ratings.items() if v is not None})
+            ratings = self._rate_all(list(missing.values()))
+            self._store({k: v for k, v in zip(missing, ratings) if v is not None})
+        failed = self.failures - failed_before
+        if failed:
+            self._warn(f"{failed} of {len(missing)} ratings failed this step (last: {self.last_error}); they score 0.5")
+        if self.tripped and self.on_error == "raise":
+            raise JudgeError(f"OpenAIJudge: {self.consecutive_failures} failed ratings in a row from {self.base_url} "
+                             f"(last: {self.last_error}); stopping")  # fmt: skip
         values = [(self.cache[k] - 1) / 9 if k in self.cache else 0.5 for k in keys]
         return RewardOutput(np.array(values, dtype=np.float32))
+
+    def _rate_all(self, questions: list[str]) -> list[int | None]:
+        """Rate in ``concurrency`` threads; once the breaker opens, the questions not yet sent are not sent."""
+
+        def guarded(question: str) -> int | None:
+            if self.tripped:
+                return None
+            return self.rate(question)
+
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(guarded, questions))
+
+    def _warn(self, message: str) -> None:
+        print(f"qgen: warning: judge {self.name} ({self.base_url}): {message}", file=sys.stderr, flush=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -14,6 +14,9 @@ class JudgeServer:
         self.fail_first = 0  # answer the first N chat requests with HTTP 500
         self.delay = 0.0  # seconds before answering a chat request
         self.models_status = 200
+        self.drip = 0.0  # > 0: send the reply body one byte at a time, this many seconds apart
+        self.script: list[tuple[int, dict]] = []  # (status, headers) answers for the next chat requests, in order
+        self.content: str | None = None  # the reply text instead of the default one
         self.requests: list[dict] = []  # {"path", "authorization", "body"}
         self.lock = threading.Lock()
         server = self
@@ -22,14 +25,22 @@ class JudgeServer:
             def log_message(self, *args):  # keep test output quiet
                 pass
 
-            def _reply(self, status, payload):
+            def _reply(self, status, payload, headers=None, drip=0.0):
                 data = json.dumps(payload).encode()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
+                    for key, value in (headers or {}).items():
+                        self.send_header(key, value)
                     self.end_headers()
-                    self.wfile.write(data)
+                    if not drip:
+                        self.wfile.write(data)
+                        return
+                    for i in range(len(data)):  # a server that never stalls long enough for a read timeout
+                        self.wfile.write(data[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(drip)
                 except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
                     pass
 
@@ -45,8 +56,16 @@ class JudgeServer:
                 if n <= server.fail_first:
                     self._reply(500, {"error": "internal"})
                     return
-                content = f"<think>weighing it up: 3 or 9?</think>The question is fine.\nScore: {server.rating}"
-                self._reply(200, {"choices": [{"message": {"role": "assistant", "content": content}}]})
+                with server.lock:
+                    scripted = server.script.pop(0) if server.script else None
+                if scripted is not None:
+                    self._reply(scripted[0], {"error": "scripted"}, scripted[1])
+                    return
+                content = server.content
+                if content is None:
+                    content = f"<think>weighing it up: 3 or 9?</think>The question is fine.\nScore: {server.rating}"
+                self._reply(200, {"choices": [{"message": {"role": "assistant", "content": content}}]},
+                            drip=server.drip)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"

@@ -34,8 +34,14 @@ def test_parse_rating():
     assert parse_rating("Score: 8") == 8
     assert parse_rating("<think>maybe 2</think> I give it **Score: 10**") == 10
     assert parse_rating("评分：6 分") == 6
-    assert parse_rating("overall 4/10") == 4
+    assert parse_rating("Rating: 3/10") == 3 and parse_rating("8/10") == 8 and parse_rating("7") == 7
     assert parse_rating("no number here") is None
+    # only an explicit rating outside the reasoning counts; anything else is a failed rating
+    assert parse_rating("Score: -3") is None and parse_rating("Score: 12") is None
+    assert parse_rating("<think>this deserves a 9 because") is None  # cut off inside <think>
+    assert parse_rating("2 of 4 parts missing") is None and parse_rating("overall 4/10") is None
+    assert parse_rating("Answer: 12+12+12+12+1") is None  # a real server's reply with no rating at all
+    assert parse_rating("Score: 9\nOn reflection, Score: 4") == 4
 
 
 def test_ratings_cache_hits_and_auth_header(tmp_path, monkeypatch):
@@ -87,7 +93,7 @@ def test_timeout_is_bounded_and_retried(tmp_path):
         server.delay = 1.5
         j = judge(server, tmp_path, timeout=0.3, max_retries=1, cache_dir=None)
         started = time.perf_counter()
-        with pytest.raises(JudgeError, match="ReadTimeout"):
+        with pytest.raises(JudgeError, match="ReadTimeout|TimeoutError"):
             j.rate(QUESTIONS[0])
         assert time.perf_counter() - started < 1.4  # two 0.3 s attempts, not two 1.5 s waits
         assert server.chat_requests() == 2
@@ -146,3 +152,56 @@ def test_the_api_key_reaches_the_server_but_no_file_or_log(tmp_path, monkeypatch
             assert secret.encode() not in fh.read(), path
     out = capsys.readouterr()
     assert secret not in out.out and secret not in out.err
+
+
+def test_a_dripping_server_is_cut_off_at_the_total_deadline(tmp_path):
+    """One byte every 0.2 s never trips a 1 s read timeout; the 1 s total deadline per attempt ends it."""
+    import time
+
+    with JudgeServer() as server:
+        server.drip = 0.2
+        j = judge(server, tmp_path, timeout=1.0, max_retries=1, backoff=0.0, cache_dir=None)
+        started = time.perf_counter()
+        with pytest.raises(JudgeError, match="within 1 s"):
+            j.rate(QUESTIONS[0])
+        assert time.perf_counter() - started < 3.5  # two 1 s attempts (the reply alone would take ~25 s)
+
+
+def test_circuit_breaker_stops_or_skips_loudly(tmp_path, capsys):
+    with JudgeServer() as server:
+        server.fail_first = 10**6
+        stop = judge(server, tmp_path, max_retries=0, cache_dir=None, concurrency=1, max_consecutive_failures=2,
+                     on_error="raise")  # fmt: skip
+        with pytest.raises(JudgeError):
+            stop.score(batch(QUESTIONS))
+        neutral = judge(server, tmp_path, max_retries=0, cache_dir=None, concurrency=1, max_consecutive_failures=2,
+                        on_error="neutral")  # fmt: skip
+        sent = server.chat_requests()
+        assert neutral.score(batch(QUESTIONS)).values.tolist() == [0.5, 0.5, 0.5]
+        assert server.chat_requests() - sent == 2  # the third question is not sent once the breaker is open
+        assert "2 of 3 ratings failed this step" in capsys.readouterr().err
+        assert neutral.score(batch(["Question: new?\nAnswer: 1"])).values.tolist() == [0.5]
+        assert server.chat_requests() - sent == 2
+        assert "circuit breaker opened after 2 failed ratings" in capsys.readouterr().err
+
+
+def test_retry_after_is_honoured_and_a_401_says_one_attempt(tmp_path):
+    import time
+
+    with JudgeServer() as server:
+        server.script = [(429, {"Retry-After": "1"})]
+        j = judge(server, tmp_path, max_retries=2, backoff=0.0, cache_dir=None)
+        started = time.perf_counter()
+        assert j.rate(QUESTIONS[0]) == 7
+        assert time.perf_counter() - started >= 0.95
+        server.script = [(401, {})]
+        with pytest.raises(JudgeError, match=r"after 1 attempt \(last: HTTP 401\)"):
+            j.rate(QUESTIONS[1])
+
+
+def test_replies_without_a_rating_are_failed_ratings_not_ones(tmp_path):
+    with JudgeServer() as server:
+        server.content = "Answer: 12+12+12+12+1"
+        j = judge(server, tmp_path, max_retries=0, cache_dir=None, on_error="neutral", max_consecutive_failures=100)
+        assert j.score(batch(QUESTIONS)).values.tolist() == [0.5, 0.5, 0.5]
+        assert j.failures == 3
