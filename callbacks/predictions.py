@@ -97,7 +97,8 @@ class PredictionWriter(BasePredictionWriter):
         difficulty = (self.difficulty or DifficultyModel()).predict(
             questions, [r["analysis"] for r in rows], [r.get("subject", "") for r in rows]
         )
-        sims = self.bank.max_similarity(questions) if self.bank is not None else np.zeros(len(rows))
+        sims = (self.bank.near_copy_similarity(questions, self.threshold)[0] if self.bank is not None
+                else np.zeros(len(rows)))  # exact where it decides a near-copy  # fmt: skip
         for row, d, s in zip(rows, difficulty, sims):
             parsed = ParsedQuestion(row["question"], row["answer"], row["analysis"], row["options"], row["valid"])
             knowledge = row.get("knowledge") or []

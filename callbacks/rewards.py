@@ -120,7 +120,8 @@ class NoveltyReward(RewardCallback):
         weight: weight of this component in the total reward.
         threshold: similarity above which a question counts as a near-copy.
         penalty: multiplier of the total reward of a near-copy.
-        top_k: n-grams kept per question vector (``null`` = exact cosine; see ``qgen.scoring.NoveltyIndex``).
+        top_k: n-grams kept per question vector of the fast index that estimates the similarity below the
+            threshold (``null`` = exact cosine everywhere); the near-copy decision is always exact.
     """
 
     name = "novelty"
@@ -147,8 +148,10 @@ class NoveltyReward(RewardCallback):
 
     def score(self, batch: ScoringBatch) -> RewardOutput:
         questions = [p.question or t for p, t in zip(batch.parsed, batch.texts)]
-        sims = self.index.max_similarity(questions) if self.index is not None else np.zeros(len(questions), np.float32)
-        near_copy = sims > self.threshold
+        if self.index is not None:  # the penalty is decided on the exact cosine, never on the pruned estimate
+            sims, near_copy = self.index.near_copy_similarity(questions, self.threshold)
+        else:
+            sims, near_copy = np.zeros(len(questions), np.float32), np.zeros(len(questions), bool)
         self._pending = [q for q, bad in zip(questions, near_copy) if q.strip() and not bad]
         return RewardOutput(1.0 - sims, np.where(near_copy, self.penalty, 1.0).astype(np.float32), {"similarity": sims})
 

@@ -220,7 +220,7 @@ def evaluate_generations(rows: list[dict[str, Any]], train_records: list[Questio
     parsed = [parse_question(r["text"]) for r in rows]
     texts, refs, langs = [r["text"] for r in rows], [r["reference"] for r in rows], [r["language"] for r in rows]
     questions = [p.question or t for p, t in zip(parsed, texts)]
-    sims = NoveltyIndex([r.question for r in train_records]).max_similarity(questions)
+    sims = NoveltyIndex([r.question for r in train_records]).near_copy_similarity(questions, threshold)[0]
     difficulty = DifficultyModel().fit(train_records).predict(questions, [p.analysis for p in parsed],
                                                               [r["subject"] for r in rows])  # fmt: skip
     out: dict[str, Any] = {"examples": len(rows)}

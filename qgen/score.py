@@ -39,7 +39,8 @@ def score_records(records: list[Question], difficulty: DifficultyModel, bank: No
     """One result row per record (see the module docstring)."""
     questions = [r.question for r in records]
     predicted = difficulty.predict(questions, [r.analysis for r in records], [r.subject for r in records])
-    novelty = 1.0 - bank.max_similarity(questions) if bank is not None else np.full(len(records), np.nan)
+    novelty = (1.0 - bank.near_copy_similarity(questions, threshold)[0] if bank is not None
+               else np.full(len(records), np.nan))  # fmt: skip
     sims, where = (
         reference.nearest(questions) if reference is not None else (np.zeros(len(records)), -np.ones(len(records), int))
     )

@@ -121,6 +121,10 @@ class NoveltyIndex:
         self._blocks = [self._weigh(counts).T.tocsr()]  # [F, bank] blocks: rows are inverted lists
         self.texts: list[str] = []  # questions added after fitting, in order
         self.initial_size = len(bank)
+        # the exact side (near-copy decisions): full unit TF-IDF rows, and per threshold a prefix-filter index
+        self.df = np.bincount(counts.indices, minlength=n_features)
+        self._full = [self.tfidf.transform(counts).astype(np.float32).tocsr()]  # [bank, F] blocks
+        self._prefix: dict[float, list[sp.csr_matrix]] = {}  # threshold -> [F, bank] 0/1 blocks
 
     def _weigh(self, counts: sp.csr_matrix) -> sp.csr_matrix:
         weights = self.tfidf.transform(counts).astype(np.float32).tocsr()
@@ -137,10 +141,80 @@ class NoveltyIndex:
 
     def add(self, texts: list[str]) -> None:
         if texts:
-            self._blocks.append(self.vectorize(texts).T.tocsr())
+            counts = self.hasher.transform(texts)
+            self._blocks.append(self._weigh(counts).T.tocsr())
+            full = self.tfidf.transform(counts).astype(np.float32).tocsr()
+            self._full.append(full)
+            for threshold, blocks in self._prefix.items():
+                blocks.append(self._prefix_block(full, threshold))
             self.texts.extend(texts)
             if len(self._blocks) > 8:  # keep the product a few big blocks, not many small ones
                 self._blocks = [sp.hstack(self._blocks, format="csr")]
+                self._full = [sp.vstack(self._full, format="csr")]
+                self._prefix = {t: [sp.hstack(b, format="csr")] for t, b in self._prefix.items()}
+
+    # ------------------------------------------------------------------------------ exact near-copy decision
+    def _prefix_block(self, full: sp.csr_matrix, threshold: float) -> sp.csr_matrix:
+        """``[F, n]`` 0/1: each row's *prefix* features (prefix filtering, Bayardo et al. 2007).
+
+        A row's features are ordered from the most common in the bank (highest document frequency) to the
+        rarest; its suffix is the longest run of common features whose squared weights sum to less than
+        ``threshold**2``, its prefix the rest. For unit vectors ``cos(q, b) = q.b_prefix + q.b_suffix`` and
+        ``q.b_suffix <= |b_suffix| < threshold``, so every ``b`` with ``cos(q, b) >= threshold`` shares a
+        prefix feature with ``q``: candidates from the prefix lists miss no near-copy, while the long lists of
+        common n-grams (``"the "``, ``"已知"``) mostly stay out of the index.
+        """
+        rows, cols = [], []
+        limit = threshold * threshold
+        for r in range(full.shape[0]):
+            start, end = full.indptr[r], full.indptr[r + 1]
+            idx, w = full.indices[start:end], full.data[start:end]
+            order = np.argsort(-self.df[idx], kind="stable")  # most common first
+            suffix_mass = np.cumsum(w[order].astype(np.float64) ** 2)
+            in_suffix = int(np.searchsorted(suffix_mass, limit, side="left"))  # common features with mass < limit
+            prefix = idx[order[in_suffix:]]
+            rows.append(np.full(len(prefix), r, dtype=np.int64))
+            cols.append(prefix)
+        rows_a = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        cols_a = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+        mat = sp.csr_matrix((np.ones(len(rows_a), np.float32), (cols_a, rows_a)), shape=(full.shape[1], full.shape[0]))
+        return mat
+
+    def exact_similarity_above(self, texts: list[str], threshold: float) -> np.ndarray:
+        """``[n]``: the exact TF-IDF cosine to the most similar bank question when it is at least ``threshold``,
+        else ``-1``. Exact: full vectors (no top-k pruning, no dropped n-grams), and no near-copy is missed
+        (prefix-filtered candidates, then the exact cosine of each).
+        """
+        key = float(threshold)
+        if key not in self._prefix:
+            self._prefix[key] = [self._prefix_block(full, key) for full in self._full]
+        counts = self.hasher.transform(texts)
+        q = self.tfidf.transform(counts).astype(np.float32).tocsr()  # [n, F] unit rows
+        present = q.copy()
+        present.data[:] = 1.0
+        best = np.full(len(texts), -1.0, dtype=np.float32)
+        for full, prefix in zip(self._full, self._prefix[key]):
+            hits = (present @ prefix).tocsr()  # [n, block]: > 0 where a bank row shares a prefix feature
+            for i in range(len(texts)):
+                cands = hits.indices[hits.indptr[i] : hits.indptr[i + 1]]
+                if len(cands):
+                    sims = (full[cands] @ q[i].T).toarray().ravel()
+                    top = float(sims.max())
+                    if top >= threshold and top > best[i]:
+                        best[i] = top
+        return best
+
+    def near_copy_similarity(self, texts: list[str], threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """``([n] similarity, [n] bool near-copy)`` with the near-copy decision taken on the exact cosine.
+
+        Where the exact cosine exceeds ``threshold`` the similarity is that exact value; elsewhere it is the
+        fast index's estimate capped at ``threshold`` (the pruned index can overshoot the exact cosine), so no
+        reported similarity above the threshold goes without the near-copy decision, and no near-copy is missed.
+        """
+        exact = self.exact_similarity_above(texts, threshold)
+        near = exact > threshold
+        approx = np.minimum(self.max_similarity(texts), threshold)
+        return np.where(near, exact, approx).astype(np.float32), near
 
     def max_similarity(self, texts: list[str]) -> np.ndarray:
         """``[n]`` highest cosine similarity of each text to any question in the bank (the reward's hot path:

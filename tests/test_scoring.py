@@ -3,6 +3,7 @@
 import os
 import re
 
+import numpy as np
 import pytest
 from conftest import ROOT, SHARED, needs_shared
 
@@ -101,3 +102,40 @@ def test_difficulty_model_learns_labels_and_falls_back():
     untrained = DifficultyModel().predict(["Short?"], [""])
     assert untrained[0] == pytest.approx(heuristic_difficulty("Short?"))
     assert heuristic_difficulty("Prove that the maximum of $x$ ..." * 20) > heuristic_difficulty("What is 1+1?")
+
+
+def _exact_cosine(bank, queries):
+    """Brute force: the same hashed, sublinear TF-IDF as NoveltyIndex, full vectors, dense product."""
+    index = NoveltyIndex(bank, top_k=None)
+    b = index.tfidf.transform(index.hasher.transform(bank)).toarray()
+    q = index.tfidf.transform(index.hasher.transform(queries)).toarray()
+    return (q @ b.T).max(axis=1)
+
+
+def test_the_near_copy_decision_is_exact_where_the_pruned_index_is_not(bundled_bank):
+    """Queries made from bank questions with growing damage (words dropped) put the exact cosine on both
+    sides of 0.85; the decision must equal brute force on every one of them, whatever the pruned index says.
+    """
+    import random
+
+    rng = random.Random(0)
+    bank = bundled_bank[:300]
+    queries = []
+    for text in bank[:150]:
+        words = text.split()
+        for drop in (0.1, 0.2, 0.35):
+            kept = [w for w in words if rng.random() > drop] or words[:1]
+            queries.append(" ".join(kept) if len(words) > 3 else text[: max(1, int(len(text) * (1 - drop)))])
+    exact = _exact_cosine(bank, queries)
+    index = NoveltyIndex(bank)  # the default pruned index (top_k=64)
+    sims, near = index.near_copy_similarity(queries, 0.85)
+    assert near.tolist() == (exact > 0.85).tolist()
+    np.testing.assert_allclose(sims[near], exact[near], atol=1e-5)
+    assert (sims[~near] <= 0.85).all()
+    assert 10 < near.sum() < len(queries) - 10  # both sides of the threshold are exercised
+    flips = ((index.max_similarity(queries) > 0.85) != (exact > 0.85)).sum()
+    print(f"pruned-index decision flips: {flips} of {len(queries)}")
+    # questions added to the bank are covered too
+    index.add(["A brand new question about the volume of a cone of radius 3 and height 4?"])
+    _, near_new = index.near_copy_similarity(["A brand new question about the volume of a cone of radius 3 and height 4?"], 0.85)
+    assert near_new.tolist() == [True]
