@@ -152,7 +152,8 @@ class NoveltyReward(RewardCallback):
             sims, near_copy = self.index.near_copy_similarity(questions, self.threshold)
         else:
             sims, near_copy = np.zeros(len(questions), np.float32), np.zeros(len(questions), bool)
-        self._pending = [q for q, bad in zip(questions, near_copy) if q.strip() and not bad]
+        # a step may be scored in several chunks: the bank grows once, after the step (on_train_batch_end)
+        self._pending.extend(q for q, bad in zip(questions, near_copy) if q.strip() and not bad)
         return RewardOutput(1.0 - sims, np.where(near_copy, self.penalty, 1.0).astype(np.float32), {"similarity": sims})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

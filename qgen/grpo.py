@@ -34,7 +34,7 @@ from qgen.generation import GenerationSpec
 from qgen.losses import gathered_std, grpo_loss
 from qgen.models import LoraSpec, add_lora, causal_lm_nll, load_policy, load_trainable_weights
 from qgen.rollouts import StepRollouts
-from qgen.sampling import Rollout, completion_logprobs, concat_rollouts, generate_group
+from qgen.sampling import Rollout, completion_logprobs, generate_group
 from qgen.scoring import RewardOutput, combine_scores
 from qgen.sft import default_optimizer, default_scheduler
 from qgen.stage import StageModule
@@ -68,7 +68,8 @@ class GRPOModule(StageModule):
             shared by the G completions) when computing log-probs; same values and gradients, a fraction of
             the cost. Ignored under gradient checkpointing, which disables the KV cache.
         generation_batch_size: prompts per ``generate`` call when the step's rollouts are made (all
-            ``accumulate_grad_batches`` micro-batches at its first one); ``null`` = all in one call.
+            ``accumulate_grad_batches`` micro-batches at its first one); ``null`` = all in one call. Each
+            call's questions are scored (e.g. by an LLM judge) while the next call generates.
         optimizer: optimizer factory.
         scheduler: LR scheduler factory.
     """
@@ -187,14 +188,15 @@ class GRPOModule(StageModule):
         prompts = [[dataset.input_ids[i][: dataset.prompt_lengths[i]] for i in mb] for mb in window[micro:]]
         records = [[dataset.examples[i].record for i in mb] for mb in window[micro:]]
 
-        def generate(flat: list[list[int]]) -> Rollout:
+        def generate(flat: list[list[int]]):
             step = hp.generation_batch_size or len(flat)
-            parts = [generate_group(self.model, self.tokenizer, flat[i : i + step], g, hp.max_new_tokens,
-                                    hp.temperature, hp.top_p) for i in range(0, len(flat), step)]  # fmt: skip
-            return concat_rollouts(parts, self.tokenizer.pad_token_id)
+            for i in range(0, len(flat), step):
+                yield generate_group(self.model, self.tokenizer, flat[i : i + step], g, hp.max_new_tokens,
+                                     hp.temperature, hp.top_p)  # fmt: skip
 
         self._rollouts = StepRollouts(key, prompts, records, micro, g, generate, self.score, hp.advantage,
-                                      self.trainer.accumulate_grad_batches, self.trainer.world_size)  # fmt: skip
+                                      self.trainer.accumulate_grad_batches, self.trainer.world_size,
+                                      pad_id=self.tokenizer.pad_token_id)  # fmt: skip
         return self._rollouts, micro
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

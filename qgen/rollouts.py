@@ -8,9 +8,10 @@ processes). Both are known only once the whole step has generated. So at the ste
 (the sampler hands each micro-batch the indices of the step's micro-batches), counts the completion tokens
 over all ranks, and starts scoring; the later micro-batches take their share from it.
 
-Scoring (reward callbacks, possibly an LLM judge over HTTP) runs in a background thread while the first
+Scoring (reward callbacks, possibly an LLM judge over HTTP) runs in a background thread: each chunk of
+the step's generation is scored while the next chunk generates, the last one while the first
 micro-batch computes its log-prob forward passes; :meth:`StepRollouts.micro` joins it before the loss,
-so rewards are never stale.
+so rewards are never stale (they are always of this step's samples, from the policy being updated).
 
 This is also the seam for a generation backend: ``generate`` is any callable from token-id prompts to a
 :class:`qgen.sampling.Rollout`.
@@ -23,10 +24,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from qgen.losses import group_advantages
-from qgen.sampling import Rollout
+from qgen.sampling import Rollout, concat_rollouts
 from qgen.scoring import RewardOutput
 
 
@@ -55,6 +57,16 @@ def _all_reduce_sum(value: float) -> float:
     return float(t.item())
 
 
+def _concat_outputs(outs: list[RewardOutput]) -> RewardOutput:
+    if len(outs) == 1:
+        return outs[0]
+    factor = None if all(o.factor is None for o in outs) else np.concatenate(
+        [o.factor if o.factor is not None else np.ones(len(o.values), np.float32) for o in outs])  # fmt: skip
+    keys = set.intersection(*(set(o.extra) for o in outs))
+    return RewardOutput(np.concatenate([np.asarray(o.values) for o in outs]), factor,
+                        {k: np.concatenate([o.extra[k] for o in outs]) for k in keys})  # fmt: skip
+
+
 def _slice_output(out: RewardOutput, start: int, end: int) -> RewardOutput:
     return RewardOutput(
         out.values[start:end],
@@ -72,24 +84,40 @@ class StepRollouts:
         micro_records: for each micro-batch, the records behind its prompts (one per prompt).
         first: position of the first generated micro-batch in the step (0 unless resumed mid-step).
         group_size: completions per prompt.
-        generate: ``prompts -> Rollout`` (all of the step's prompts in one call, or in chunks).
-        score: ``(rollout, records per completion) -> (rewards [N], components)``.
+        generate: ``prompts -> iterable of Rollout``: the step's prompts in chunks of whole prompts, in order;
+            each chunk is scored as soon as it is generated, while the next one generates.
+        score: ``(rollout, records per completion) -> (rewards [n], components)``, called once per chunk (in
+            order, from one background thread).
         advantage: the advantage mode (:func:`qgen.losses.group_advantages`).
         micro_batches: the step's number of micro-batches (``accumulate_grad_batches``); with the world size
             it turns the step's token count into the per-micro-batch normaliser.
         world_size: ranks taking part.
-        background: score in a thread while the first micro-batch runs its forward passes.
+        background: score in a thread while later chunks generate and the first micro-batch runs its forward passes.
+        pad_id: the tokenizer's padding id (to join the chunks).
     """
 
     def __init__(self, key, micro_prompts: list[list[list[int]]], micro_records: list[list], first: int,
                  group_size: int, generate: Callable[[list[list[int]]], Rollout], score: Callable,
-                 advantage: str, micro_batches: int, world_size: int = 1, background: bool = True):  # fmt: skip
+                 advantage: str, micro_batches: int, world_size: int = 1, background: bool = True,
+                 pad_id: int = 0):  # fmt: skip
         self.key, self.first, self.group_size, self.advantage = key, first, group_size, advantage
         self.micro_prompts = micro_prompts
         prompts = [p for mp in micro_prompts for p in mp]
-        started = time.perf_counter()
-        self.rollout = generate(prompts)
+        records = [r for mr in micro_records for r in mr for _ in range(group_size)]
+        # each chunk is scored as soon as it exists (in the background), while the next chunk generates
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qgen-score") if background else None
+        self._scores: list[Future | tuple] = []
+        chunks, done, started = [], 0, time.perf_counter()
+        for chunk in generate(prompts):
+            rows = slice(done, done + len(chunk.texts))
+            done += len(chunk.texts)
+            chunks.append(chunk)
+            if self._pool is not None:
+                self._scores.append(self._pool.submit(score, chunk, records[rows]))
+            else:
+                self._scores.append(score(chunk, records[rows]))
         self.gen_seconds = time.perf_counter() - started
+        self.rollout = concat_rollouts(chunks, pad_id)
         bounds, start = [], 0
         for mp in micro_prompts:
             bounds.append((start, start + len(mp) * group_size))
@@ -99,13 +127,6 @@ class StepRollouts:
         local_tokens = float(self.rollout.completion_mask.sum())
         self.step_tokens = _all_reduce_sum(local_tokens)  # every rank generates its step: same call count
         self.token_normalizer = max(self.step_tokens, 1.0) / (world_size * micro_batches)
-        records = [r for mr in micro_records for r in mr for _ in range(group_size)]
-        self._pool: ThreadPoolExecutor | None = None
-        if background:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qgen-score")
-            self._scores: Future | tuple = self._pool.submit(score, self.rollout, records)
-        else:
-            self._scores = score(self.rollout, records)
         self.rewards: torch.Tensor | None = None
         self.components: dict[str, RewardOutput] = {}
         self.advantages: torch.Tensor | None = None
@@ -120,15 +141,13 @@ class StepRollouts:
     def _join(self) -> None:
         if self.rewards is not None:
             return
-        if isinstance(self._scores, Future):
-            try:
-                rewards, components = self._scores.result()
-            finally:
+        try:
+            parts = [s.result() if isinstance(s, Future) else s for s in self._scores]
+        finally:
+            if self._pool is not None:
                 self._pool.shutdown(wait=False)
-        else:
-            rewards, components = self._scores
-        self.rewards = torch.as_tensor(rewards, dtype=torch.float32).detach()
-        self.components = components
+        self.rewards = torch.cat([torch.as_tensor(r, dtype=torch.float32).reshape(-1) for r, _ in parts]).detach()
+        self.components = {name: _concat_outputs([c[name] for _, c in parts]) for name in parts[0][1]}
         g = self.group_size
         # batch_std: the std over the whole step, gathered over ranks (every rank joins at its first micro-batch)
         self.advantages = group_advantages(self.rewards.view(-1, g), self.advantage).view(-1)

@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -39,7 +40,7 @@ def test_one_generation_per_step_and_step_level_token_normaliser():
 
     def generate(prompts):
         calls.append(prompts)
-        return fake_rollout(prompts, g, lengths)
+        yield fake_rollout(prompts, g, lengths)
 
     def score(rollout, records):
         assert records == ["a", "a", "b", "b", "c", "c", "d", "d"]
@@ -77,7 +78,7 @@ def test_scoring_runs_in_the_background_and_errors_surface_at_the_join():
     def score(rollout, records):
         raise RuntimeError("judge down")
 
-    step = StepRollouts("k", [[[1]]], [["a"]], 0, 2, lambda p: fake_rollout(p, 2, [1, 2]), score, "group_std", 1)
+    step = StepRollouts("k", [[[1]]], [["a"]], 0, 2, lambda p: [fake_rollout(p, 2, [1, 2])], score, "group_std", 1)
     step.rollout_of(0)  # available before the scores
     with pytest.raises(RuntimeError, match="judge down"):
         step.micro(0)
@@ -99,7 +100,7 @@ def _two_ranks(rank, world, port, out):
         rewards = [torch.tensor([[0.0, 1.0], [2.0, 2.0]]), torch.tensor([[5.0, 7.0], [1.0, 1.0]])][rank]
         std = gathered_std(rewards)
         lengths = [[1, 2, 3, 4], [5, 5, 1, 1]][rank]
-        step = StepRollouts("k", [[[1], [2]]], [["a", "b"]], 0, 2, lambda p: fake_rollout(p, 2, lengths),
+        step = StepRollouts("k", [[[1], [2]]], [["a", "b"]], 0, 2, lambda p: [fake_rollout(p, 2, lengths)],
                             lambda r, rec: (torch.zeros(4), {}), "group_std", micro_batches=1, world_size=world)  # fmt: skip
         torch.save({"std": std, "tokens": step.step_tokens, "norm": step.token_normalizer}, f"{out}/rank{rank}.pt")
     finally:
@@ -118,3 +119,31 @@ def test_batch_std_and_step_tokens_are_gathered_over_two_ranks(tmp_path):
         got = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"), weights_only=True)
         assert_close(got["std"], everything.std())  # not the rank's own std
         assert got["tokens"] == 22 and got["norm"] == 22 / 2
+
+
+def test_chunks_are_scored_as_they_are_generated_and_joined_in_order():
+    """Generation in chunks of one prompt: chunk k is scored before chunk k+1 is generated (scoring overlaps
+    generation), and the joined rewards and components are in prompt order.
+    """
+    import threading
+
+    events, scored = [], threading.Event()
+
+    def generate(prompts):
+        for i, p in enumerate(prompts):
+            events.append(f"gen{i}")
+            yield fake_rollout([p], 2, [1 + i, 2])
+            assert scored.wait(5)  # the background thread scores chunk i meanwhile
+            scored.clear()
+
+    def score(rollout, records):
+        events.append(f"score{records[0]}")
+        scored.set()
+        values = torch.tensor([float(ord(records[0])), 0.0])
+        return values, {"r": RewardOutput(values.numpy(), np.array([1.0, 0.5], np.float32))}
+
+    step = StepRollouts("k", [[[1], [2]], [[3]]], [["a", "b"], ["c"]], 0, 2, generate, score, "no_std", 2)
+    assert events == ["gen0", "scorea", "gen1", "scoreb", "gen2", "scorec"]
+    assert step.micro(0).rewards.tolist() == [97.0, 0.0, 98.0, 0.0]
+    assert step.micro(1).components["r"].factor.tolist() == [1.0, 0.5]
+    assert step.step_tokens == (1 + 2) + (2 + 2) + (3 + 2)
