@@ -17,7 +17,7 @@ import re
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -165,6 +165,8 @@ class OpenAIJudge(RewardCallback):
         self.last_error = ""
         self._client = None
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None  # concurrency threads sending rating requests
+        self._inflight: dict[str, Future] = {}  # cache key -> rating being fetched
 
     # ------------------------------------------------------------------------------------------ connection
     def __repr__(self) -> str:
@@ -199,6 +201,9 @@ class OpenAIJudge(RewardCallback):
             self.connect(check=True)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool, self._inflight = None, {}
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -331,6 +336,24 @@ class OpenAIJudge(RewardCallback):
                              f"(last: {last})")  # fmt: skip
         return None
 
+    def prefetch(self, texts: list[str]) -> None:
+        """Send the rating requests of ``texts`` now, without waiting (GRPO calls this the moment a chunk of
+        questions is generated); :meth:`score` later collects the replies instead of asking again.
+        """
+        if self.tripped:
+            return
+        if self._client is None:
+            self.connect(check=False)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix=f"qgen-judge-{self.name}")
+        for text in texts:
+            key = self.cache_key(text)
+            if key not in self.cache and key not in self._inflight:
+                self._inflight[key] = self._pool.submit(self._guarded_rate, text)
+
+    def _guarded_rate(self, question: str) -> int | None:
+        return None if self.tripped else self.rate(question)
+
     def score(self, batch: ScoringBatch) -> RewardOutput:
         if self.tripped:
             self._warn(f"skipped: the circuit breaker opened after {self.consecutive_failures} failed ratings in a "
@@ -344,7 +367,11 @@ class OpenAIJudge(RewardCallback):
         self.cache_hits += len(keys) - len(missing)
         failed_before = self.failures
         if missing:
-            ratings = self._rate_all(list(missing.values()))
+            self.prefetch(list(missing.values()))  # sends what was not prefetched; in-flight requests are reused
+            ratings = []
+            for key in missing:
+                future = self._inflight.pop(key, None)
+                ratings.append(future.result() if future is not None else None)
             self._store({k: v for k, v in zip(missing, ratings) if v is not None})
         failed = self.failures - failed_before
         if failed:
@@ -354,17 +381,6 @@ class OpenAIJudge(RewardCallback):
                              f"(last: {self.last_error}); stopping")  # fmt: skip
         values = [(self.cache[k] - 1) / 9 if k in self.cache else 0.5 for k in keys]
         return RewardOutput(np.array(values, dtype=np.float32))
-
-    def _rate_all(self, questions: list[str]) -> list[int | None]:
-        """Rate in ``concurrency`` threads; once the breaker opens, the questions not yet sent are not sent."""
-
-        def guarded(question: str) -> int | None:
-            if self.tripped:
-                return None
-            return self.rate(question)
-
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(guarded, questions))
 
     def _warn(self, message: str) -> None:
         print(f"qgen: warning: judge {self.name} ({self.base_url}): {message}", file=sys.stderr, flush=True)

@@ -158,6 +158,10 @@ class NoveltyReward(RewardCallback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step_done = (batch_idx + 1) % max(1, trainer.accumulate_grad_batches) == 0 or bool(
+            trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)  # a short last window ends the epoch's step
+        if not step_done:  # the bank grows once per optimizer step: every chunk of a step sees the same bank
+            return
         new = self._pending
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[list[str]] = [[] for _ in range(trainer.world_size)]

@@ -68,8 +68,10 @@ class GRPOModule(StageModule):
             shared by the G completions) when computing log-probs; same values and gradients, a fraction of
             the cost. Ignored under gradient checkpointing, which disables the KV cache.
         generation_batch_size: prompts per ``generate`` call when the step's rollouts are made (all
-            ``accumulate_grad_batches`` micro-batches at its first one); ``null`` = all in one call. Each
-            call's questions are scored (e.g. by an LLM judge) while the next call generates.
+            ``accumulate_grad_batches`` micro-batches at its first one); ``null`` = one micro-batch per call.
+            Each call's questions are scored (an LLM judge's requests sent at once) while the next call
+            generates and the earlier micro-batches train.
+        min_new_tokens: EOS is suppressed until this many tokens (0: off; benchmarks fix lengths with it).
         optimizer: optimizer factory.
         scheduler: LR scheduler factory.
     """
@@ -94,6 +96,7 @@ class GRPOModule(StageModule):
         logprob_chunk_size: int = 1024,
         share_prompt_forward: bool = True,
         generation_batch_size: int | None = None,
+        min_new_tokens: int = 0,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable = default_scheduler,
     ):
@@ -189,15 +192,21 @@ class GRPOModule(StageModule):
         records = [[dataset.examples[i].record for i in mb] for mb in window[micro:]]
 
         def generate(flat: list[list[int]]):
-            step = hp.generation_batch_size or len(flat)
+            step = hp.generation_batch_size or self.trainer.datamodule.hparams.batch_size  # one micro-batch
             for i in range(0, len(flat), step):
                 yield generate_group(self.model, self.tokenizer, flat[i : i + step], g, hp.max_new_tokens,
-                                     hp.temperature, hp.top_p)  # fmt: skip
+                                     hp.temperature, hp.top_p, hp.min_new_tokens)  # fmt: skip
 
         self._rollouts = StepRollouts(key, prompts, records, micro, g, generate, self.score, hp.advantage,
                                       self.trainer.accumulate_grad_batches, self.trainer.world_size,
-                                      pad_id=self.tokenizer.pad_token_id)  # fmt: skip
+                                      pad_id=self.tokenizer.pad_token_id, prefetch=self._prefetch)  # fmt: skip
         return self._rollouts, micro
+
+    def _prefetch(self, rollout: Rollout) -> None:
+        """Let scorers with slow I/O (``OpenAIJudge.prefetch``) send their requests as soon as texts exist."""
+        for callback in self.rewards.values():
+            if hasattr(callback, "prefetch"):
+                callback.prefetch(rollout.texts)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         hp = self.hparams

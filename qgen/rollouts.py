@@ -9,9 +9,10 @@ processes). Both are known only once the whole step has generated. So at the ste
 over all ranks, and starts scoring; the later micro-batches take their share from it.
 
 Scoring (reward callbacks, possibly an LLM judge over HTTP) runs in a background thread: each chunk of
-the step's generation is scored while the next chunk generates, the last one while the first
-micro-batch computes its log-prob forward passes; :meth:`StepRollouts.micro` joins it before the loss,
-so rewards are never stale (they are always of this step's samples, from the policy being updated).
+the step's generation (by default one micro-batch) is scored while the next chunk generates and while the
+earlier micro-batches run their forward and backward passes; :meth:`StepRollouts.micro` waits for a
+micro-batch's own scores just before its loss, so rewards are never stale (they are always of this step's
+samples, from the policy being updated).
 
 This is also the seam for a generation backend: ``generate`` is any callable from token-id prompts to a
 :class:`qgen.sampling.Rollout`.
@@ -94,12 +95,14 @@ class StepRollouts:
         world_size: ranks taking part.
         background: score in a thread while later chunks generate and the first micro-batch runs its forward passes.
         pad_id: the tokenizer's padding id (to join the chunks).
+        prefetch: called with each chunk right after it is generated, before it is queued for scoring: scorers
+            with slow I/O (an LLM judge) start their requests here, so they overlap everything that follows.
     """
 
     def __init__(self, key, micro_prompts: list[list[list[int]]], micro_records: list[list], first: int,
                  group_size: int, generate: Callable[[list[list[int]]], Rollout], score: Callable,
                  advantage: str, micro_batches: int, world_size: int = 1, background: bool = True,
-                 pad_id: int = 0):  # fmt: skip
+                 pad_id: int = 0, prefetch: Callable[[Rollout], None] | None = None):  # fmt: skip
         self.key, self.first, self.group_size, self.advantage = key, first, group_size, advantage
         self.micro_prompts = micro_prompts
         prompts = [p for mp in micro_prompts for p in mp]
@@ -107,15 +110,19 @@ class StepRollouts:
         # each chunk is scored as soon as it exists (in the background), while the next chunk generates
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qgen-score") if background else None
         self._scores: list[Future | tuple] = []
+        self._chunk_rows: list[tuple[int, int]] = []
         chunks, done, started = [], 0, time.perf_counter()
         for chunk in generate(prompts):
-            rows = slice(done, done + len(chunk.texts))
+            rows = (done, done + len(chunk.texts))
             done += len(chunk.texts)
             chunks.append(chunk)
+            self._chunk_rows.append(rows)
+            if prefetch is not None:  # e.g. an LLM judge sends its requests now, before this chunk's scoring
+                prefetch(chunk)
             if self._pool is not None:
-                self._scores.append(self._pool.submit(score, chunk, records[rows]))
+                self._scores.append(self._pool.submit(score, chunk, records[rows[0] : rows[1]]))
             else:
-                self._scores.append(score(chunk, records[rows]))
+                self._scores.append(score(chunk, records[rows[0] : rows[1]]))
         self.gen_seconds = time.perf_counter() - started
         self.rollout = concat_rollouts(chunks, pad_id)
         bounds, start = [], 0
@@ -127,9 +134,8 @@ class StepRollouts:
         local_tokens = float(self.rollout.completion_mask.sum())
         self.step_tokens = _all_reduce_sum(local_tokens)  # every rank generates its step: same call count
         self.token_normalizer = max(self.step_tokens, 1.0) / (world_size * micro_batches)
-        self.rewards: torch.Tensor | None = None
-        self.components: dict[str, RewardOutput] = {}
-        self.advantages: torch.Tensor | None = None
+        self._joined: dict[int, tuple] = {}  # chunk -> (rewards, components)
+        self._batch_advantages: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.rollouts)
@@ -138,31 +144,44 @@ class StepRollouts:
         """The rollout of micro-batch ``micro`` (its position in the step), without waiting for its scores."""
         return self.rollouts[micro - self.first]
 
-    def _join(self) -> None:
-        if self.rewards is not None:
-            return
-        try:
-            parts = [s.result() if isinstance(s, Future) else s for s in self._scores]
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=False)
-        self.rewards = torch.cat([torch.as_tensor(r, dtype=torch.float32).reshape(-1) for r, _ in parts]).detach()
-        self.components = {name: _concat_outputs([c[name] for _, c in parts]) for name in parts[0][1]}
-        g = self.group_size
-        # batch_std: the std over the whole step, gathered over ranks (every rank joins at its first micro-batch)
-        self.advantages = group_advantages(self.rewards.view(-1, g), self.advantage).view(-1)
+    def _chunk_scores(self, chunks: list[int]) -> tuple[torch.Tensor, dict[str, RewardOutput]]:
+        """Rewards and components of the rows of ``chunks`` (consecutive), waiting for their scoring."""
+        for c in chunks:
+            if c not in self._joined:
+                s = self._scores[c]
+                self._joined[c] = s.result() if isinstance(s, Future) else s
+        parts = [self._joined[c] for c in chunks]
+        rewards = torch.cat([torch.as_tensor(r, dtype=torch.float32).reshape(-1) for r, _ in parts]).detach()
+        return rewards, {name: _concat_outputs([c[name] for _, c in parts]) for name in parts[0][1]}
 
     def micro(self, micro: int) -> MicroRollout:
-        """Micro-batch ``micro``'s share, its scores joined (waits for the scoring thread the first time)."""
-        self._join()
+        """Micro-batch ``micro``'s share with its scores: waits only for the chunks that hold its rows (every
+        chunk with ``advantage: batch_std``, whose std is over the whole step), so the later micro-batches'
+        scoring keeps overlapping this one's forward and backward passes.
+        """
         i = micro - self.first
         start, end = self.bounds[i]
+        g = self.group_size
+        if self.advantage == "batch_std":
+            if self._batch_advantages is None:  # every rank joins here at its first micro-batch (a collective)
+                rewards, _ = self._chunk_scores(list(range(len(self._scores))))
+                self._batch_advantages = group_advantages(rewards.view(-1, g), self.advantage).view(-1)
+            advantages = self._batch_advantages[start:end]
+        chunks = [c for c, (a, b) in enumerate(self._chunk_rows) if a < end and b > start]
+        rewards, components = self._chunk_scores(chunks)
+        offset = start - self._chunk_rows[chunks[0]][0]
+        rewards = rewards[offset : offset + end - start]
+        components = {k: _slice_output(v, offset, offset + end - start) for k, v in components.items()}
+        if self.advantage != "batch_std":
+            advantages = group_advantages(rewards.view(-1, g), self.advantage).view(-1)
+        if len(self._joined) == len(self._scores) and self._pool is not None:
+            self._pool.shutdown(wait=False)
         return MicroRollout(
             rollout=self.rollouts[i],
             prompts=self.micro_prompts[i],
-            rewards=self.rewards[start:end],
-            advantages=self.advantages[start:end],
-            components={k: _slice_output(v, start, end) for k, v in self.components.items()},
+            rewards=rewards,
+            advantages=advantages,
+            components=components,
             token_normalizer=self.token_normalizer,
             gen_seconds=self.gen_seconds,
         )

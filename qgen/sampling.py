@@ -104,11 +104,12 @@ def completion_mask_from(completions: torch.Tensor, eos_id: int) -> tuple[torch.
 
 @torch.no_grad()
 def generate_group(model: nn.Module, tokenizer, prompts: list[list[int]], group_size: int, max_new_tokens: int,
-                   temperature: float = 1.0, top_p: float = 1.0) -> Rollout:  # fmt: skip
+                   temperature: float = 1.0, top_p: float = 1.0, min_new_tokens: int = 0) -> Rollout:  # fmt: skip
     """One batched ``generate`` call: every prompt repeated ``group_size`` times, sampled with KV cache.
 
     The model is put in eval mode for sampling (no dropout) and restored afterwards. ``temperature`` 0 is
-    greedy decoding.
+    greedy decoding. ``min_new_tokens`` suppresses EOS until that many tokens exist (benchmarks fix the
+    generated length this way).
     """
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
@@ -120,7 +121,7 @@ def generate_group(model: nn.Module, tokenizer, prompts: list[list[int]], group_
             "do_sample": False}
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling,
+            pad_token_id=tokenizer.pad_token_id, use_cache=True, min_new_tokens=min_new_tokens, **sampling,
         )  # fmt: skip
     finally:
         model.train(was_training)

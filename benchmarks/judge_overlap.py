@@ -1,0 +1,143 @@
+"""How much of an LLM judge's latency a GRPO step hides: qgen with and without a judge that answers in 1 s.
+
+qgen against itself (same model, prompts, seed, settings; EOS suppressed so every step generates exactly
+``G x max_new_tokens`` tokens per prompt): the embedded default, LoRA r=32, 2 prompts x G = 8 per micro-batch,
+2 micro-batches per optimizer step, the four model-free rewards, and in the judged runs an ``OpenAIJudge``
+on a local server (127.0.0.1, this process) that answers every request after ``--latency`` seconds.
+
+Variants, alternated for ``--rounds`` rounds, every round printed:
+- ``no judge``: the reference step time T0;
+- ``judge, per micro-batch`` (the default, ``generation_batch_size: null``): one ``generate`` call per
+  micro-batch; its judge requests go out at once and are answered while the next micro-batch generates
+  and the first one trains;
+- ``judge, whole step``: ``generation_batch_size=4``, the step's rollouts in one ``generate`` call, so only
+  the first micro-batch's forward passes overlap the judge.
+
+The target of the correctness issue is ``T <= max(latency, T0) x 1.1``; the summary line prints each
+variant's ratio to that bound (<= 1 meets it).
+
+    python benchmarks/judge_overlap.py [--steps 6] [--rounds 2] [--latency 1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from callbacks import DifficultyReward, DiversityReward, NoveltyReward, OpenAIJudge, RigorReward  # noqa: E402
+from qgen.data import QuestionDataModule  # noqa: E402
+from qgen.grpo import GRPOModule  # noqa: E402
+from qgen.models import LoraSpec  # noqa: E402
+
+
+def slow_judge(latency: float) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _reply(self, payload):
+            data = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._reply({"data": [{"id": "judge"}]})
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            time.sleep(latency)
+            self._reply({"choices": [{"message": {"role": "assistant", "content": "Score: 6"}}]})
+
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 256  # a real judge server (uvicorn) listens with a deep backlog; the default 5 drops SYNs
+        daemon_threads = True
+
+    server = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+class StepTimer(Callback):
+    """Wall time of each optimizer step (first micro-batch start to last micro-batch end)."""
+
+    def __init__(self):
+        self.times, self.start, self.tokens = [], None, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.start is None:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            self.times.append(time.perf_counter() - self.start)
+            self.tokens.append(int(pl_module._rollouts.rollout.completion_mask.sum()))
+            self.start = None
+
+
+def run(args, judge_url: str | None, generation_batch_size: int | None) -> tuple[list[float], list[int]]:
+    L.seed_everything(0)
+    rewards = [DifficultyReward(), NoveltyReward(), RigorReward(), DiversityReward()]
+    if judge_url:  # no cache: every step asks the server
+        rewards.append(OpenAIJudge(judge_url, "judge", weight=0.25, api_key_env=None, cache_dir=None, concurrency=32,
+                                   timeout=args.latency + 10))  # fmt: skip
+    module = GRPOModule(lora=LoraSpec(r=32, alpha=64, dropout=0.0), group_size=8, max_new_tokens=args.max_new_tokens,
+                        min_new_tokens=args.max_new_tokens, beta=0.04, generation_batch_size=generation_batch_size)  # fmt: skip
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        L.Trainer(default_root_dir=root, max_steps=args.steps, accelerator="cpu", logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  limit_val_batches=0, accumulate_grad_batches=2, callbacks=[*rewards, timer],
+                  ).fit(module, QuestionDataModule(batch_size=2, max_length=256, seed=0))  # fmt: skip
+    return timer.times[1:], timer.tokens[1:]  # the first step warms up
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--latency", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    server = slow_judge(args.latency)
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    variants = {"no judge": (None, None), "judge, per micro-batch": (url, None), "judge, whole step": (url, 4)}
+    results: dict[str, list[float]] = {name: [] for name in variants}
+    print(f"{'round':>5}  {'variant':<26} {'s/step':>8} {'tokens/step':>12}")
+    for r in range(args.rounds):
+        for name, (judge_url, chunk) in variants.items():
+            times, tokens = run(args, judge_url, chunk)
+            results[name].append(statistics.mean(times))
+            print(f"{r:>5}  {name:<26} {statistics.mean(times):>8.3f} {statistics.mean(tokens):>12.0f}")
+    t0 = statistics.mean(results["no judge"])
+    bound = max(args.latency, t0) * 1.1
+    print(f"\nno-judge step {t0:.3f} s (rounds: {', '.join(f'{t:.3f}' for t in results['no judge'])}); "
+          f"target bound max({args.latency:g}, T0) x 1.1 = {bound:.3f} s")  # fmt: skip
+    summary = []
+    for name in list(variants)[1:]:
+        mean = statistics.mean(results[name])
+        spread = max(results[name]) - min(results[name])
+        print(f"{name:<26} {mean:.3f} s/step (spread {spread:.3f}), overhead {mean - t0:+.3f} s, "
+              f"{mean / bound:.2f} of the bound")  # fmt: skip
+        summary.append(f"{name.replace(', ', '_').replace(' ', '_')}_vs_bound={mean / bound:.2f}")
+    server.shutdown()
+    print(" ".join([f"judge_latency_s={args.latency:g}", f"no_judge_s_per_step={t0:.3f}", *summary]))
+
+
+if __name__ == "__main__":
+    main()
