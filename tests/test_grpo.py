@@ -192,6 +192,17 @@ def test_shared_prompt_forward_equals_full_forward():
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
     for a, b in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # at temperature 0.7 the log-probs are of softmax(logits / 0.7), the distribution that sampled, on both paths
+    with torch.no_grad():
+        logits = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
+                       position_ids=(rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits  # fmt: skip
+        p = rollout.prompt_length
+        want = torch.log_softmax(logits[:, p - 1 : -1] / 0.7, -1).gather(-1, rollout.completion_ids[..., None])[..., 0]
+        for share in (False, True):
+            got = completion_logprobs(model.get_decoder(), model.get_output_embeddings().weight, rollout,
+                                      share_prompt=share, temperature=0.7)  # fmt: skip
+            mask = rollout.completion_mask.bool()
+            torch.testing.assert_close(got[mask], want[mask], atol=1e-4, rtol=1e-4)
 
 
 def _sft_checkpoint(root, lora):
