@@ -12,6 +12,7 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from qgen.formatting import ParsedQuestion
+from qgen.answers import check_answers
 from qgen.scoring import DifficultyModel, NoveltyIndex, educational_value, rigor_score
 
 
@@ -99,13 +100,15 @@ class PredictionWriter(BasePredictionWriter):
         )
         sims = (self.bank.near_copy_similarity(questions, self.threshold)[0] if self.bank is not None
                 else np.zeros(len(rows)))  # exact where it decides a near-copy  # fmt: skip
-        for row, d, s in zip(rows, difficulty, sims):
-            parsed = ParsedQuestion(row["question"], row["answer"], row["analysis"], row["options"], row["valid"])
+        parsed_rows = [ParsedQuestion(r["question"], r["answer"], r["analysis"], r["options"], r["valid"]) for r in rows]
+        checks = check_answers(parsed_rows)
+        for row, parsed, check, d, s in zip(rows, parsed_rows, checks, difficulty, sims):
             knowledge = row.get("knowledge") or []
             knowledge = [knowledge] if isinstance(knowledge, str) else knowledge
             row["scores"] = {
                 "difficulty": round(float(d), 4),
-                "rigor": round(rigor_score(parsed, row.get("language", "en"), row["truncated"]), 4),
+                "rigor": round(rigor_score(parsed, row.get("language", "en"), row["truncated"], check.consistent), 4),
+                "answer_consistent": check.consistent,
                 "novelty": round(float(1.0 - s), 4),
                 "educational_value": round(educational_value(parsed, row.get("language", "en"), knowledge), 4),
                 "max_similarity": round(float(s), 4),

@@ -28,8 +28,10 @@ from qgen.scoring import (
     RewardOutput,
     ScoringBatch,
     group_diversity,
+    rigor_gates,
     rigor_score,
 )
+from qgen.answers import check_answers
 
 
 class RewardCallback(Callback):
@@ -183,20 +185,53 @@ class NoveltyReward(RewardCallback):
 
 
 class RigorReward(RewardCallback):
-    """Logical rigor: parseable sections, a consistent answer, reasoning connectives, no truncation.
+    """Logical rigor: parseable sections, a verified answer, reasoning connectives, no truncation.
+
+    With ``check_answers`` the answer part is verifiable: the stated answer must equal the final answer of
+    the question's own solution, compared mathematically (:mod:`qgen.answers`, math-verify). With ``gated``
+    rigor becomes gates first (sections, not truncated, answer consistent): a question that fails one scores
+    0 rigor and gets no credit at all (its total reward is multiplied by 0, so no difficulty or novelty for a
+    question whose answer is wrong). Logs ``train/<prefix>_rigor_answer_consistent`` (the verified share).
 
     Args:
         weight: weight of this component in the total reward.
+        check_answers: verify the stated answer against the solution (else: any non-empty answer counts).
+        gated: rigor gates the whole reward (the Qwen3-14B configs; a tiny random-init model rarely writes a
+            consistent answer, so the embedded demo keeps it off).
     """
 
     name = "rigor"
 
-    def __init__(self, weight: float = 0.2):
+    def __init__(self, weight: float = 0.2, check_answers: bool = True, gated: bool = False):
         super().__init__(weight)
+        if gated and not check_answers:
+            raise ValueError("RigorReward: gated needs check_answers (the consistency gate is the verified check)")
+        self.check_answers, self.gated = check_answers, gated
+        self._consistent: np.ndarray | None = None
 
     def score(self, batch: ScoringBatch) -> RewardOutput:
-        values = [rigor_score(p, lang, cut) for p, lang, cut in zip(batch.parsed, batch.languages, batch.truncated)]
-        return RewardOutput(np.array(values, dtype=np.float32))
+        consistent: list[bool | None] = [None] * len(batch.texts)
+        if self.check_answers:
+            consistent = [c.consistent for c in check_answers(batch.parsed)]
+        values = [rigor_score(p, lang, cut, ok, self.gated)
+                  for p, lang, cut, ok in zip(batch.parsed, batch.languages, batch.truncated, consistent)]  # fmt: skip
+        extra = {}
+        factor = None
+        if self.check_answers:
+            extra["answer_consistent"] = np.array(consistent, dtype=np.float32)
+        if self.gated:
+            factor = np.array([0.0 if rigor_gates(p, cut, bool(ok)) else 1.0
+                               for p, cut, ok in zip(batch.parsed, batch.truncated, consistent)], dtype=np.float32)  # fmt: skip
+        return RewardOutput(np.array(values, dtype=np.float32), factor, extra)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        out = getattr(pl_module, "last", {}).get("components", {}).get(self.name)
+        if out is not None and "answer_consistent" in out.extra:
+            prefix = getattr(pl_module, "score_prefix", "reward")
+            share = torch.as_tensor(out.extra["answer_consistent"], dtype=torch.float32).mean()
+            pl_module.log(f"train/{prefix}_rigor_answer_consistent", share, sync_dist=True,
+                          batch_size=max(1, len(out.extra["answer_consistent"])))  # fmt: skip
 
 
 class DiversityReward(RewardCallback):

@@ -21,6 +21,7 @@ import sys
 
 import numpy as np
 
+from qgen.answers import check_answers
 from qgen.formatting import ParsedQuestion
 from qgen.records import DataError, Question, read_source
 from qgen.scoring import DifficultyModel, NoveltyIndex, rigor_score
@@ -44,14 +45,18 @@ def score_records(records: list[Question], difficulty: DifficultyModel, bank: No
     sims, where = (
         reference.nearest(questions) if reference is not None else (np.zeros(len(records)), -np.ones(len(records), int))
     )
+    parsed_all = [ParsedQuestion(r.question, r.answer, r.analysis, r.options, valid=bool(r.question and r.answer))
+                  for r in records]  # fmt: skip
+    checks = check_answers(parsed_all)
     rows = []
     for i, r in enumerate(records):
-        parsed = ParsedQuestion(r.question, r.answer, r.analysis, r.options, valid=bool(r.question and r.answer))
+        parsed, check = parsed_all[i], checks[i]
         match = reference_records[where[i]] if where[i] >= 0 else None
         rows.append({
             "id": r.id, "source": r.source, "language": r.language, "subject": r.subject, "question": r.question,
             "label_difficulty": r.difficulty, "difficulty": float(predicted[i]),
-            "rigor": rigor_score(parsed, r.language, truncated=False), "novelty": float(novelty[i]),
+            "rigor": rigor_score(parsed, r.language, truncated=False, consistent=check.consistent),
+            "answer_consistent": check.consistent, "answer_check": check.reason or "ok", "novelty": float(novelty[i]),
             "reference_similarity": float(sims[i]), "contaminated": bool(sims[i] >= threshold),
             "reference_match": {"id": match.id, "source": match.source} if match is not None and sims[i] >= threshold else None,
         })  # fmt: skip
@@ -67,6 +72,7 @@ def summarize(rows: list[dict]) -> dict:
         "questions": len(rows),
         "mean_difficulty": float(np.mean([r["difficulty"] for r in rows])),
         "mean_rigor": float(np.mean([r["rigor"] for r in rows])),
+        "answer_consistent": float(np.mean([r["answer_consistent"] for r in rows])),
         "mean_novelty": float(np.nanmean([r["novelty"] for r in rows])) if any(r["novelty"] == r["novelty"] for r in rows) else None,
         "difficulty_spearman_vs_labels": rho,
         "labelled": len(labelled),

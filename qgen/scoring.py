@@ -282,20 +282,36 @@ CONNECTIVES = {
 }
 
 
-def rigor_score(parsed: ParsedQuestion, language: str, truncated: bool) -> float:
+def rigor_gates(parsed: ParsedQuestion, truncated: bool, consistent: bool) -> str:
+    """The first rigor gate a question fails, ``""`` when it passes them all: every section present, not
+    truncated, a stated answer, and that answer verified equal to the solution's (:mod:`qgen.answers`).
+    """
+    if not (parsed.question.strip() and parsed.answer.strip() and parsed.analysis.strip()):
+        return "sections"
+    if truncated:
+        return "truncated"
+    if not consistent:
+        return "answer_consistent"
+    return ""
+
+
+def rigor_score(parsed: ParsedQuestion, language: str, truncated: bool, consistent: bool | None = None,
+                gated: bool = False) -> float:  # fmt: skip
     """Logical rigor of one generated question, in [0, 1].
 
-    0.3 x share of the sections present (question, answer, analysis) + 0.2 x answer consistent (a
-    non-empty answer; for multiple choice, only letters that are among the options) + 0.3 x density of
-    reasoning connectives in the analysis (one per 40 characters scores 1) + 0.2 x not truncated.
+    0.3 x share of the sections present (question, answer, analysis) + 0.2 x answer consistent + 0.3 x
+    density of reasoning connectives in the analysis (one per 40 characters scores 1) + 0.2 x not truncated.
+    ``consistent`` is the verified answer check (the stated answer equals the solution's final answer);
+    ``None`` falls back to the unverified form (a non-empty answer; for multiple choice, letters among the
+    options). With ``gated`` a question that fails a gate (:func:`rigor_gates`) scores 0.
     """
+    if gated and rigor_gates(parsed, truncated, bool(consistent)):
+        return 0.0
     sections = sum(bool(s.strip()) for s in (parsed.question, parsed.answer, parsed.analysis)) / 3
     answer = parsed.answer.strip()
-    if parsed.options:
+    if consistent is None:  # unverified: a plausible-looking answer
         letters = set(re.findall(r"[A-H]", answer.upper()))
-        consistent = bool(letters) and letters <= set(parsed.options)
-    else:
-        consistent = bool(answer)
+        consistent = (bool(letters) and letters <= set(parsed.options)) if parsed.options else bool(answer)
     analysis = parsed.analysis.lower()
     words = CONNECTIVES["zh" if language == "zh" else "en"]
     hits = sum(analysis.count(w) for w in words)

@@ -90,3 +90,24 @@ def test_pathological_expressions_finish_as_not_equal(expr):
         assert verifier.equal_many([(expr, "1"), ("1/2", "0.5")]) == [False, True]
     finally:
         verifier.close()
+
+
+def test_rigor_reward_verifies_answers_and_gates_the_total():
+    from callbacks import DifficultyReward, RigorReward
+    from qgen.scoring import combine_scores
+
+    texts = [
+        "Question: Compute 3*4.\nAnswer: 12\nSolution: Since 3*4 = 12, the answer is 12.",
+        "Question: Compute 3*4.\nAnswer: 13\nSolution: Since 3*4 = 12, the answer is 12.",  # wrong stated answer
+    ]
+    soft = RigorReward()
+    total, out = combine_scores({"rigor": soft}, texts, [None, None], [False, False])
+    assert out["rigor"].extra["answer_consistent"].tolist() == [1.0, 0.0]
+    assert out["rigor"].values[0] - out["rigor"].values[1] == pytest.approx(0.2)  # the verified answer part
+    assert out["rigor"].factor is None
+    gated = RigorReward(gated=True)
+    total, out = combine_scores({"rigor": gated, "difficulty": DifficultyReward()}, texts, [None, None], [False, False])
+    assert out["rigor"].values[1] == 0.0 and out["rigor"].factor.tolist() == [1.0, 0.0]
+    assert total[0] > 0 and total[1] == 0.0  # no difficulty credit for a question whose answer is wrong
+    with pytest.raises(ValueError, match="gated needs check_answers"):
+        RigorReward(check_answers=False, gated=True)
