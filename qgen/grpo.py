@@ -124,6 +124,7 @@ class GRPOModule(StageModule):
         self.last: dict[str, Any] = {}  # the latest rollout and scores, read by callbacks after the step
         self._rollouts: StepRollouts | None = None  # the current optimizer step's rollouts
         self._init_from_info: dict | None = None
+        self._window_examples: dict[int, list] = {}
         self.strict_loading = False
 
     # ---------------------------------------------------------------------------------------- building
@@ -190,6 +191,7 @@ class GRPOModule(StageModule):
             self._rollouts.close()
         prompts = [[dataset.input_ids[i][: dataset.prompt_lengths[i]] for i in mb] for mb in window[micro:]]
         records = [[dataset.examples[i].record for i in mb] for mb in window[micro:]]
+        self._window_examples = {m: [dataset.examples[i] for i in mb] for m, mb in enumerate(window)}
 
         def generate(flat: list[list[int]]):
             step = hp.generation_batch_size or self.trainer.datamodule.hparams.batch_size  # one micro-batch
@@ -225,7 +227,8 @@ class GRPOModule(StageModule):
         out = grpo_loss(logp, logp.detach(), advantages, rollout.completion_mask, ref_logp, hp.beta,
                         hp.epsilon_low, hp.epsilon_high, hp.aggregation, hp.max_new_tokens,
                         token_normalizer=part.token_normalizer)  # fmt: skip
-        self.last.update(rollout=rollout, rewards=part.rewards, components=part.components, prompts=part.prompts)
+        self.last.update(rollout=rollout, rewards=part.rewards, components=part.components, prompts=part.prompts,
+                         examples=self._window_examples.get(micro, []))  # fmt: skip
         self._log_step(out, rollout, part.rewards.to(logp.device), advantages, part.gen_seconds, step)
         return out.loss
 

@@ -155,9 +155,18 @@ def test_grpo_cli_logs_every_metric(tmp_path):
         "train/reward_novelty_std",
         "train/reward_rigor_mean",
         "train/reward_diversity_mean",
+        "train/reward_rigor_answer_consistent",
     ):
         assert len(scalars(run, tag)) == 3, tag
     assert (run / "checkpoints" / "last.ckpt").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"tensors": 0})
+    events.Reload()
+    assert "hp_metric" not in events.Tags()["scalars"]  # no placeholder
+    table = events.Tensors("samples/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert table.startswith("| request |") and "<|im_start|>" not in table
+    assert any(t in table for t in ("historical", "variant", "innovative"))  # the task and subject asked for
 
 
 def test_shared_prompt_forward_equals_full_forward():
