@@ -78,8 +78,13 @@ def perturbations(answer: str, rng: random.Random) -> list[tuple[str, str]]:
         num, den = int(m.group(1)), int(m.group(2))
         out.append(("reciprocal", f"\\frac{{{den}}}{{{num}}}" if num > 0 else f"-\\frac{{{den}}}{{{-num}}}"))
     if re.match(r"^[\(\[].*,.*[\)\]]$", a):
+        # flip a bracket at a finite end: an infinite end is open whatever bracket is written, so
+        # [-\infty, 2) is the same set as (-\infty, 2) and would not be a wrong answer
         flip = {"(": "[", "[": "(", ")": "]", "]": ")"}
-        out.append(("interval_bracket", flip[a[0]] + a[1:]))
+        if not re.match(r"^[\(\[]\s*-\s*\\infty", a):
+            out.append(("interval_bracket", flip[a[0]] + a[1:]))
+        elif not re.search(r"\\infty\s*[\)\]]$", a):
+            out.append(("interval_bracket", a[:-1] + flip[a[-1]]))
     return out
 
 

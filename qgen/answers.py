@@ -208,7 +208,13 @@ class AnswerCheck:
     reason: str  # why not ("" when consistent)
 
 
+_INTERVAL = re.compile(r"^\s*(?:\\left)?([\(\[])[^\[\]\(\)]*,[^\[\]\(\)]*(?:\\right)?([\)\]])\s*$")
+
+
 def _same(a: str, b: str, verdict: bool | None) -> bool:
+    ia, ib = _INTERVAL.match(a), _INTERVAL.match(b)
+    if ia and ib and ia.groups() != ib.groups():  # math-verify may equate (1, 2] with [1, 2]; the ends differ
+        return False
     if verdict is None:  # neither side is maths to math-verify: compare the normalised text
         return re.sub(r"\s+", "", a).lower() == re.sub(r"\s+", "", b).lower() and bool(a.strip())
     return verdict
