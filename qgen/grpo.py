@@ -72,6 +72,9 @@ class GRPOModule(StageModule):
             Each call's questions are scored (an LLM judge's requests sent at once) while the next call
             generates and the earlier micro-batches train.
         min_new_tokens: EOS is suppressed until this many tokens (0: off; benchmarks fix lengths with it).
+        reward_aggregation: ``sum_then_normalize`` (the weighted sum is the reward; ``advantage`` applies) or
+            ``normalize_then_sum`` (each component standardised within its group, then weighted and summed;
+            needs ``advantage: group_std``). Which learns better is not measured yet; the default is unchanged.
         optimizer: optimizer factory.
         scheduler: LR scheduler factory.
     """
@@ -97,6 +100,7 @@ class GRPOModule(StageModule):
         share_prompt_forward: bool = True,
         generation_batch_size: int | None = None,
         min_new_tokens: int = 0,
+        reward_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize",
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable = default_scheduler,
     ):
@@ -108,6 +112,9 @@ class GRPOModule(StageModule):
             problems.append("model.lora is required: the GRPO reference is the backbone with the adapter disabled")
         if generation_batch_size is not None and generation_batch_size < 1:
             problems.append("model.generation_batch_size must be >= 1 (or null: the whole step in one call)")
+        if reward_aggregation == "normalize_then_sum" and advantage != "group_std":
+            problems.append("model.reward_aggregation normalize_then_sum standardises each component itself: "
+                            "use advantage: group_std")  # fmt: skip
         if group_size < 2:
             problems.append("model.group_size must be >= 2 for group-relative advantages")
         if not (0 <= epsilon_low < 1 and epsilon_high >= 0 and beta >= 0 and temperature > 0 and 0 < top_p <= 1):
@@ -201,7 +208,9 @@ class GRPOModule(StageModule):
 
         self._rollouts = StepRollouts(key, prompts, records, micro, g, generate, self.score, hp.advantage,
                                       self.trainer.accumulate_grad_batches, self.trainer.world_size,
-                                      pad_id=self.tokenizer.pad_token_id, prefetch=self._prefetch)  # fmt: skip
+                                      pad_id=self.tokenizer.pad_token_id, prefetch=self._prefetch,
+                                      reward_aggregation=hp.reward_aggregation,
+                                      weights={n: cb.weight for n, cb in self.rewards.items()})  # fmt: skip
         return self._rollouts, micro
 
     def _prefetch(self, rollout: Rollout) -> None:

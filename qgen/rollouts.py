@@ -97,12 +97,19 @@ class StepRollouts:
         pad_id: the tokenizer's padding id (to join the chunks).
         prefetch: called with each chunk right after it is generated, before it is queued for scoring: scorers
             with slow I/O (an LLM judge) start their requests here, so they overlap everything that follows.
+        reward_aggregation: ``sum_then_normalize`` (the weighted sum of the components is the reward whose
+            group-relative advantage is taken, with ``advantage``) or ``normalize_then_sum`` (each component
+            is standardised within its group first, then weighted and summed, as TRL's multi-objective
+            option: components of very different spreads then count by their weights, not their spreads).
+            The near-copy penalty multiplies every component before it is standardised.
+        weights: each component's weight (``normalize_then_sum``).
     """
 
     def __init__(self, key, micro_prompts: list[list[list[int]]], micro_records: list[list], first: int,
                  group_size: int, generate: Callable[[list[list[int]]], Rollout], score: Callable,
                  advantage: str, micro_batches: int, world_size: int = 1, background: bool = True,
-                 pad_id: int = 0, prefetch: Callable[[Rollout], None] | None = None):  # fmt: skip
+                 pad_id: int = 0, prefetch: Callable[[Rollout], None] | None = None,
+                 reward_aggregation: str = "sum_then_normalize", weights: dict[str, float] | None = None):  # fmt: skip
         self.key, self.first, self.group_size, self.advantage = key, first, group_size, advantage
         self.micro_prompts = micro_prompts
         prompts = [p for mp in micro_prompts for p in mp]
@@ -134,6 +141,9 @@ class StepRollouts:
         local_tokens = float(self.rollout.completion_mask.sum())
         self.step_tokens = _all_reduce_sum(local_tokens)  # every rank generates its step: same call count
         self.token_normalizer = max(self.step_tokens, 1.0) / (world_size * micro_batches)
+        if reward_aggregation not in ("sum_then_normalize", "normalize_then_sum"):
+            raise ValueError(f"reward_aggregation must be sum_then_normalize or normalize_then_sum, got {reward_aggregation!r}")
+        self.reward_aggregation, self.weights = reward_aggregation, dict(weights or {})
         self._joined: dict[int, tuple] = {}  # chunk -> (rewards, components)
         self._batch_advantages: torch.Tensor | None = None
 
@@ -154,6 +164,19 @@ class StepRollouts:
         rewards = torch.cat([torch.as_tensor(r, dtype=torch.float32).reshape(-1) for r, _ in parts]).detach()
         return rewards, {name: _concat_outputs([c[name] for _, c in parts]) for name in parts[0][1]}
 
+    def _normalize_then_sum(self, components: dict[str, RewardOutput]) -> torch.Tensor:
+        g = self.group_size
+        n = len(next(iter(components.values())).values)
+        factor = np.ones(n, dtype=np.float32)
+        for out in components.values():
+            if out.factor is not None:
+                factor = factor * np.asarray(out.factor, dtype=np.float32)
+        total = torch.zeros(n)
+        for name, out in components.items():
+            values = torch.as_tensor(np.asarray(out.values, dtype=np.float32) * factor)
+            total += self.weights.get(name, 1.0) * group_advantages(values.view(-1, g), "group_std").view(-1)
+        return total
+
     def micro(self, micro: int) -> MicroRollout:
         """Micro-batch ``micro``'s share with its scores: waits only for the chunks that hold its rows (every
         chunk with ``advantage: batch_std``, whose std is over the whole step), so the later micro-batches'
@@ -172,7 +195,9 @@ class StepRollouts:
         offset = start - self._chunk_rows[chunks[0]][0]
         rewards = rewards[offset : offset + end - start]
         components = {k: _slice_output(v, offset, offset + end - start) for k, v in components.items()}
-        if self.advantage != "batch_std":
+        if self.reward_aggregation == "normalize_then_sum":
+            advantages = self._normalize_then_sum(components)
+        elif self.advantage != "batch_std":
             advantages = group_advantages(rewards.view(-1, g), self.advantage).view(-1)
         if len(self._joined) == len(self._scores) and self._pool is not None:
             self._pool.shutdown(wait=False)

@@ -147,3 +147,25 @@ def test_chunks_are_scored_as_they_are_generated_and_joined_in_order():
     assert step.micro(0).rewards.tolist() == [97.0, 0.0, 98.0, 0.0]
     assert step.micro(1).components["r"].factor.tolist() == [1.0, 0.5]
     assert step.step_tokens == (1 + 2) + (2 + 2) + (3 + 2)
+
+
+def test_normalize_then_sum_lets_a_narrow_component_count_by_its_weight():
+    """Group of 4; component a spreads 0..3, component b 0..0.03 in the opposite order, equal weights.
+    sum_then_normalize: the advantage follows a. normalize_then_sum: each is standardised first, so they cancel.
+    """
+    a = np.array([0.0, 1.0, 2.0, 3.0], np.float32)
+    b = np.array([0.03, 0.02, 0.01, 0.0], np.float32)
+
+    def score(rollout, records):
+        return torch.as_tensor(0.5 * a + 0.5 * b), {"a": RewardOutput(a), "b": RewardOutput(b)}
+
+    def make(aggregation):
+        return StepRollouts("k", [[[1]]], [["r"]], 0, 4, lambda p: [fake_rollout(p, 4, [1, 1, 1, 1])], score,
+                            "group_std", 1, reward_aggregation=aggregation, weights={"a": 0.5, "b": 0.5})  # fmt: skip
+
+    plain = make("sum_then_normalize").micro(0).advantages
+    assert plain[3] > plain[0] + 1.0
+    # (not exactly 0: the eps of 1e-4 in the std weighs on the narrow component's 0.013 std by 0.8%)
+    assert_close(make("normalize_then_sum").micro(0).advantages, torch.zeros(4), atol=1e-2, rtol=0)
+    with pytest.raises(ValueError, match="reward_aggregation"):
+        make("mean")
