@@ -1,4 +1,4 @@
-"""Does the answer check tell a right stated answer from a wrong one? MATH test and GAOKAO-Bench maths.
+r"""Does the answer check tell a right stated answer from a wrong one? MATH test and GAOKAO-Bench maths.
 
 For every question with a final answer in its solution (MATH: the last ``\\boxed{}``; GAOKAO-Bench: the
 options and the solution's "故选 X", or its concluding value for fill-in-the-blank items), two stated answers

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from qgen.formatting import ParsedQuestion
 from qgen.answers import check_answers
+from qgen.formatting import ParsedQuestion
 from qgen.scoring import DifficultyModel, NoveltyIndex, educational_value, rigor_score
 
 
@@ -100,7 +100,8 @@ class PredictionWriter(BasePredictionWriter):
         )
         sims = (self.bank.near_copy_similarity(questions, self.threshold)[0] if self.bank is not None
                 else np.zeros(len(rows)))  # exact where it decides a near-copy  # fmt: skip
-        parsed_rows = [ParsedQuestion(r["question"], r["answer"], r["analysis"], r["options"], r["valid"]) for r in rows]
+        parsed_rows = [ParsedQuestion(r["question"], r["answer"], r["analysis"], r["options"], r["valid"])
+                       for r in rows]  # fmt: skip
         checks = check_answers(parsed_rows)
         for row, parsed, check, d, s in zip(rows, parsed_rows, checks, difficulty, sims):
             knowledge = row.get("knowledge") or []

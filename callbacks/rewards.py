@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback
 
+from qgen.answers import check_answers
 from qgen.scoring import (
     DifficultyModel,
     NoveltyIndex,
@@ -31,7 +32,6 @@ from qgen.scoring import (
     rigor_gates,
     rigor_score,
 )
-from qgen.answers import check_answers
 
 
 class RewardCallback(Callback):

@@ -1,4 +1,4 @@
-"""Answer checking: does a question's stated answer equal the final answer its own solution reaches?
+r"""Answer checking: does a question's stated answer equal the final answer its own solution reaches?
 
 The check behind the verifiable rigor reward, ``qgen score``'s ``answer_consistent`` column and the
 answer-check benchmark. Two answers are compared mathematically with HF's ``math-verify`` (sympy underneath),
@@ -59,7 +59,7 @@ _CONCLUSION = re.compile(
 
 
 def last_boxed_content(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` (or ``\\fbox``), braces balanced; ``None`` without one."""
+    r"""The content of the last ``\\boxed{...}`` (or ``\\fbox``), braces balanced; ``None`` without one."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
@@ -100,7 +100,7 @@ def split_answer(text: str) -> tuple[list[list[str]], bool]:
 
 
 def solution_answer(analysis: str) -> str | None:
-    """The final answer a solution reaches: its last ``\\boxed{}``, else its concluding statement."""
+    r"""The final answer a solution reaches: its last ``\\boxed{}``, else its concluding statement."""
     boxed = last_boxed_content(analysis)
     if boxed is not None:
         return boxed
@@ -109,7 +109,7 @@ def solution_answer(analysis: str) -> str | None:
 
 
 def solution_choice(analysis: str) -> str | None:
-    """The option letter a solution picks ("故选 B", "the answer is (C)", ``\\boxed{D}``), if it names one."""
+    r"""The option letter a solution picks ("故选 B", "the answer is (C)", ``\\boxed{D}``), if it names one."""
     boxed = last_boxed_content(analysis)
     if boxed is not None and re.fullmatch(r"\s*(?:\\text\{)?\(?([A-H])\)?\}?\s*", boxed):
         return re.search(r"[A-H]", boxed).group(0)
@@ -175,7 +175,8 @@ class Verifier:
                 # two parses and a verify per pair, each under the worker's own timeout, plus start-up
                 reply = self._ask(chunk, self.grace + len(chunk) * 3 * (self.timeout + 1))
                 if reply is None:  # one pathological pair: retry one by one, so it costs only itself
-                    reply = [(r or [False])[0] for r in (self._ask([p], self.grace + 3 * (self.timeout + 1)) for p in chunk)]
+                    alone = self.grace + 3 * (self.timeout + 1)
+                    reply = [(self._ask([p], alone) or [False])[0] for p in chunk]
                 out.extend(reply)
         return out
 
@@ -285,7 +286,8 @@ def _decide(plan: tuple, verdicts: list, pairs: list) -> AnswerCheck:
         return AnswerCheck(False, plan[1])
     if kind == "choice_letter":
         stated, picked = plan[1], plan[2]
-        return AnswerCheck(stated == picked, "" if stated == picked else f"stated {stated}, the solution picks {picked}")
+        reason = "" if stated == picked else f"stated {stated}, the solution picks {picked}"
+        return AnswerCheck(stated == picked, reason)
     if kind == "choice_value":
         stated, table = plan[1], plan[2]
         equal = [k for k, (a, b, i) in table.items() if _same(a, b, verdicts[i])]

@@ -141,7 +141,9 @@ class QGenCLI(LightningCLI):
         init_from = init_args.get("init_from") if init_args is not None else None
         if init_from:
             if not os.path.exists(init_from):
-                raise CheckpointError(f"--model.init_args.init_from {init_from}: no such checkpoint file or adapter folder")
+                raise CheckpointError(
+                    f"--model.init_args.init_from {init_from}: no such checkpoint file or adapter folder"
+                )
             if os.path.isfile(init_from):
                 load_checkpoint_file(init_from, mmap=True)  # readable and safe, before anything is created
             init_args["init_from"] = os.path.abspath(init_from)  # checkpoints must work from any folder

@@ -2,11 +2,13 @@
 
 One training step (DeepSeekMath, Shao et al. 2024, eq. 3-4):
 
-1. for each prompt of the batch, ``group_size`` completions in one batched ``generate`` call (KV cache,
-   left padding, stop at EOS), with dropout off;
-2. rewards from the reward callbacks registered in ``setup`` (difficulty, novelty, rigor, diversity):
-   ``total = sum_i w_i r_i``, times the novelty penalty where a question is a near-copy of a known one;
-3. group-relative advantages (:func:`qgen.losses.group_advantages`);
+1. at the optimizer step's first micro-batch, the rollouts of all its micro-batches
+   (:class:`qgen.rollouts.StepRollouts`): for each prompt ``group_size`` completions, one batched
+   ``generate`` call per micro-batch (KV cache, left padding, stop at EOS), with dropout off;
+2. rewards from the reward callbacks registered in ``setup`` (difficulty, novelty, rigor, diversity), in a
+   background thread: ``total = sum_i w_i r_i``, times the novelty penalty where a question is a near-copy
+   of a known one (or, with ``reward_aggregation: normalize_then_sum``, each component standardised first);
+3. group-relative advantages (:func:`qgen.losses.group_advantages`; ``batch_std`` over the whole step);
 4. the clipped-ratio loss with a k3 KL to the reference (:func:`qgen.losses.grpo_loss`). The reference is
    the same model with the LoRA adapter disabled (the policy GRPO started from, see ``init_from``), so no
    second copy of the model is held. Log-probs run
@@ -15,14 +17,13 @@ One training step (DeepSeekMath, Shao et al. 2024, eq. 3-4):
 
 Departures from the paper: one policy update per rollout, so ``old_logp = logp.detach()`` (ratio 1 in
 value, the clipped gradient path is kept general); asymmetric clipping (``epsilon_high``, from DAPO) and
-the Dr. GRPO / DAPO aggregations are options. Optimisation is automatic, so gradient accumulation and
+the Dr. GRPO / DAPO aggregations are options (DAPO's token mean over the whole step, all ranks). Optimisation is automatic, so gradient accumulation and
 clipping stay in the trainer's YAML.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -273,8 +274,8 @@ class GRPOModule(StageModule):
         self.log_dict({k: v.float() for k, v in stds.items()}, batch_size=n)  # already global
         self.log("train/completion_len_max", lengths.max(), batch_size=n, sync_dist=True, reduce_fx="max")
         # the step's generation throughput on this rank (the whole step's tokens over its generation time)
-        self.log("train/gen_tokens_per_s", torch.tensor(float(step.rollout.completion_mask.sum()) / max(gen_seconds, 1e-9)),
-                 batch_size=n, sync_dist=True, reduce_fx="sum")  # fmt: skip
+        tokens_per_s = float(step.rollout.completion_mask.sum()) / max(gen_seconds, 1e-9)
+        self.log("train/gen_tokens_per_s", torch.tensor(tokens_per_s), batch_size=n, sync_dist=True, reduce_fx="sum")
         self.log("train/lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=n)
         self.log("reward", rewards.mean(), prog_bar=True, logger=False, batch_size=n, sync_dist=True)
 

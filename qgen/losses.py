@@ -87,7 +87,8 @@ def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: 
     """``log p_T(targets[b, t] | hidden[b, t])`` for every position, ``[B, T]``, under ``softmax(logits / T)``.
 
     ``temperature`` must be the one the tokens were sampled at: the policy that GRPO's ratio, gradient and
-    KL are about is the tempered distribution that produced the samples (as in TRL). Gather-then-logsumexp over ``chunk_size`` rows at a time (checkpointed when differentiable): peak extra
+    KL are about is the tempered distribution that produced the samples (as in TRL). Gather-then-logsumexp
+    over ``chunk_size`` rows at a time (checkpointed when differentiable): peak extra
     memory is one ``[chunk_size, V]`` block instead of the ``[B, T, V]`` log-softmax.
     """
     b, t, h = hidden.shape

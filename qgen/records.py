@@ -120,7 +120,8 @@ def load_json(path: str) -> Any:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); re-save the file as UTF-8") from None
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); "
+                        "re-save the file as UTF-8") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
@@ -252,7 +253,8 @@ def convert_mapped(rec: dict, where: str, mapping: dict[str, str], defaults: dic
             raise DataError(f"{where}: field '{mapping.get('difficulty', 'difficulty')}' must be in [0, 1], "
                             f"got {out['difficulty']}")  # fmt: skip
     if not isinstance(out.get("knowledge", []), list):
-        raise DataError(f"{where}: field '{mapping.get('knowledge', 'knowledge')}' must be a string or a list of strings")
+        field_name = mapping.get("knowledge", "knowledge")
+        raise DataError(f"{where}: field '{field_name}' must be a string or a list of strings")
     for key, value in (defaults or {}).items():
         out.setdefault(key, value)
     out.setdefault("id", where)

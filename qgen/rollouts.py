@@ -142,7 +142,8 @@ class StepRollouts:
         self.step_tokens = _all_reduce_sum(local_tokens)  # every rank generates its step: same call count
         self.token_normalizer = max(self.step_tokens, 1.0) / (world_size * micro_batches)
         if reward_aggregation not in ("sum_then_normalize", "normalize_then_sum"):
-            raise ValueError(f"reward_aggregation must be sum_then_normalize or normalize_then_sum, got {reward_aggregation!r}")
+            raise ValueError("reward_aggregation must be sum_then_normalize or normalize_then_sum, "
+                             f"got {reward_aggregation!r}")
         self.reward_aggregation, self.weights = reward_aggregation, dict(weights or {})
         self._joined: dict[int, tuple] = {}  # chunk -> (rewards, components)
         self._batch_advantages: torch.Tensor | None = None

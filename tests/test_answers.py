@@ -4,7 +4,15 @@ import threading
 
 import pytest
 
-from qgen.answers import AnswerCheck, Verifier, check_answers, normalize_answer, solution_answer, solution_choice, split_answer
+from qgen.answers import (
+    AnswerCheck,
+    Verifier,
+    check_answers,
+    normalize_answer,
+    solution_answer,
+    solution_choice,
+    split_answer,
+)
 from qgen.formatting import ParsedQuestion, parse_question
 
 OPTIONS = {"A": "1", "B": "2", "C": "3", "D": "4"}
@@ -41,7 +49,8 @@ TABLE = [
 
 
 def test_pinned_table():
-    questions = [ParsedQuestion("q", answer, solution, dict(options or {}), True) for answer, solution, options, _ in TABLE]
+    questions = [ParsedQuestion("q", answer, solution, dict(options or {}), True)
+                 for answer, solution, options, _ in TABLE]  # fmt: skip
     got = check_answers(questions)
     mismatches = [(row[0], row[1], c) for row, c in zip(TABLE, got) if c.consistent != row[3]]
     assert not mismatches

@@ -91,7 +91,8 @@ def test_extending_max_steps_continues_the_epoch_and_the_schedule(tmp_path, caps
     - with the default horizon (``max_steps``), it is recomputed at resume (and said so): from step 10 on the
       LR is the 20-step run's, never the first run's floor.
     """
-    warm = ["--trainer.callbacks.init_args.every_n_train_steps=1000", "--model.init_args.scheduler.init_args.warmup_steps=3"]
+    warm = ["--trainer.callbacks.init_args.every_n_train_steps=1000",
+            "--model.init_args.scheduler.init_args.warmup_steps=3"]  # fmt: skip
     fixed = [*warm, "--model.init_args.scheduler.init_args.total_steps=20"]
     cli_main(_sft_args(tmp_path / "straight", 20, *fixed))
     cli_main(_sft_args(tmp_path / "fixed", 10, *fixed))

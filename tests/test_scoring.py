@@ -136,6 +136,7 @@ def test_the_near_copy_decision_is_exact_where_the_pruned_index_is_not(bundled_b
     flips = ((index.max_similarity(queries) > 0.85) != (exact > 0.85)).sum()
     print(f"pruned-index decision flips: {flips} of {len(queries)}")
     # questions added to the bank are covered too
-    index.add(["A brand new question about the volume of a cone of radius 3 and height 4?"])
-    _, near_new = index.near_copy_similarity(["A brand new question about the volume of a cone of radius 3 and height 4?"], 0.85)
+    new = "A brand new question about the volume of a cone of radius 3 and height 4?"
+    index.add([new])
+    _, near_new = index.near_copy_similarity([new], 0.85)
     assert near_new.tolist() == [True]
