@@ -4,6 +4,7 @@ from callbacks.judges import EducationalValueJudge, OpenAIJudge
 from callbacks.predictions import PredictionWriter
 from callbacks.rewards import DifficultyReward, DiversityReward, NoveltyReward, RewardCallback, RigorReward
 from callbacks.samples import SampleTextCallback
+from callbacks.solver import SolverDifficulty
 
 __all__ = [
     "DifficultyReward",
@@ -15,4 +16,5 @@ __all__ = [
     "RewardCallback",
     "RigorReward",
     "SampleTextCallback",
+    "SolverDifficulty",
 ]

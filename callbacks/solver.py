@@ -1,0 +1,174 @@
+"""Solver-based difficulty: how often a frozen solver reaches the question's own stated answer.
+
+For each generated question with a stated answer, ``samples`` solutions are drawn from a frozen solver
+(by default the GRPO reference policy: the same backbone with the adapter disabled, through the same
+``generate`` path as the rollouts), stopping after ``early_stop`` samples when all or none of them agree.
+Each solution's final answer is checked against the stated answer with the answer-consistency check of
+:mod:`qgen.answers` (math-verify). With ``n`` samples of which ``a`` agree:
+
+- pass rate ``p = a / n`` and validity ``V = 1[a >= 1]`` (no solver sample reaching the stated answer is the
+  signature of a wrong or unsolvable question);
+- ``mode: shrunk`` (Absolute Zero style): ``V * (1 - p~)`` with ``p~ = (a + m (1 - d)) / (n + m)``, the pass
+  rate shrunk toward the learned difficulty model's estimate ``d`` with ``m = prior_strength`` pseudo-samples;
+- ``mode: band`` (R-Zero): ``V * (1 - 2 |p - 1/2|)``, highest for questions the solver gets half right.
+
+A question for which another answer holds at least half of the samples is counted as a *likely wrong
+stated answer*. TensorBoard: ``train/solver_pass_rate``, ``train/valid_frac``, ``train/likely_wrong_answers``.
+
+Cost: ``samples`` extra completions per question at most (``early_stop`` when the solver agrees with itself),
+e.g. 8 x 256 tokens for each of the 8 x B questions of a step: on Qwen3-14B this multiplies generation time
+by up to ``samples``; the embedded demo leaves it off.
+
+The solver runs in the training process's main thread, at the moment a chunk of questions has been
+generated (``prefetch``), never in the background scoring thread, which must not touch the model.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+from callbacks.rewards import RewardCallback
+from qgen.answers import check_answers, normalize_answer, solution_answer
+from qgen.formatting import ParsedQuestion, parse_question
+from qgen.scoring import DifficultyModel, RewardOutput, ScoringBatch
+
+SOLVE_PROMPT = {
+    "en": "Solve the following problem. Reason step by step and end with 'The answer is X'.\n\n{question}",
+    "zh": "请解答下面的题目，写出推理过程，最后写“答案为 X”。\n\n{question}",
+}
+
+
+class Solver(Protocol):
+    def solve(self, questions: list[str], languages: list[str], samples: int) -> list[list[str]]:
+        """``samples`` solution texts for each question."""
+
+
+class PolicySolver:
+    """The GRPO module's reference policy (the adapter disabled) as the solver, sampled like the rollouts."""
+
+    def __init__(self, module, max_new_tokens: int = 256, temperature: float = 1.0):
+        self.module, self.max_new_tokens, self.temperature = module, max_new_tokens, temperature
+
+    def solve(self, questions: list[str], languages: list[str], samples: int) -> list[list[str]]:
+        from qgen.sampling import generate_group
+
+        tok, model = self.module.tokenizer, self.module.model
+        texts = [tok.apply_chat_template([{"role": "user", "content": SOLVE_PROMPT.get(lang, SOLVE_PROMPT["en"])
+                                           .format(question=q)}], add_generation_prompt=True, tokenize=False)
+                 for q, lang in zip(questions, languages)]  # fmt: skip
+        prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        context = model.disable_adapter() if hasattr(model, "disable_adapter") else torch.no_grad()
+        with context:
+            rollout = generate_group(model, tok, prompts, samples, self.max_new_tokens, self.temperature)
+        texts = rollout.texts
+        return [texts[i * samples : (i + 1) * samples] for i in range(len(questions))]
+
+
+class SolverDifficulty(RewardCallback):
+    """Difficulty from a frozen solver's pass rate on the question's own stated answer (see the module docstring).
+
+    Args:
+        weight: weight of this component in the total reward.
+        samples: solver samples per question at most.
+        early_stop: after this many samples, stop when all or none agree with the stated answer.
+        mode: ``shrunk`` (pass rate shrunk toward the difficulty model) or ``band`` (R-Zero's target band).
+        prior_strength: pseudo-samples of the difficulty model's estimate in ``shrunk``.
+        max_new_tokens: solution length limit.
+        temperature: solver sampling temperature.
+    """
+
+    name = "solver_difficulty"
+
+    def __init__(self, weight: float = 0.4, samples: int = 8, early_stop: int = 4,
+                 mode: Literal["shrunk", "band"] = "shrunk", prior_strength: float = 2.0, max_new_tokens: int = 256,
+                 temperature: float = 1.0):  # fmt: skip
+        super().__init__(weight)
+        if samples < 1 or not 1 <= early_stop <= samples or prior_strength < 0:
+            raise ValueError("SolverDifficulty: need samples >= 1, 1 <= early_stop <= samples, prior_strength >= 0")
+        self.samples, self.early_stop, self.mode, self.prior_strength = samples, early_stop, mode, prior_strength
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.solver: Solver | None = None
+        self.prior = DifficultyModel()
+        self._solved: dict[str, tuple[int, int, bool]] = {}  # question text -> (agree, n, likely wrong)
+        self.stats: dict[str, float] = {}
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.solver is None:
+            self.solver = PolicySolver(pl_module, self.max_new_tokens, self.temperature)
+        if not self.prior.fitted and trainer.datamodule is not None:
+            self.prior = DifficultyModel().fit(trainer.datamodule.load_records()["train"])
+
+    # --------------------------------------------------------------------------------------- solving
+    def _votes(self, parsed: ParsedQuestion, solutions: list[str]) -> tuple[list[bool], list[str]]:
+        checks = check_answers([ParsedQuestion(parsed.question, parsed.answer, s, parsed.options, True)
+                                for s in solutions])  # fmt: skip
+        finals = [normalize_answer(solution_answer(s) or "") for s in solutions]
+        return [c.consistent for c in checks], finals
+
+    def prefetch(self, texts: list[str], languages: list[str] | None = None) -> None:
+        """Solve the new questions now (main thread); :meth:`score` reads the results."""
+        parsed = [parse_question(t) for t in texts]
+        todo = [(t, p) for t, p in zip(texts, parsed) if p.question and p.answer and t not in self._solved]
+        if not todo:
+            return
+        langs = languages or ["zh" if any("\u4e00" <= ch <= "\u9fff" for ch in t) else "en" for t, _ in todo]
+        first = self.solver.solve([p.question for _, p in todo], langs, self.early_stop)
+        again = []
+        results = {}
+        for (text, p), sols, lang in zip(todo, first, langs):
+            votes, finals = self._votes(p, sols)
+            if 0 < sum(votes) < len(votes) and self.samples > self.early_stop:
+                again.append((text, p, votes, finals, lang))
+            else:
+                results[text] = (votes, finals)
+        if again:
+            more = self.solver.solve([p.question for _, p, *_ in again], [x[4] for x in again],
+                                     self.samples - self.early_stop)  # fmt: skip
+            for (text, p, votes, finals, _), sols in zip(again, more):
+                v2, f2 = self._votes(p, sols)
+                results[text] = (votes + v2, finals + f2)
+        for text, (votes, finals) in results.items():
+            wrong = Counter(f for f, ok in zip(finals, votes) if not ok and f)
+            likely_wrong = bool(wrong) and wrong.most_common(1)[0][1] >= len(votes) / 2
+            self._solved[text] = (sum(votes), len(votes), likely_wrong)
+
+    def score(self, batch: ScoringBatch) -> RewardOutput:
+        missing = [t for t in batch.texts if t not in self._solved]
+        if missing:  # not prefetched (e.g. scoring a file): solve here
+            self.prefetch(missing, None)
+        questions = [p.question or t for p, t in zip(batch.parsed, batch.texts)]
+        prior = self.prior.predict(questions, [p.analysis for p in batch.parsed],
+                                   [r.subject if r is not None else "" for r in batch.records])  # fmt: skip
+        values, rates, valid, wrong = [], [], [], 0
+        for text, d in zip(batch.texts, prior):
+            agree, n, likely_wrong = self._solved.get(text, (0, 0, False))
+            if n == 0:  # no stated answer: nothing to solve against
+                values.append(0.0)
+                valid.append(0.0)
+                continue
+            p = agree / n
+            v = float(agree >= 1)
+            if self.mode == "band":
+                values.append(v * (1 - 2 * abs(p - 0.5)))
+            else:
+                shrunk = (agree + self.prior_strength * (1 - float(d))) / (n + self.prior_strength)
+                values.append(v * (1 - shrunk))
+            rates.append(p)
+            valid.append(v)
+            wrong += likely_wrong
+        self.stats = {"solver_pass_rate": float(np.mean(rates)) if rates else 0.0,
+                      "valid_frac": float(np.mean(valid)) if valid else 0.0,
+                      "likely_wrong_answers": float(wrong)}  # fmt: skip
+        return RewardOutput(np.array(values, dtype=np.float32), extra={"valid": np.array(valid, np.float32)})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        for key, value in self.stats.items():
+            pl_module.log(f"train/{key}", value, sync_dist=True)
+        if (batch_idx + 1) % max(1, trainer.accumulate_grad_batches) == 0:
+            self._solved.clear()  # the step's questions are scored: forget them
