@@ -20,7 +20,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 
 import callbacks  # noqa: F401  (registers callback classes for `trainer.callbacks` in YAML)
-from qgen.checkpointing import CheckpointError, SafeCheckpointIO, load_checkpoint_file
+from qgen.checkpointing import CheckpointError, SafeCheckpointIO, load_checkpoint_file, locate_source
 from qgen.data import QuestionDataModule
 from qgen.records import DataError
 
@@ -105,13 +105,16 @@ class QGenCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else None
+        starting = None  # where the checkpoint says its starting policy (init_from) is
         if config is not None and config.get("ckpt_path"):
             if config.ckpt_path == "last":
                 save_dir, name = self._save_dir(config)
                 config.ckpt_path = find_last_checkpoint(os.path.join(save_dir, name), config.model.get("class_path"))
                 print(f"resuming from {config.ckpt_path}")
             # checked before the logger makes a run folder: a bad path fails with one line and leaves nothing
-            hparams = load_checkpoint_file(config.ckpt_path, mmap=True).get("hyper_parameters") or {}
+            loaded = load_checkpoint_file(config.ckpt_path, mmap=True)
+            hparams = loaded.get("hyper_parameters") or {}
+            starting = (loaded.get("qgen") or {}).get("init_from")
             saved, wanted = hparams.get("_class_path"), config.model.get("class_path") if config.get("model") else None
             if saved and wanted and not same_class(saved, wanted):
                 raise CheckpointError(
@@ -128,6 +131,10 @@ class QGenCLI(LightningCLI):
         super()._parse_ckpt_path()
         for key, value in kept.items():
             self.config[subcommand].model.init_args[key] = value
+        init_args = self.config[subcommand].model.get("init_args") if config is not None and config.get("model") else None
+        if config is not None and config.get("ckpt_path") and init_args is not None and init_args.get("init_from"):
+            # a run folder that moved: its starting policy is found beside the checkpoint (and checked by hash)
+            init_args["init_from"] = locate_source(config.ckpt_path, init_args["init_from"], starting)
 
     def before_instantiate_classes(self) -> None:
         """Checks that need no model, then the run folder: paths first (one clear line, no folder left behind),

@@ -269,3 +269,24 @@ def test_init_from_errors(tmp_path):
         GRPOModule(init_from=ckpt, model_name_or_path="embedded:mini").configure_model()
     with pytest.raises(ValueError, match="other shapes"):  # quantized: the SFT adapter is trained further, same rank needed
         GRPOModule(init_from=ckpt, lora=LoraSpec(r=4), quantization="nf4").configure_model()
+
+
+def test_a_moved_grpo_run_resumes_from_its_new_folder(tmp_path, monkeypatch):
+    """GRPO from an SFT checkpoint given by a relative path; the whole folder moves; --ckpt_path resumes
+    from the new place, finding the SFT model beside the checkpoint (the recorded absolute path is gone).
+    """
+    import shutil
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    ckpt, _ = _sft_checkpoint(runs / "sft", LoraSpec(r=8, alpha=16, dropout=0.0))
+    monkeypatch.chdir(runs)
+    relative = os.path.relpath(ckpt, runs)
+    cli_main(_grpo_args(runs, 1, f"--model.init_args.init_from={relative}"))
+    grpo_ckpt = runs / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(grpo_ckpt, weights_only=True)["hyper_parameters"]["init_from"] == os.path.abspath(relative)
+    moved = tmp_path / "moved"
+    shutil.move(str(runs), str(moved))
+    monkeypatch.chdir(tmp_path)
+    cli_main(_grpo_args(moved, 2, "--ckpt_path", str(moved / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")))
+    assert (moved / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt").is_file()
