@@ -113,13 +113,20 @@ def math_items(limit: int | None, rng: random.Random):
         true = restate(boxed)
         restated += true != boxed.strip()
         items.append(("math", "true", ParsedQuestion(r.question, true, r.analysis, {}, True)))
-        for kind, wrong in perturbations(boxed, rng):
-            if numerically_equal(wrong, boxed) is True:
-                dropped[f"{kind} still equal"] += 1
-                continue
-            kinds[f"math {kind}"] += 1
-            items.append(("math", kind, ParsedQuestion(r.question, wrong, r.analysis, {}, True)))
+        items += perturbed_items("math", r, boxed, rng, kinds, dropped)
     return items, dropped, kinds, restated
+
+
+def perturbed_items(source: str, record, answer: str, rng: random.Random, kinds: Counter, dropped: Counter) -> list:
+    """The perturbed-answer items of one question; perturbations still equal to ``answer`` are dropped."""
+    out = []
+    for kind, wrong in perturbations(answer, rng):
+        if numerically_equal(wrong, answer) is True:
+            dropped[f"{kind} still equal"] += 1
+            continue
+        kinds[f"{source} {kind}"] += 1
+        out.append((source, kind, ParsedQuestion(record.question, wrong, record.analysis, {}, True)))
+    return out
 
 
 def gaokao_items(rng: random.Random):
@@ -145,12 +152,7 @@ def gaokao_items(rng: random.Random):
                     continue
                 stated = final.strip().strip("$")
                 items.append(("gaokao", "true", ParsedQuestion(r.question, restate(stated), r.analysis, {}, True)))
-                for kind, wrong in perturbations(stated, rng):
-                    if numerically_equal(wrong, stated) is True:
-                        dropped[f"{kind} still equal"] += 1
-                        continue
-                    kinds[f"gaokao {kind}"] += 1
-                    items.append(("gaokao", kind, ParsedQuestion(r.question, wrong, r.analysis, {}, True)))
+                items += perturbed_items("gaokao", r, stated, rng, kinds, dropped)
     return items, dropped, kinds
 
 
