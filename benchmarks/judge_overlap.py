@@ -7,11 +7,11 @@ on a local server (127.0.0.1, this process) that answers every request after ``-
 
 Variants, alternated for ``--rounds`` rounds, every round printed:
 - ``no judge``: the reference step time T0;
-- ``judge, per micro-batch`` (the default, ``generation_batch_size: null``): one ``generate`` call per
-  micro-batch; its judge requests go out at once and are answered while the next micro-batch generates
-  and the first one trains;
-- ``judge, whole step``: ``generation_batch_size=4``, the step's rollouts in one ``generate`` call, so only
-  the first micro-batch's forward passes overlap the judge.
+- ``judge, whole step`` (the default, ``generation_batch_size: null``): the step's rollouts in one
+  ``generate`` call; the judge's requests go out at once and are answered while the first micro-batch
+  runs its forward passes;
+- ``judge, per micro-batch``: ``generation_batch_size=2``, one call per micro-batch; its judge requests
+  are answered while the next micro-batch generates (smaller generate batches cost more on CPU).
 
 The target of the correctness issue is ``T <= max(latency, T0) x 1.1``; the summary line prints each
 variant's ratio to that bound (<= 1 meets it).
@@ -76,11 +76,12 @@ class StepTimer(Callback):
     """Wall time of each optimizer step (first micro-batch start to last micro-batch end)."""
 
     def __init__(self):
-        self.times, self.start, self.tokens = [], None, []
+        self.times, self.start, self.tokens, self.windows = [], None, [], []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.start is None:
             self.start = time.perf_counter()
+            self.windows.append(batch["step_window"])  # the step's prompts (dataset indices), for the same-work check
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
@@ -89,7 +90,7 @@ class StepTimer(Callback):
             self.start = None
 
 
-def run(args, judge_url: str | None, generation_batch_size: int | None) -> tuple[list[float], list[int]]:
+def run(args, judge_url: str | None, generation_batch_size: int | None) -> tuple[list[float], list[int], list]:
     L.seed_everything(0)
     rewards = [DifficultyReward(), NoveltyReward(), RigorReward(), DiversityReward()]
     if judge_url:  # no cache: every step asks the server
@@ -104,7 +105,9 @@ def run(args, judge_url: str | None, generation_batch_size: int | None) -> tuple
                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                   limit_val_batches=0, accumulate_grad_batches=2, callbacks=[*rewards, timer],
                   ).fit(module, QuestionDataModule(batch_size=2, max_length=256, seed=0))  # fmt: skip
-    return timer.times[1:], timer.tokens[1:]  # the first step warms up
+    if judge_url:
+        assert rewards[-1].failures == 0, "the judge failed ratings: the judged runs would not do the same work"
+    return timer.times[1:], timer.tokens[1:], timer.windows  # the first step warms up
 
 
 def main() -> None:
@@ -116,12 +119,18 @@ def main() -> None:
     args = parser.parse_args()
     server = slow_judge(args.latency)
     url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-    variants = {"no judge": (None, None), "judge, per micro-batch": (url, None), "judge, whole step": (url, 4)}
+    variants = {"no judge": (None, None), "judge, whole step": (url, None), "judge, per micro-batch": (url, 2)}
     results: dict[str, list[float]] = {name: [] for name in variants}
+    reference_windows = None
     print(f"{'round':>5}  {'variant':<26} {'s/step':>8} {'tokens/step':>12}")
     for r in range(args.rounds):
         for name, (judge_url, chunk) in variants.items():
-            times, tokens = run(args, judge_url, chunk)
+            times, tokens, windows = run(args, judge_url, chunk)
+            # same work on every side: the same prompts in the same steps, and exactly G x max_new_tokens
+            # tokens per prompt (EOS suppressed)
+            reference_windows = reference_windows if r or name != "no judge" else windows
+            assert windows == reference_windows, f"{name}: other prompts than the reference run"
+            assert all(t == 2 * 2 * 8 * args.max_new_tokens for t in tokens), f"{name}: generated {tokens}"
             results[name].append(statistics.mean(times))
             print(f"{r:>5}  {name:<26} {statistics.mean(times):>8.3f} {statistics.mean(tokens):>12.0f}")
     t0 = statistics.mean(results["no judge"])

@@ -69,9 +69,9 @@ class GRPOModule(StageModule):
             shared by the G completions) when computing log-probs; same values and gradients, a fraction of
             the cost. Ignored under gradient checkpointing, which disables the KV cache.
         generation_batch_size: prompts per ``generate`` call when the step's rollouts are made (all
-            ``accumulate_grad_batches`` micro-batches at its first one); ``null`` = one micro-batch per call.
-            Each call's questions are scored (an LLM judge's requests sent at once) while the next call
-            generates and the earlier micro-batches train.
+            ``accumulate_grad_batches`` micro-batches at its first one); ``null`` = the whole step in one
+            call (the fastest generation, and the best judge overlap measured on CPU). With smaller calls each
+            call's questions are scored (an LLM judge's requests sent at once) while the next one generates.
         min_new_tokens: EOS is suppressed until this many tokens (0: off; benchmarks fix lengths with it).
         reward_aggregation: ``sum_then_normalize`` (the weighted sum is the reward; ``advantage`` applies) or
             ``normalize_then_sum`` (each component standardised within its group, then weighted and summed;
@@ -202,7 +202,7 @@ class GRPOModule(StageModule):
         self._window_examples = {m: [dataset.examples[i] for i in mb] for m, mb in enumerate(window)}
 
         def generate(flat: list[list[int]]):
-            step = hp.generation_batch_size or self.trainer.datamodule.hparams.batch_size  # one micro-batch
+            step = hp.generation_batch_size or len(flat)  # default: the whole step in one call
             for i in range(0, len(flat), step):
                 yield generate_group(self.model, self.tokenizer, flat[i : i + step], g, hp.max_new_tokens,
                                      hp.temperature, hp.top_p, hp.min_new_tokens)  # fmt: skip

@@ -180,15 +180,16 @@ class NoveltyIndex:
         mat = sp.csr_matrix((np.ones(len(rows_a), np.float32), (cols_a, rows_a)), shape=(full.shape[1], full.shape[0]))
         return mat
 
-    def exact_similarity_above(self, texts: list[str], threshold: float) -> np.ndarray:
+    def exact_similarity_above(self, texts: list[str], threshold: float,
+                               counts: sp.csr_matrix | None = None) -> np.ndarray:  # fmt: skip
         """``[n]``: the exact TF-IDF cosine to the most similar bank question when it is at least ``threshold``,
         else ``-1``. Exact: full vectors (no top-k pruning, no dropped n-grams), and no near-copy is missed
-        (prefix-filtered candidates, then the exact cosine of each).
+        (prefix-filtered candidates, then the exact cosine of each). ``counts``: the texts already hashed.
         """
         key = float(threshold)
         if key not in self._prefix:
             self._prefix[key] = [self._prefix_block(full, key) for full in self._full]
-        counts = self.hasher.transform(texts)
+        counts = self.hasher.transform(texts) if counts is None else counts
         q = self.tfidf.transform(counts).astype(np.float32).tocsr()  # [n, F] unit rows
         present = q.copy()
         present.data[:] = 1.0
@@ -211,17 +212,20 @@ class NoveltyIndex:
         fast index's estimate capped at ``threshold`` (the pruned index can overshoot the exact cosine), so no
         reported similarity above the threshold goes without the near-copy decision, and no near-copy is missed.
         """
-        exact = self.exact_similarity_above(texts, threshold)
+        counts = self.hasher.transform(texts)  # hashed once for both paths
+        exact = self.exact_similarity_above(texts, threshold, counts)
         near = exact > threshold
-        approx = np.minimum(self.max_similarity(texts), threshold)
+        approx = np.minimum(self._max_pruned(self._weigh(counts)), threshold)
         return np.where(near, exact, approx).astype(np.float32), near
 
     def max_similarity(self, texts: list[str]) -> np.ndarray:
         """``[n]`` highest cosine similarity of each text to any question in the bank (the reward's hot path:
         no argmax, see :meth:`nearest` for the matching question).
         """
-        q = self.vectorize(texts)  # [n, F]
-        best = np.zeros(len(texts), dtype=np.float32)
+        return self._max_pruned(self.vectorize(texts))
+
+    def _max_pruned(self, q: sp.csr_matrix) -> np.ndarray:
+        best = np.zeros(q.shape[0], dtype=np.float32)
         for block in self._blocks:
             sims = (q @ block).tocsr()  # [n, bank_block], sparse
             if sims.nnz:
