@@ -2,7 +2,14 @@
 
 from callbacks.judges import EducationalValueJudge, OpenAIJudge
 from callbacks.predictions import PredictionWriter
-from callbacks.rewards import DifficultyReward, DiversityReward, NoveltyReward, RewardCallback, RigorReward
+from callbacks.rewards import (
+    DifficultyReward,
+    DiversityReward,
+    NoveltyReward,
+    RepetitionReward,
+    RewardCallback,
+    RigorReward,
+)
 from callbacks.samples import SampleTextCallback
 from callbacks.solver import SolverDifficulty
 
@@ -13,6 +20,7 @@ __all__ = [
     "NoveltyReward",
     "OpenAIJudge",
     "PredictionWriter",
+    "RepetitionReward",
     "RewardCallback",
     "RigorReward",
     "SampleTextCallback",

@@ -1,11 +1,11 @@
-"""Reward callbacks for GRPO: difficulty (0.4), novelty (0.3), rigor (0.2) and diversity (0.1).
+"""Reward callbacks for GRPO: difficulty (0.4), novelty (0.3), rigor (0.2), diversity (0.1), and repetition.
 
 The same callbacks are the distillation stage's *teacher cluster* (judges of the student's samples,
 logged as ``train/judge_<name>_mean``); ``callbacks.judges`` adds the educational-value and LLM judges.
 
 A callback's ``on_train_batch_end`` runs after the loss, so each reward callback *registers itself* with
 the module in ``setup``; the module calls its ``score`` inside ``training_step``. After the step the
-callback logs the mean and std of its component and updates its own state (the novelty bank). The
+callback logs the mean and std of its component and updates its own state (the repetition bank). The
 scoring itself is in :mod:`qgen.scoring` (pure functions on strings).
 
 In YAML::
@@ -111,12 +111,11 @@ class DifficultyReward(RewardCallback):
 class NoveltyReward(RewardCallback):
     """Novelty against known questions: ``1 - max TF-IDF similarity`` to the bank, and the novelty constraint.
 
-    The bank is the training questions plus every generated question accepted so far (non-empty and not
-    above ``threshold``; the parsed stem when the output parses, else the raw text), so the policy is
-    also pushed away from what it produced earlier in the run. A question more similar than ``threshold`` to any bank question multiplies the
-    *total* reward by ``penalty``. The accepted questions are in the callback's ``state_dict``, so a resumed
-    run has the same bank; under DDP the accepted questions of all ranks are gathered (in rank order)
-    before the bank grows, so every rank holds the same bank.
+    The bank is the training questions, fixed for the run: the reward is stationary (the same question
+    scores the same at step 1 and step 1000, on training and on held-out prompts). A question more similar
+    than ``threshold`` to a known question multiplies the *total* reward by ``penalty``; that decision is
+    taken on the exact cosine. Repeating the run's own earlier questions is a separate signal,
+    :class:`RepetitionReward`, with its own weight.
 
     Args:
         weight: weight of this component in the total reward.
@@ -131,12 +130,10 @@ class NoveltyReward(RewardCallback):
     def __init__(self, weight: float = 0.3, threshold: float = 0.85, penalty: float = 0.5, top_k: int | None = 64):
         super().__init__(weight)
         if not 0 < threshold <= 1 or not 0 <= penalty <= 1:
-            raise ValueError("NoveltyReward: threshold must be in (0, 1] and penalty in [0, 1]")
+            raise ValueError(f"{type(self).__name__}: threshold must be in (0, 1] and penalty in [0, 1]")
         self.threshold, self.penalty, self.top_k = threshold, penalty, top_k
         self.index: NoveltyIndex | None = None
         self.known: list[str] = []  # the training questions
-        self.accepted: list[str] = []  # generated questions added to the bank, in order
-        self._pending: list[str] = []
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -146,23 +143,66 @@ class NoveltyReward(RewardCallback):
 
     def _build(self) -> None:
         self.index = NoveltyIndex(self.known, top_k=self.top_k)
-        self.index.add(self.accepted)
+
+    def _similarity(self, questions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if self.index is None:
+            return np.zeros(len(questions), np.float32), np.zeros(len(questions), bool)
+        return self.index.near_copy_similarity(questions, self.threshold)  # the penalty: exact cosine only
 
     def score(self, batch: ScoringBatch) -> RewardOutput:
         questions = [p.question or t for p, t in zip(batch.parsed, batch.texts)]
-        if self.index is not None:  # the penalty is decided on the exact cosine, never on the pruned estimate
-            sims, near_copy = self.index.near_copy_similarity(questions, self.threshold)
-        else:
-            sims, near_copy = np.zeros(len(questions), np.float32), np.zeros(len(questions), bool)
-        # a step may be scored in several chunks: the bank grows once, after the step (on_train_batch_end)
-        self._pending.extend(q for q, bad in zip(questions, near_copy) if q.strip() and not bad)
-        return RewardOutput(1.0 - sims, np.where(near_copy, self.penalty, 1.0).astype(np.float32), {"similarity": sims})
+        sims, near_copy = self._similarity(questions)
+        return RewardOutput(1.0 - sims, np.where(near_copy, self.penalty, 1.0).astype(np.float32),
+                            {"similarity": sims, "near_copy": near_copy.astype(np.float32)})  # fmt: skip
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass  # the bank is the training data (a checkpoint of qgen <= 0.1.0 also held generated questions)
+
+
+class RepetitionReward(NoveltyReward):
+    """Repetition of the run's own questions: ``1 - max TF-IDF similarity`` to the questions it generated before.
+
+    The bank starts empty (the IDF is fitted on the training questions, as :class:`NoveltyReward`'s) and
+    grows once per optimizer step with that step's questions that were not near-copies (the parsed stem
+    when the output parses, else the raw text); a question more similar than ``threshold`` to one of them
+    multiplies the total reward by ``penalty``. This signal is not stationary by design (it pushes the
+    policy away from what it wrote earlier), so it is left out of the held-out reward (``val/reward_*``).
+    The questions are in the callback's ``state_dict``, so a resumed run has the same bank; under DDP every
+    rank's questions are gathered (in rank order) before the bank grows, so every rank holds the same bank.
+
+    Args:
+        weight: weight of this component in the total reward.
+        threshold: similarity above which a question repeats an earlier one.
+        penalty: multiplier of the total reward of a repetition (1 = none).
+        top_k: as :class:`NoveltyReward`'s.
+    """
+
+    name = "repetition"
+    stationary = False  # left out of the held-out evaluation
+
+    def __init__(self, weight: float = 0.1, threshold: float = 0.85, penalty: float = 0.5, top_k: int | None = 64):
+        super().__init__(weight, threshold, penalty, top_k)
+        self.accepted: list[str] = []  # generated questions added to the bank, in order
+        self._pending: list[str] = []
+
+    def _build(self) -> None:
+        self.index = NoveltyIndex(self.known, top_k=self.top_k, keep_bank=False)
+        self.index.add(self.accepted)
+
+    def score(self, batch: ScoringBatch) -> RewardOutput:
+        out = super().score(batch)
+        out.extra["question"] = np.array([p.question or t for p, t in zip(batch.parsed, batch.texts)], dtype=object)
+        return out
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        out = getattr(pl_module, "last", {}).get("components", {}).get(self.name)
+        if out is not None:  # this micro-batch's questions; the bank grows when the optimizer step is done
+            self._pending.extend(str(q) for q, bad in zip(out.extra["question"], out.extra["near_copy"])
+                                 if str(q).strip() and not bad)  # fmt: skip
         step_done = (batch_idx + 1) % max(1, trainer.accumulate_grad_batches) == 0 or bool(
             trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)  # a short last window ends the epoch's step
-        if not step_done:  # the bank grows once per optimizer step: every chunk of a step sees the same bank
+        if not step_done:  # every micro-batch of a step is scored against the same bank
             return
         new = self._pending
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -173,7 +213,7 @@ class NoveltyReward(RewardCallback):
         self.accepted.extend(new)
         if self.index is not None:
             self.index.add(new)
-        pl_module.log("train/novelty_bank_size", float(len(self.index) if self.index else len(self.accepted)))
+        pl_module.log("train/repetition_bank_size", float(len(self.accepted)))
 
     def state_dict(self) -> dict:
         return {"accepted": list(self.accepted)}

@@ -40,6 +40,8 @@ from qgen.scoring import RewardOutput, combine_scores
 from qgen.sft import default_optimizer, default_scheduler
 from qgen.stage import StageModule
 
+VAL_SEED = 20_251_202  # base seed of the held-out samples (plus the batch index)
+
 
 class GRPOModule(StageModule):
     """Group Relative Policy Optimisation of a question writer, rewarded by the reward callbacks.
@@ -76,6 +78,8 @@ class GRPOModule(StageModule):
         reward_aggregation: ``sum_then_normalize`` (the weighted sum is the reward; ``advantage`` applies) or
             ``normalize_then_sum`` (each component standardised within its group, then weighted and summed;
             needs ``advantage: group_std``). Which learns better is not measured yet; the default is unchanged.
+        val_rewards: at each validation, sample ``group_size`` questions for every held-out prompt and log
+            their reward components (``val/reward_*``); ``false`` = the held-out SFT loss only.
         optimizer: optimizer factory.
         scheduler: LR scheduler factory.
     """
@@ -102,6 +106,7 @@ class GRPOModule(StageModule):
         generation_batch_size: int | None = None,
         min_new_tokens: int = 0,
         reward_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize",
+        val_rewards: bool = True,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable = default_scheduler,
     ):
@@ -177,8 +182,12 @@ class GRPOModule(StageModule):
             raise RuntimeError(
                 "GRPOModule has no reward callbacks: add callbacks.DifficultyReward etc. to trainer.callbacks"
             )
-        total, outputs = combine_scores(self.rewards, rollout.texts, records, rollout.truncated.tolist(),
-                                        rollout.group_size)  # fmt: skip
+        return self._combine(self.rewards, rollout, records)
+
+    def _combine(self, scorers: dict, rollout: Rollout, records: list) -> tuple[torch.Tensor, dict[str, RewardOutput]]:
+        lengths = rollout.completion_mask.sum(-1).tolist()
+        total, outputs = combine_scores(scorers, rollout.texts, records, rollout.truncated.tolist(),
+                                        rollout.group_size, lengths=lengths)  # fmt: skip
         return torch.as_tensor(total, device=self.device), outputs
 
     # ------------------------------------------------------------------------------------------ training
@@ -280,6 +289,33 @@ class GRPOModule(StageModule):
         self.log("reward", rewards.mean(), prog_bar=True, logger=False, batch_size=n, sync_dist=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Validation is the SFT loss of the held-out questions: it shows drift away from the question bank."""
+        """Validation: the SFT loss of the held-out questions (drift away from the question bank) and, with
+        ``val_rewards``, the reward of questions sampled for the held-out prompts (``val/reward_mean`` and each
+        component's ``val/reward_<name>_mean``), by the stationary rewards only (not :class:`RepetitionReward`,
+        which depends on what the run wrote before). Each batch samples with its own fixed seed, so two
+        evaluations of the same policy see the same draws and the curve moves only when the policy does.
+        """
         out = causal_lm_nll(self.model, batch, chunk_size=self.hparams.logprob_chunk_size)
-        self.log("val/loss", out.loss, batch_size=batch["input_ids"].size(0))
+        n = batch["input_ids"].size(0)
+        self.log("val/loss", out.loss, batch_size=n)
+        scorers = {name: cb for name, cb in self.rewards.items() if getattr(cb, "stationary", True)}
+        if not self.hparams.val_rewards or not scorers:
+            return
+        hp, g = self.hparams, self.hparams.group_size
+        loaders = self.trainer.val_dataloaders
+        dataset = (loaders[0] if isinstance(loaders, (list, tuple)) else loaders).dataset
+        index = [int(i) for i in batch["index"]]
+        prompts = [dataset.input_ids[i][: dataset.prompt_lengths[i]] for i in index]
+        records = [dataset.examples[i].record for i in index for _ in range(g)]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # training's random stream is left as it was
+            torch.manual_seed(VAL_SEED + batch_idx)
+            rollout = generate_group(self.model, self.tokenizer, prompts, g, hp.max_new_tokens, hp.temperature,
+                                     hp.top_p, hp.min_new_tokens)  # fmt: skip
+        total, outputs = self._combine(scorers, rollout, records)
+        self.log("val/reward_mean", total.float().mean(), batch_size=n, sync_dist=True)
+        for name, component in outputs.items():
+            value = torch.as_tensor(component.values, dtype=torch.float32).mean()
+            self.log(f"val/reward_{name}_mean", value, batch_size=n, sync_dist=True)
+        self.log("val/completion_len_mean", rollout.completion_mask.sum(-1).float().mean(), batch_size=n,
+                 sync_dist=True)  # fmt: skip

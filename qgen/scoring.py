@@ -44,6 +44,7 @@ class ScoringBatch:
     languages: list[str]
     truncated: list[bool]
     group_size: int = 1
+    lengths: list[int] | None = None  # completion lengths in tokens (None when scoring a file of texts)
 
 
 @dataclass
@@ -54,14 +55,17 @@ class RewardOutput:
 
 
 def combine_scores(scorers: dict, texts: list[str], records: list, truncated: list[bool], group_size: int = 1,
-                   normalize: bool = False) -> tuple[np.ndarray, dict[str, RewardOutput]]:  # fmt: skip
+                   normalize: bool = False, lengths: list[int] | None = None,
+                   ) -> tuple[np.ndarray, dict[str, RewardOutput]]:  # fmt: skip
     """Score ``texts`` with every scorer (reward / judge callbacks: ``weight`` and ``score(batch)``).
 
     Returns ``sum_i w_i s_i`` (divided by ``sum_i w_i`` with ``normalize``), times every scorer's
-    ``factor`` (the novelty penalty of near-copies), and each scorer's output.
+    ``factor`` (the novelty penalty of near-copies), and each scorer's output. ``lengths``: the completions'
+    token counts, for scorers that need them.
     """
     parsed = [parse_question(t) for t in texts]
-    batch = ScoringBatch(texts, parsed, records, [r.language if r else "en" for r in records], truncated, group_size)
+    languages = [r.language if r else "en" for r in records]
+    batch = ScoringBatch(texts, parsed, records, languages, truncated, group_size, lengths)
     outputs = {name: scorer.score(batch) for name, scorer in scorers.items()}
     total = sum(scorer.weight * np.asarray(outputs[name].values, dtype=np.float32) for name, scorer in scorers.items())
     if normalize:
@@ -98,11 +102,12 @@ class NoveltyIndex:
     little weight anyway (those in more than ``max_df`` of the bank are dropped outright), and dropping
     them keeps the inverted lists short, so scoring 8 questions against
     a million takes milliseconds. Exact copies still score 1, and so do copies with changed numbers (every
-    number is normalised to ``0``). ``top_k=None`` gives the exact cosine.
+    number is normalised to ``0``). ``top_k=None`` gives the exact cosine. ``keep_bank=False`` fits the
+    IDF on ``bank`` but starts with an empty bank (the run's own questions are then added with :meth:`add`).
     """
 
     def __init__(self, bank: list[str], n_features: int = 2**20, top_k: int | None = 64, max_df: float = 0.02,
-                 batch: int = 50_000):  # fmt: skip
+                 batch: int = 50_000, keep_bank: bool = True):  # fmt: skip
         from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
 
         if not bank:
@@ -118,12 +123,12 @@ class NoveltyIndex:
         # n-grams in more than max_df of the bank (and at least 50 questions) say nothing about novelty and
         # make the inverted lists long: they are dropped, like TfidfVectorizer's max_df
         self.stop = (df > max(50, max_df * len(bank))) if top_k is not None else np.zeros(n_features, dtype=bool)
-        self._blocks = [self._weigh(counts).T.tocsr()]  # [F, bank] blocks: rows are inverted lists
+        self._blocks = [self._weigh(counts).T.tocsr()] if keep_bank else []  # [F, bank] blocks: inverted lists
         self.texts: list[str] = []  # questions added after fitting, in order
-        self.initial_size = len(bank)
+        self.initial_size = len(bank) if keep_bank else 0
         # the exact side (near-copy decisions): full unit TF-IDF rows, and per threshold a prefix-filter index
-        self.df = np.bincount(counts.indices, minlength=n_features)
-        self._full = [self.tfidf.transform(counts).astype(np.float32).tocsr()]  # [bank, F] blocks
+        self.df = df
+        self._full = [self.tfidf.transform(counts).astype(np.float32).tocsr()] if keep_bank else []  # [bank, F]
         self._prefix: dict[float, list[sp.csr_matrix]] = {}  # threshold -> [F, bank] 0/1 blocks
 
     def _weigh(self, counts: sp.csr_matrix) -> sp.csr_matrix:

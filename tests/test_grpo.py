@@ -1,19 +1,21 @@
-"""GRPOModule with the reward callbacks: reference policy, trainable parameters, resume and DDP of the novelty bank."""
+"""GRPOModule with the reward callbacks: reference policy, trainable parameters, resume and DDP of the repetition bank."""
 
 import json
 import os
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from conftest import CONFIGS, ROOT, run_qgen, scalars
 from transformers import AutoModelForCausalLM
 
-from callbacks import DifficultyReward, DiversityReward, NoveltyReward, RigorReward
+from callbacks import DifficultyReward, DiversityReward, NoveltyReward, RewardCallback, RigorReward
 from qgen.cli import cli_main
 from qgen.data import QuestionDataModule
 from qgen.grpo import GRPOModule
 from qgen.models import LoraSpec, embedded_path
+from qgen.scoring import RewardOutput
 
 SMALL = [
     "--model.init_args.group_size=4",
@@ -53,7 +55,8 @@ def test_a_grpo_step_changes_only_lora_parameters_and_logs_rewards(tmp_path):
     module = small_module(beta=0.04)
     module.configure_model()
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
-    rewards = [DifficultyReward(), NoveltyReward(), RigorReward(), DiversityReward()]
+    probe = LengthProbe(0.0)
+    rewards = [DifficultyReward(), NoveltyReward(), RigorReward(), DiversityReward(), probe]
     trainer = L.Trainer(
         default_root_dir=str(tmp_path),
         max_steps=2,
@@ -70,6 +73,20 @@ def test_a_grpo_step_changes_only_lora_parameters_and_logs_rewards(tmp_path):
     for key in ("train/reward_mean", "train/kl", "train/clipfrac", "train/reward_novelty_mean", "train/frac_truncated"):
         assert torch.isfinite(trainer.callback_metrics[key]), key
     assert len(module.last["rollout"].texts) == 8  # 2 prompts x group of 4
+    # scorers see each completion's token count (EOS included), as the rollout's mask counts it
+    assert probe.seen[-1] == module.last["rollout"].completion_mask.sum(-1).tolist()
+
+
+class LengthProbe(RewardCallback):
+    name = "length_probe"
+
+    def __init__(self, weight):
+        super().__init__(weight)
+        self.seen = []
+
+    def score(self, batch):
+        self.seen.append(list(batch.lengths))
+        return RewardOutput(np.zeros(len(batch.texts), np.float32))
 
 
 def test_grpo_without_rewards_fails_clearly(tmp_path):
@@ -100,10 +117,10 @@ def _grpo_args(save_dir, steps, *extra):
 
 def _bank(ckpt):
     state = torch.load(ckpt, weights_only=False)["callbacks"]
-    return state["NoveltyReward"]["accepted"]
+    return state["RepetitionReward"]["accepted"]
 
 
-def test_resume_restores_the_novelty_bank(tmp_path):
+def test_resume_restores_the_repetition_bank(tmp_path):
     every = ["--trainer.callbacks.init_args.every_n_train_steps=2"]
     cli_main(_grpo_args(tmp_path / "straight", 4, *every))
     cli_main(_grpo_args(tmp_path / "split", 2, *every))
@@ -117,7 +134,7 @@ def test_resume_restores_the_novelty_bank(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_ranks_hold_identical_novelty_banks(tmp_path):
+def test_ddp_ranks_hold_identical_repetition_banks(tmp_path):
     proc = run_qgen(
         _grpo_args(
             tmp_path,
@@ -137,9 +154,15 @@ def test_ddp_ranks_hold_identical_novelty_banks(tmp_path):
 
 @pytest.mark.slow
 def test_grpo_cli_logs_every_metric(tmp_path):
-    proc = run_qgen(_grpo_args(tmp_path, 3, "--trainer.callbacks.init_args.every_n_train_steps=3"))
+    held_out = ["--trainer.limit_val_batches=1", "--trainer.val_check_interval=3"]
+    proc = run_qgen(_grpo_args(tmp_path, 3, "--trainer.callbacks.init_args.every_n_train_steps=3", *held_out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "lightning_logs" / "version_0"
+    for name in ("mean", "difficulty_mean", "novelty_mean", "rigor_mean", "diversity_mean"):
+        assert len(scalars(run, f"val/reward_{name}")) == 1, name  # the held-out reward, once at step 3
+    with pytest.raises(KeyError):  # not stationary: left out of the held-out reward
+        scalars(run, "val/reward_repetition_mean")
+    assert len(scalars(run, "train/reward_repetition_mean")) == 3
     for tag in (
         "train/reward_mean",
         "train/reward_std",
