@@ -1,4 +1,4 @@
-"""GRPO throughput: qgen's GRPOModule vs TRL's GRPOTrainer, measured in one run; and log-prob memory.
+"""GRPO throughput: qgen's GRPOModule vs TRL's GRPOTrainer, measured in one run.
 
 Both train the embedded default (LoRA r=32, all linear layers) on the same prompts (the bundled question
 bank's SFT prompts), 2 prompts x G = 8 completions per step, the same ``max_new_tokens``, temperature 1,
@@ -7,8 +7,7 @@ same reward: the four qgen scorers (difficulty, novelty, rigor, diversity), fitt
 as a TRL reward function on TRL's side. The first ``--warmup`` steps are not timed; runs alternate for
 ``--rounds`` rounds and the best round of each trainer is compared.
 
-Then the peak memory of per-token log-probs for 16 x 256 tokens at Qwen's vocabulary of 151,936: qgen's
-chunked gather-then-logsumexp vs a naive full ``log_softmax``, each in a fresh subprocess (peak RSS growth).
+(Log-prob memory against TRL's chunked kernel: ``benchmarks/logprob_memory.py``.)
 
     python benchmarks/grpo_throughput.py [--steps 10] [--max-new-tokens 64]
 
@@ -18,9 +17,7 @@ Needs the bench extra (``pip install -e ".[bench]"``). The last line is ``grpo_s
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -129,35 +126,6 @@ def run_trl(dm, rewards, args) -> Timer:
     return timer
 
 
-MEMORY_PROBE = r"""
-import json, resource, sys, torch
-sys.path.insert(0, {root!r})
-from qgen.losses import token_logprobs
-torch.manual_seed(0)
-V, H, N, T = 151936, 256, 16, 256
-head = torch.randn(V, H) * 0.02
-hidden = torch.randn(N, T, H)
-targets = torch.randint(0, V, (N, T))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-if {naive}:
-    out = torch.log_softmax((hidden @ head.T).float(), -1).gather(-1, targets[..., None]).squeeze(-1)
-else:
-    out = token_logprobs(hidden, head, targets, chunk_size=1024)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"peak_mb": (peak - base) / 1024, "checksum": float(out.sum())}}))
-"""
-
-
-def logprob_memory() -> tuple[dict, dict]:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    results = []
-    for naive in (False, True):
-        code = MEMORY_PROBE.format(root=root, naive=naive)
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results[0], results[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
@@ -167,7 +135,6 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
-    chunked, naive = logprob_memory()  # first, in fresh subprocesses, before any training touches the environment
     dm = QuestionDataModule(batch_size=PROMPTS, max_length=512)
     dm.setup("fit")
     rewards = make_rewards(dm)
@@ -183,13 +150,6 @@ def main() -> None:
     for name, key, t in (("qgen GRPOModule", "qgen", qgen_t), ("TRL GRPOTrainer", "trl", trl_t)):
         ratio = trl_t.s_per_step / t.s_per_step
         print(f"{name:<18} {t.s_per_step:>8.2f} {1 / t.s_per_step:>8.3f} {ratio:>6.2f}  {every[key]}")
-    print("\nper-token log-probs, 16 x 256 tokens, vocabulary 151,936 (peak RSS growth)")
-    print(f"{'method':<34} {'peak MB':>8} {'ratio':>6}")
-    print(f"{'naive full log_softmax':<34} {naive['peak_mb']:>8.0f} {1.0:>6.2f}")
-    print(
-        f"{'qgen chunked gather-logsumexp':<34} {chunked['peak_mb']:>8.0f} {chunked['peak_mb'] / naive['peak_mb']:>6.2f}"
-    )
-    assert abs(chunked["checksum"] - naive["checksum"]) < 1e-2 * abs(naive["checksum"]), "the two methods disagree"
     print(f"grpo_steps_per_s_ratio_vs_trl={trl_t.s_per_step / qgen_t.s_per_step:.2f}")
 
 

@@ -74,8 +74,66 @@ def reference_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 # ------------------------------------------------------------------------------------------------- GRPO
 
 
+LOGIT_BLOCK_BYTES = 64 * 2**20  # the most memory one [rows, V] fp32 block of logits may take
+
+
+def _block_rows(chunk_size: int, vocab: int) -> int:
+    return max(1, min(chunk_size, LOGIT_BLOCK_BYTES // (4 * vocab)))
+
+
+class _ChunkedLogprob(torch.autograd.Function):
+    """``log softmax(h W^T / T)[target]`` for ``N`` rows, one ``[rows, V]`` fp32 block of logits alive at a time.
+
+    Forward keeps only each row's log-partition (``[N]``); backward recomputes a block's logits and turns
+    them *in place* into the gradient of the block (``(onehot - softmax) * grad / T``), then takes the
+    gradients of the hidden states and, when it needs one, of the output embedding from it. Peak extra
+    memory is one block, in forward and backward alike, against two or three (logits, softmax, gradient)
+    for a checkpointed autograd chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature: float, rows: int):  # [N, H], [V, H], [N]
+        out = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)
+        log_z = torch.empty_like(out)
+        for start in range(0, hidden.size(0), rows):
+            logits = (hidden[start : start + rows] @ weight.T).float()  # [n, V]
+            if temperature != 1.0:
+                logits.div_(temperature)
+            out[start : start + rows] = logits.gather(-1, targets[start : start + rows, None]).squeeze(-1)
+            top = logits.amax(dim=-1, keepdim=True)  # [n, 1]; logsumexp in place (no second block)
+            log_z[start : start + rows] = top.squeeze(-1) + logits.sub_(top).exp_().sum(dim=-1).log()
+            del logits
+        out.sub_(log_z)
+        ctx.save_for_backward(hidden, weight, targets, log_z)
+        ctx.temperature, ctx.rows = temperature, rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # [N]
+        hidden, weight, targets, log_z = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        scale = grad_out.float() / ctx.temperature  # [N]
+        for start in range(0, hidden.size(0), ctx.rows):
+            end = min(start + ctx.rows, hidden.size(0))
+            h = hidden[start:end]
+            block = (h @ weight.T).float()  # [n, V] logits, then in place: the gradient w.r.t. them
+            if ctx.temperature != 1.0:
+                block.div_(ctx.temperature)
+            block.sub_(log_z[start:end, None]).exp_().mul_(-scale[start:end, None])  # -softmax * grad / T
+            block.scatter_add_(-1, targets[start:end, None], scale[start:end, None])  # + onehot * grad / T
+            if need_h:
+                grad_h[start:end] = (block.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_w:
+                grad_w.addmm_(block.T, h.float())
+            del block
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+
+
 def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     temperature: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """Plain autograd log-probs of ``targets`` (one block; tests and benchmarks compare against it)."""
     logits = (hidden @ weight.T).float()  # [n, V]
     if temperature != 1.0:
         logits = logits / temperature
@@ -87,19 +145,15 @@ def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: 
     """``log p_T(targets[b, t] | hidden[b, t])`` for every position, ``[B, T]``, under ``softmax(logits / T)``.
 
     ``temperature`` must be the one the tokens were sampled at: the policy that GRPO's ratio, gradient and
-    KL are about is the tempered distribution that produced the samples (as in TRL). Gather-then-logsumexp
-    over ``chunk_size`` rows at a time (checkpointed when differentiable): peak extra
-    memory is one ``[chunk_size, V]`` block instead of the ``[B, T, V]`` log-softmax.
+    KL are about is the tempered distribution that produced the samples (as in TRL). The logits are built
+    ``chunk_size`` rows at a time, fewer when a block would pass ``LOGIT_BLOCK_BYTES`` (64 MB: 110 rows at
+    Qwen's 151,936-token vocabulary), and never kept: peak extra memory is one ``[rows, V]`` block in forward
+    and in backward (:class:`_ChunkedLogprob`), not the ``[B, T, V]`` log-softmax.
     """
     b, t, h = hidden.shape
     flat_h, flat_y = hidden.reshape(b * t, h), targets.reshape(b * t)  # [B*T, H], [B*T]
-    parts = []
-    for start in range(0, b * t, chunk_size):
-        args = (flat_h[start : start + chunk_size], lm_head_weight, flat_y[start : start + chunk_size], temperature)
-        parts.append(
-            checkpoint(_chunk_logprobs, *args, use_reentrant=False) if hidden.requires_grad else _chunk_logprobs(*args)
-        )
-    return torch.cat(parts).view(b, t)  # [B, T]
+    rows = _block_rows(chunk_size, lm_head_weight.size(0))
+    return _ChunkedLogprob.apply(flat_h, lm_head_weight, flat_y, float(temperature), rows).view(b, t)  # [B, T]
 
 
 def gathered_std(values: torch.Tensor) -> torch.Tensor:

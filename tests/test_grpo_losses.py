@@ -117,6 +117,43 @@ def test_token_logprobs_score_the_tempered_distribution():
     assert (token_logprobs(hidden, head, targets, temperature=0.7) - plain).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_gradients_equal_full_log_softmax(temperature):
+    """The block-wise forward and the in-place backward give the gradients of the plain log-softmax,
+    for the hidden states and the output embedding, over several blocks (chunk 3 of 10 rows).
+    """
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(11, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (2, 5), generator=g)
+    weights = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    want = torch.log_softmax(hidden @ head.T / temperature, -1).gather(-1, targets[..., None]).squeeze(-1)
+    got = token_logprobs(hidden, head, targets, chunk_size=3, temperature=temperature)
+    assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
+    grads_want = torch.autograd.grad((want * weights).sum(), (hidden, head))
+    grads_got = torch.autograd.grad((got.double() * weights).sum(), (hidden, head))
+    for a, b in zip(grads_got, grads_want):
+        assert_close(a.double(), b, atol=1e-6, rtol=1e-6)
+    # a frozen output embedding (LoRA): only the hidden states get a gradient
+    frozen = head.detach()
+    got = token_logprobs(hidden, frozen, targets, chunk_size=4, temperature=temperature)
+    (grad_h,) = torch.autograd.grad((got.double() * weights).sum(), (hidden,))
+    assert_close(grad_h, grads_want[0], atol=1e-6, rtol=1e-6)
+
+
+def test_token_logprobs_blocks_stay_under_the_byte_budget(monkeypatch):
+    import qgen.losses as losses
+
+    assert losses._block_rows(1024, 151_936) == losses.LOGIT_BLOCK_BYTES // (4 * 151_936) == 110
+    assert losses._block_rows(1024, 4096) == 1024
+    monkeypatch.setattr(losses, "LOGIT_BLOCK_BYTES", 4 * 9 * 2)  # two rows of a 9-token vocabulary
+    torch.manual_seed(1)
+    hidden, head = torch.randn(2, 5, 4), torch.randn(9, 4)
+    targets = torch.randint(0, 9, (2, 5))
+    ref = torch.log_softmax(hidden @ head.T, -1).gather(-1, targets[..., None]).squeeze(-1)
+    assert_close(token_logprobs(hidden, head, targets, chunk_size=100), ref)
+
+
 def test_dapo_token_mean_over_two_micro_batches_equals_one_big_batch():
     """Micro-batches of 5 and 2 tokens: DAPO's step token mean is sum / 7 over both, not the mean of the two
     per-micro-batch means. With token_normalizer = 7 / 2 (two micro-batches) and the trainer's division by
