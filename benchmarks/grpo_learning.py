@@ -21,7 +21,7 @@ frozen bank; the run's repetition signal is left out). Gain = GRPO minus control
 Student-t 95% interval over seeds (df = n - 1). The hacking guard is the largest drop of one component's
 held-out mean against the control (mean over seeds).
 
-    python benchmarks/grpo_learning.py [--only controlled|default] [--seeds 1 2 3] [--png grpo_learning.png]
+    python benchmarks/grpo_learning.py [--only controlled|default] [--seeds 1 2 3 4 5] [--png PATH]
 
 Needs ``pip install -e ".[bench]"`` (TRL, matplotlib). The last line is
 ``controlled_gain_qgen=… controlled_gain_trl=… default_gain_mean=… default_gain_ci_low=… worst_component_drop=…``.
@@ -242,7 +242,8 @@ def controlled(ckpt: str, root: str, args) -> dict:
               f"TRL {gain(curves['trl'][-1]):+.3f} ({t_trl:.0f} s)", flush=True)  # fmt: skip
     g = {tool: [gain(c) for c in cs] for tool, cs in curves.items()}
     diff = [a - b for a, b in zip(g["qgen"], g["trl"])]
-    print(f"\nControlled: reward 1 for {LOW}-{HIGH} tokens, {args.controlled_steps} steps, 2 prompts x 8, lr {args.lr}, "
+    print(f"\nControlled: reward 1 for {LOW}-{HIGH} tokens, {args.controlled_steps} steps, 2 prompts x 8, "
+          f"lr {args.lr}, "
           f"seeds {args.seeds}; gain = last 10 steps minus first 10")  # fmt: skip
     print(f"{'seed':>6} {'qgen first10':>13} {'last10':>7} {'gain':>7} {'TRL first10':>12} {'last10':>7} {'gain':>7} "
           f"{'qgen-TRL':>9}")  # fmt: skip
@@ -251,7 +252,8 @@ def controlled(ckpt: str, root: str, args) -> dict:
         print(f"{s:>6} {np.mean(q[:10]):>13.3f} {np.mean(q[-10:]):>7.3f} {gain(q):>+7.3f} {np.mean(t[:10]):>12.3f} "
               f"{np.mean(t[-10:]):>7.3f} {gain(t):>+7.3f} {gain(q) - gain(t):>+9.3f}")  # fmt: skip
     mean, sd, lo, hi = interval(diff)
-    print(f"qgen - TRL over {len(diff)} paired seeds: mean {mean:+.3f}, sd {sd:.3f}, 95% t-interval [{lo:+.3f}, {hi:+.3f}]")
+    print(f"qgen - TRL over {len(diff)} paired seeds: mean {mean:+.3f}, sd {sd:.3f}, "
+          f"95% t-interval [{lo:+.3f}, {hi:+.3f}]")
     return {"curves": curves, "gain_qgen": float(np.mean(g["qgen"])), "gain_trl": float(np.mean(g["trl"])),
             "diff_ci": (lo, hi)}  # fmt: skip
 
@@ -297,7 +299,8 @@ def default(ckpt: str, root: str, args) -> dict:
         runs["control"].append(default_run(ckpt, root, seed, 0.0, shipped, args))
         for a in aggregations:
             runs[a].append(default_run(ckpt, root, seed, shipped_recipe()["optimizer"]["lr"], a, args))
-        line = ", ".join(f"{a} {final(runs[a][-1])['mean'] - final(runs['control'][-1])['mean']:+.3f}" for a in aggregations)
+        base = final(runs["control"][-1])["mean"]
+        line = ", ".join(f"{a} {final(runs[a][-1])['mean'] - base:+.3f}" for a in aggregations)
         print(f"default seed {seed}: held-out gain {line} ({time.perf_counter() - started:.0f} s)", flush=True)
     components = [k for k in final(runs["control"][0]) if k != "mean"]
     print(f"\nDefault recipe (configs/grpo.yaml), {args.steps} steps, {args.heldout} held-out prompts x 8; "
@@ -361,7 +364,7 @@ def plot(path: str, ctl: dict | None, dft: dict | None, args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["controlled", "default"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--sft-steps", type=int, default=150)
     parser.add_argument("--controlled-steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=5e-4, help="the controlled check's constant learning rate")

@@ -77,7 +77,8 @@ class GRPOModule(StageModule):
         min_new_tokens: EOS is suppressed until this many tokens (0: off; benchmarks fix lengths with it).
         reward_aggregation: ``sum_then_normalize`` (the weighted sum is the reward; ``advantage`` applies) or
             ``normalize_then_sum`` (each component standardised within its group, then weighted and summed;
-            needs ``advantage: group_std``). Which learns better is not measured yet; the default is unchanged.
+            needs ``advantage: group_std``). On held-out prompts the default learned better (5 seeds,
+            ``benchmarks/grpo_learning.py``); ``normalize_then_sum`` traded rigor for difficulty.
         val_rewards: at each validation, sample ``group_size`` questions for every held-out prompt and log
             their reward components (``val/reward_*``); ``false`` = the held-out SFT loss only.
         optimizer: optimizer factory.
