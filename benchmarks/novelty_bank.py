@@ -96,9 +96,9 @@ def perturb(text: str, rng: random.Random) -> str:
         i = rng.randrange(max(1, len(chars) - n))
         op = rng.random()
         other = [rng.choice(alphabet) for _ in range(n)]
-        if op < 0.5 and len(chars) > n:  # half of the edits cut a phrase, the rest replace or insert one
+        if op < 0.6 and len(chars) > n:  # most edits cut a phrase, the rest replace or insert one
             del chars[i : i + n]
-        elif op < 0.75:
+        elif op < 0.8:
             chars[i : i + n] = other
         else:
             chars[i:i] = other
