@@ -131,15 +131,6 @@ class _ChunkedLogprob(torch.autograd.Function):
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
 
 
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                    temperature: float = 1.0) -> torch.Tensor:  # fmt: skip
-    """Plain autograd log-probs of ``targets`` (one block; tests and benchmarks compare against it)."""
-    logits = (hidden @ weight.T).float()  # [n, V]
-    if temperature != 1.0:
-        logits = logits / temperature
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [n]
-
-
 def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
                    chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:  # fmt: skip
     """``log p_T(targets[b, t] | hidden[b, t])`` for every position, ``[B, T]``, under ``softmax(logits / T)``.
