@@ -196,18 +196,23 @@ class NoveltyIndex:
             self._prefix[key] = [self._prefix_block(full, key) for full in self._full]
         counts = self.hasher.transform(texts) if counts is None else counts
         q = self.tfidf.transform(counts).astype(np.float32).tocsr()  # [n, F] unit rows
-        present = q.copy()
-        present.data[:] = 1.0
         best = np.full(len(texts), -1.0, dtype=np.float32)
-        for full, prefix in zip(self._full, self._prefix[key]):
-            hits = (present @ prefix).tocsr()  # [n, block]: > 0 where a bank row shares a prefix feature
-            for i in range(len(texts)):
-                cands = hits.indices[hits.indptr[i] : hits.indptr[i + 1]]
-                if len(cands):
-                    sims = (full[cands] @ q[i].T).toarray().ravel()
-                    top = float(sims.max())
-                    if top >= threshold and top > best[i]:
-                        best[i] = top
+        dense = np.zeros(q.shape[1], dtype=np.float32)  # one query at a time, as a dense vector
+        for i in range(len(texts)):
+            feats, weights = q.indices[q.indptr[i] : q.indptr[i + 1]], q.data[q.indptr[i] : q.indptr[i + 1]]
+            dense[feats] = weights
+            for full, prefix in zip(self._full, self._prefix[key]):
+                # candidates: the union of the prefix lists of the query's features (gathered, no matrix product)
+                starts, lens = prefix.indptr[feats], prefix.indptr[feats + 1] - prefix.indptr[feats]
+                total = int(lens.sum())
+                if not total:
+                    continue
+                offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(total)
+                cands = np.unique(prefix.indices[offsets])
+                top = float((full[cands] @ dense).max())  # the exact cosine of every candidate
+                if top >= threshold and top > best[i]:
+                    best[i] = top
+            dense[feats] = 0.0
         return best
 
     def near_copy_similarity(self, texts: list[str], threshold: float) -> tuple[np.ndarray, np.ndarray]:
