@@ -11,6 +11,7 @@ linear layers, 2 prompts x 8 completions, 96 new tokens, temperature 1, beta 0.0
 sequence loss mean, group-std advantages, AdamW at a constant ``--lr``, grad-norm clip 1, fp32, CPU), for
 ``--controlled-steps`` steps and each seed. Gain = mean reward of the last 10 steps minus the first 10.
 What differs is each tool's own behaviour: TRL samples with dropout on, qgen samples with dropout off.
+EOS is not suppressed (BENCHMARKING.md's fixed-length rule is for speed): the reward is the length itself.
 
 **Default** (``--only default``): the shipped recipe (``configs/grpo.yaml``: its rewards, weights,
 optimizer and schedule) against its lr-0 control (same seed, same prompts), for each seed and for both
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -260,7 +262,9 @@ def controlled(ckpt: str, root: str, args) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- default
+@functools.cache
 def shipped_recipe() -> dict:
+    """The GRPO recipe of ``configs/grpo.yaml`` (read once; callers copy what they change)."""
     with open(os.path.join(ROOT, "configs", "grpo.yaml"), encoding="utf-8") as fh:
         config = yaml.safe_load(fh)
     model = dict(config["model"]["init_args"])
