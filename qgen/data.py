@@ -248,6 +248,8 @@ class QuestionDataModule(L.LightningDataModule):
         val_fraction: share of records held out for validation.
         test_fraction: share of records held out for testing.
         seed: seed of the split, the task assignment and the sampling order.
+        order_seed: seed of the training order alone (default: ``seed``): reruns with other batch orders
+            over the same split and examples (paired seeds in benchmarks and ablations).
         skip_invalid: skip records with missing fields in every source (counted) instead of failing.
         group_by_length: batch training examples of similar length (random order of batches), which
             cuts padding; ``false`` = plain shuffling.
@@ -269,6 +271,7 @@ class QuestionDataModule(L.LightningDataModule):
         val_fraction: float = 0.05,
         test_fraction: float = 0.0,
         seed: int = 42,
+        order_seed: int | None = None,
         skip_invalid: bool = False,
         group_by_length: bool = True,
         num_workers: int = 0,
@@ -406,7 +409,7 @@ class QuestionDataModule(L.LightningDataModule):
             accumulate=trainer.accumulate_grad_batches if trainer else 1,
             num_replicas=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0,
-            seed=self.hparams.seed,
+            seed=self.hparams.seed if self.hparams.order_seed is None else self.hparams.order_seed,
             group_by_length=self.hparams.group_by_length,
             with_window=bool(getattr(trainer.lightning_module, "needs_step_window", False)) if trainer else False,
         )

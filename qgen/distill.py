@@ -39,7 +39,15 @@ from torchmetrics import SumMetric
 
 from qgen.generation import GenerationSpec
 from qgen.losses import IGNORE_INDEX, distill_loss, token_nll
-from qgen.models import LoraSpec, load_causal_lm, load_from_checkpoint, load_tokenizer, resolve
+from qgen.models import (
+    LoraSpec,
+    check_attn_implementation,
+    check_liger,
+    load_causal_lm,
+    load_from_checkpoint,
+    load_tokenizer,
+    resolve,
+)
 from qgen.sampling import generate_group
 from qgen.scoring import combine_scores
 from qgen.sft import default_optimizer, default_scheduler
@@ -88,6 +96,9 @@ class DistillModule(StageModule):
         quantization: ``nf4`` / ``int8`` student base weights (QLoRA; needs ``lora``).
         dtype: dtype of the student's base weights.
         gradient_checkpointing: recompute the student's activations in backward.
+        attn_implementation: the attention kernel: ``sdpa`` (default), ``eager`` or ``flash_attention_2``
+            (CUDA with the flash-attn package; checked at start).
+        liger_kernels: Liger's fused RMSNorm / SwiGLU / RoPE kernels (CUDA with the liger-kernel package).
         teacher_quantization: load the teacher in ``nf4`` / ``int8``.
         teacher_dtype: dtype of the teacher (default: the student's).
         beta: GJSD interpolation: 0 = forward KL, 1 = reverse KL.
@@ -116,6 +127,8 @@ class DistillModule(StageModule):
         quantization: Literal["nf4", "int8"] | None = None,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         gradient_checkpointing: bool = False,
+        attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa",
+        liger_kernels: bool = False,
         teacher_quantization: Literal["nf4", "int8"] | None = None,
         teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
         beta: float = 0.5,
@@ -132,6 +145,8 @@ class DistillModule(StageModule):
         scheduler: LRSchedulerCallable = default_scheduler,
     ):
         super().__init__()
+        check_attn_implementation(attn_implementation)
+        check_liger(liger_kernels)
         problems = []
         if not 0 <= beta <= 1 or temperature <= 0:
             problems.append("need 0 <= model.beta <= 1 and model.temperature > 0")
@@ -176,8 +191,8 @@ class DistillModule(StageModule):
                                            dtype=hp.teacher_dtype or hp.dtype, device=device)  # fmt: skip
         else:
             teacher_backbone = name
-            teacher = load_causal_lm(name, None, hp.teacher_quantization, hp.teacher_dtype or hp.dtype,
-                                     device=device, frozen=True).eval()  # fmt: skip
+            teacher = load_causal_lm(name, None, hp.teacher_quantization, hp.teacher_dtype or hp.dtype, device=device,
+                                     frozen=True, attn_implementation=hp.attn_implementation).eval()  # fmt: skip
             teacher.requires_grad_(False)
         if resolve(teacher_backbone) != resolve(hp.model_name_or_path):
             check_same_tokenizer(load_tokenizer(hp.model_name_or_path), load_tokenizer(teacher_backbone), name)

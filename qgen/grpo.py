@@ -33,7 +33,16 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from qgen.checkpointing import describe_source
 from qgen.generation import GenerationSpec
 from qgen.losses import gathered_std, grpo_loss
-from qgen.models import LoraSpec, add_lora, causal_lm_nll, load_policy, load_trainable_weights
+from qgen.models import (
+    LoraSpec,
+    add_lora,
+    apply_liger,
+    causal_lm_nll,
+    check_attn_implementation,
+    check_liger,
+    load_policy,
+    load_trainable_weights,
+)
 from qgen.rollouts import StepRollouts
 from qgen.sampling import Rollout, completion_logprobs, generate_group
 from qgen.scoring import RewardOutput, combine_scores
@@ -56,6 +65,9 @@ class GRPOModule(StageModule):
         quantization: ``nf4`` or ``int8`` base weights (QLoRA).
         dtype: dtype of the base weights.
         gradient_checkpointing: recompute activations in backward.
+        attn_implementation: the attention kernel: ``sdpa`` (default), ``eager`` or ``flash_attention_2``
+            (CUDA with the flash-attn package; checked at start).
+        liger_kernels: Liger's fused RMSNorm / SwiGLU / RoPE kernels (CUDA with the liger-kernel package).
         group_size: completions sampled per prompt.
         max_new_tokens: completion length limit; longer completions are truncated (and score lower rigor).
         temperature: sampling temperature; log-probs (ratio, gradient, KL) are of the tempered policy.
@@ -69,7 +81,7 @@ class GRPOModule(StageModule):
         logprob_chunk_size: rows per chunk of the per-token log-prob computation.
         share_prompt_forward: run each prompt through the decoder once for its whole group (its KV cache is
             shared by the G completions) when computing log-probs; same values and gradients, a fraction of
-            the cost. Ignored under gradient checkpointing, which disables the KV cache.
+            the cost; under gradient checkpointing too (the prompt pass is then not checkpointed).
         generation_batch_size: prompts per ``generate`` call when the step's rollouts are made (all
             ``accumulate_grad_batches`` micro-batches at its first one); ``null`` = the whole step in one
             call (the fastest generation, and the best judge overlap measured on CPU). With smaller calls each
@@ -93,6 +105,8 @@ class GRPOModule(StageModule):
         quantization: Literal["nf4", "int8"] | None = None,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         gradient_checkpointing: bool = False,
+        attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa",
+        liger_kernels: bool = False,
         group_size: int = 8,
         max_new_tokens: int = 256,
         temperature: float = 1.0,
@@ -112,6 +126,8 @@ class GRPOModule(StageModule):
         scheduler: LRSchedulerCallable = default_scheduler,
     ):
         super().__init__()
+        check_attn_implementation(attn_implementation)
+        check_liger(liger_kernels)
         if init_from and os.path.exists(init_from):
             init_from = os.path.abspath(init_from)  # export and resume must find it from any working folder
         problems = []
@@ -149,10 +165,13 @@ class GRPOModule(StageModule):
         if hp.init_from and hp.quantization is None:
             # the starting policy's weights become the base; a fresh adapter on top is trained, so the KL
             # reference (adapter disabled) is exactly the policy GRPO started from
-            base = load_policy(hp.init_from, hp.model_name_or_path, hp.dtype, self.target_device())
+            base = load_policy(hp.init_from, hp.model_name_or_path, hp.dtype, self.target_device(),
+                               hp.attn_implementation)
+            if hp.liger_kernels:
+                apply_liger(base)
             if hp.gradient_checkpointing:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.model = add_lora(base, self.lora, hp.gradient_checkpointing).train()
+            self.model = add_lora(base, self.lora, hp.gradient_checkpointing, self.target_device()).train()
             return
         self.model = self.load_backbone()
         if hp.init_from:  # quantized base: the starting adapter itself is trained further
@@ -236,12 +255,21 @@ class GRPOModule(StageModule):
         rollout = step.rollout_of(micro)
         # the log-prob passes run while the step's scoring (reward callbacks, judges) runs in its thread
         decoder, head = self.model.get_decoder(), self.model.get_output_embeddings().weight
-        share = hp.share_prompt_forward and not hp.gradient_checkpointing
+        share = hp.share_prompt_forward
         logp = completion_logprobs(decoder, head, rollout, hp.logprob_chunk_size, share, hp.temperature)  # [N, C]
         ref_logp = None
         if hp.beta > 0:
-            with torch.no_grad(), self.model.disable_adapter():
-                ref_logp = completion_logprobs(decoder, head, rollout, hp.logprob_chunk_size, share, hp.temperature)
+            ref_logp = step.ref_logprobs.get(micro)
+            if ref_logp is None:
+                ref_logp = self._ref_logprobs(rollout, share)
+            # while this micro-batch's scores (e.g. a judge over HTTP) are still out, compute the reference
+            # log-probs of the step's later micro-batches: work they need anyway, moved into the wait
+            later = step.first + len(step)
+            ahead = micro + 1
+            while ahead < later and not step.ready(micro):
+                if ahead not in step.ref_logprobs:
+                    step.ref_logprobs[ahead] = self._ref_logprobs(step.rollout_of(ahead), share)
+                ahead += 1
         part = step.micro(micro)  # joins the scoring
         advantages = part.advantages.to(logp.device)
         out = grpo_loss(logp, logp.detach(), advantages, rollout.completion_mask, ref_logp, hp.beta,
@@ -251,6 +279,13 @@ class GRPOModule(StageModule):
                          examples=self._window_examples.get(micro, []))  # fmt: skip
         self._log_step(out, rollout, part.rewards.to(logp.device), advantages, part.gen_seconds, step)
         return out.loss
+
+    def _ref_logprobs(self, rollout: Rollout, share: bool) -> torch.Tensor:
+        """Per-token log-probs of ``rollout`` under the reference (the backbone with the adapter disabled)."""
+        hp = self.hparams
+        decoder, head = self.model.get_decoder(), self.model.get_output_embeddings().weight
+        with torch.no_grad(), self.model.disable_adapter():
+            return completion_logprobs(decoder, head, rollout, hp.logprob_chunk_size, share, hp.temperature)
 
     def on_train_end(self) -> None:
         if self._rollouts is not None:

@@ -45,12 +45,16 @@ class LoraSpec:
         alpha: scaling numerator (the update is scaled by alpha / r).
         dropout: dropout on the adapter input.
         target_modules: module names to adapt, or "all-linear".
+        cpu_kernels: on a CPU run, compute the adapted layers with :mod:`qgen.lora`'s fused layers (peft's
+            maths and state dict, fewer passes: 1.2-1.3x faster SFT steps on the embedded default). A CPU-only
+            speed-up: a run on a GPU keeps peft's own layers whatever this says; ``false`` keeps them on CPU too.
     """
 
     r: int = 32
     alpha: int = 64
     dropout: float = 0.05
     target_modules: str | list[str] = "all-linear"
+    cpu_kernels: bool = True
 
 
 @dataclass
@@ -227,8 +231,11 @@ def load_causal_lm(
     gradient_checkpointing: bool = False,
     device: torch.device | str | None = None,
     frozen: bool = False,
+    attn_implementation: str = "sdpa",
+    liger_kernels: bool = False,
 ) -> nn.Module:
     """Load a causal LM, optionally quantized (bitsandbytes) and wrapped with a LoRA adapter (peft).
+    ``liger_kernels``: Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (CUDA; :func:`check_liger`).
 
     Quantized weights are loaded straight onto ``device`` (bitsandbytes quantizes on load); everything
     else is loaded on CPU and moved by Lightning. ``frozen`` models (teachers) may be quantized without
@@ -238,7 +245,7 @@ def load_causal_lm(
 
     if quantization is not None and lora is None and not frozen:
         raise ValueError("quantization (QLoRA) needs a LoRA adapter: quantized base weights cannot be trained")
-    kwargs: dict = {"dtype": _DTYPES[dtype]}
+    kwargs: dict = {"dtype": _DTYPES[dtype], "attn_implementation": check_attn_implementation(attn_implementation)}
     if quantization is not None:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=quantization == "nf4",
@@ -250,6 +257,8 @@ def load_causal_lm(
         kwargs["device_map"] = {"": str(device or "cpu")}
     model = AutoModelForCausalLM.from_pretrained(resolve(model_name_or_path), **kwargs)
     check_final_logits(model, model_name_or_path)
+    if liger_kernels:
+        apply_liger(model)
     if quantization is not None and not frozen:
         from peft import prepare_model_for_kbit_training
 
@@ -257,8 +266,53 @@ def load_causal_lm(
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora is not None:
-        model = add_lora(model, lora, gradient_checkpointing)
+        model = add_lora(model, lora, gradient_checkpointing, device)
     return model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as it finds them
+
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+def check_attn_implementation(name: str, option: str = "model.attn_implementation") -> str:
+    """``name`` if this machine can run it, else a clear error naming ``option`` (before any model loads)."""
+    import importlib.util
+
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"{option} must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {name!r}")
+    if name == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError(f"{option}=flash_attention_2 needs the flash-attn package "
+                             "(pip install flash-attn --no-build-isolation), which is not installed")  # fmt: skip
+        if not torch.cuda.is_available():
+            raise ValueError(f"{option}=flash_attention_2 runs on CUDA GPUs only; use sdpa here")
+    return name
+
+
+def check_liger(enabled: bool, option: str = "model.liger_kernels") -> None:
+    """Refuse ``liger_kernels: true`` where Liger cannot run (no liger-kernel package, no CUDA), before loading."""
+    import importlib.util
+
+    if not enabled:
+        return
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ValueError(f"{option}=true needs the liger-kernel package (pip install liger-kernel), which is not "
+                         "installed")  # fmt: skip
+    if not torch.cuda.is_available():
+        raise ValueError(f"{option}=true runs Triton kernels on CUDA GPUs only; set it to false here")
+
+
+def apply_liger(model: nn.Module) -> None:
+    """Swap the model's RMSNorm, SwiGLU MLP and rotary embedding for Liger's fused kernels, on this instance.
+    Its fused linear cross-entropy stays off: qgen's losses never build the full logits anyway (chunked
+    output layer), and it would replace ``forward``, which generation uses.
+    """
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    model_type = getattr(model.config, "model_type", "")
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)  # fmt: skip
+    if not any("Liger" in type(m).__name__ for m in model.modules()):
+        raise ValueError(f"model.liger_kernels: Liger has no kernels for model type {model_type!r}")
 
 
 # config fields through which a model post-processes its final logits (Gemma-2/3 soft-capping, Cohere's scale,
@@ -290,9 +344,11 @@ def check_final_logits(model: nn.Module, name: str | None = None) -> None:
         )
 
 
-def add_lora(model: nn.Module, lora: LoraSpec, gradient_checkpointing: bool = False) -> nn.Module:
-    """Wrap ``model`` with a fresh LoRA adapter (peft); only the adapter is trainable. Its layers are
-    :class:`qgen.lora.FastLoraLinear` (peft's maths and state dict, fewer passes on CPU).
+def add_lora(model: nn.Module, lora: LoraSpec, gradient_checkpointing: bool = False,
+             device: torch.device | str | None = None) -> nn.Module:  # fmt: skip
+    """Wrap ``model`` with a fresh LoRA adapter (peft); only the adapter is trainable. On a CPU run
+    (``device`` CPU or unknown) with ``lora.cpu_kernels``, its layers are :class:`qgen.lora.FastLoraLinear`
+    (peft's maths and state dict, fewer passes on CPU); elsewhere they are peft's own.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -300,7 +356,9 @@ def add_lora(model: nn.Module, lora: LoraSpec, gradient_checkpointing: bool = Fa
 
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
-    model = speed_up_lora(get_peft_model(model, config))
+    model = get_peft_model(model, config)
+    if lora.cpu_kernels and (device is None or torch.device(device).type == "cpu"):
+        model = speed_up_lora(model)
     if gradient_checkpointing:
         model.enable_input_require_grads()
     return model
@@ -368,12 +426,43 @@ def causal_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
     return None if right_padded else attention_mask
 
 
-def causal_lm_nll(model: nn.Module, batch: dict[str, torch.Tensor], normalizer=None, chunk_size: int = 1024):
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
+    """The real tokens of a padded batch as one row: ``(ids [1, N], position_ids [1, N], labels [1, N])``.
+
+    Positions restart at 0 for every sequence; with no attention mask, ``transformers`` reads the restarts
+    as sequence boundaries (a block-diagonal causal mask under sdpa / eager, variable-length kernels under
+    flash-attention), so every token sees exactly what it saw in its padded row and no compute is spent on
+    padding. Each sequence's first label is set to ``IGNORE_INDEX``: it would be predicted from the end of
+    the previous sequence.
+    """
+    from qgen.losses import IGNORE_INDEX
+
+    keep = attention_mask.bool()
+    lengths = keep.sum(-1)
+    starts = torch.cumsum(lengths, 0) - lengths  # [B] offset of each sequence in the packed row
+    total = int(lengths.sum())
+    owner = torch.repeat_interleave(torch.arange(len(lengths), device=input_ids.device), lengths)  # [N]
+    positions = torch.arange(total, device=input_ids.device) - starts[owner]
+    packed_labels = None
+    if labels is not None:
+        packed_labels = labels[keep].clone()
+        packed_labels[starts[lengths > 0]] = IGNORE_INDEX
+        packed_labels = packed_labels[None]
+    return input_ids[keep][None], positions[None], packed_labels
+
+
+def causal_lm_nll(model: nn.Module, batch: dict[str, torch.Tensor], normalizer=None, chunk_size: int = 1024,
+                  packed: bool = False):  # fmt: skip
     """Assistant-token NLL of ``batch`` under ``model`` (:func:`qgen.losses.token_nll` on the decoder's
-    hidden states, so the full-vocabulary logits are never built).
+    hidden states, so the full-vocabulary logits are never built). ``packed``: the batch's real tokens in
+    one row (:func:`pack_rows`): same loss and gradients, no compute on padding.
     """
     from qgen.losses import token_nll
 
+    if packed:
+        ids, positions, labels = pack_rows(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        hidden = model.get_decoder()(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+        return token_nll(hidden, model.get_output_embeddings().weight, labels, normalizer, chunk_size)
     mask = causal_attention_mask(batch["attention_mask"])
     hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
     return token_nll(hidden, model.get_output_embeddings().weight, batch["labels"], normalizer, chunk_size)
@@ -401,6 +490,7 @@ def load_policy(
     model_name_or_path: str | None,
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     device: torch.device | str | None = None,
+    attn_implementation: str = "sdpa",
 ) -> nn.Module:
     """The model an earlier stage produced, merged into plain weights and trainable (train mode): a qgen
     ``.ckpt`` (any stage), or a PEFT adapter folder on ``model_name_or_path``. GRPO builds on it.
@@ -418,6 +508,8 @@ def load_policy(
         model = load_from_checkpoint(source, merge=True, dtype=dtype, device=device)
     else:
         raise FileNotFoundError(f"init_from: {source} is neither a checkpoint file nor an adapter folder")
+    if model.config._attn_implementation != attn_implementation:
+        model.set_attn_implementation(check_attn_implementation(attn_implementation))
     model.requires_grad_(True)
     return model.train()
 

@@ -147,6 +147,9 @@ class StepRollouts:
         self.reward_aggregation, self.weights = reward_aggregation, dict(weights or {})
         self._joined: dict[int, tuple] = {}  # chunk -> (rewards, components)
         self._batch_advantages: torch.Tensor | None = None
+        # per micro-batch, the reference log-probs computed early (while waiting for an earlier micro-batch's
+        # scores): the frozen reference does not change within the step, so they are exact when used later
+        self.ref_logprobs: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.rollouts)
@@ -154,6 +157,17 @@ class StepRollouts:
     def rollout_of(self, micro: int) -> Rollout:
         """The rollout of micro-batch ``micro`` (its position in the step), without waiting for its scores."""
         return self.rollouts[micro - self.first]
+
+    def _chunks_of(self, micro: int) -> list[int]:
+        if self.advantage == "batch_std":  # the std is over the whole step: every chunk
+            return list(range(len(self._scores)))
+        start, end = self.bounds[micro - self.first]
+        return [c for c, (a, b) in enumerate(self._chunk_rows) if a < end and b > start]
+
+    def ready(self, micro: int) -> bool:
+        """Whether micro-batch ``micro``'s scores are in, so that :meth:`micro` would not wait."""
+        return all(c in self._joined or not isinstance(self._scores[c], Future) or self._scores[c].done()
+                   for c in self._chunks_of(micro))  # fmt: skip
 
     def _chunk_scores(self, chunks: list[int]) -> tuple[torch.Tensor, dict[str, RewardOutput]]:
         """Rewards and components of the rows of ``chunks`` (consecutive), waiting for their scoring."""
@@ -192,6 +206,7 @@ class StepRollouts:
                 self._batch_advantages = group_advantages(rewards.view(-1, g), self.advantage).view(-1)
             advantages = self._batch_advantages[start:end]
         chunks = [c for c, (a, b) in enumerate(self._chunk_rows) if a < end and b > start]
+        self.ref_logprobs.pop(micro, None)
         rewards, components = self._chunk_scores(chunks)
         offset = start - self._chunk_rows[chunks[0]][0]
         rewards = rewards[offset : offset + end - start]

@@ -409,6 +409,39 @@ class DifficultyModel:
         self.n_train = len(labelled)
         return self
 
+    def cross_validate(self, records: list[Question], alphas: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0, 30.0),
+                       folds: int = 5, seed: int = 0) -> dict[float, float]:  # fmt: skip
+        """Mean Spearman correlation over ``folds`` folds of ``records`` for each ridge ``alpha``: the features
+        are fitted on each fold's training part only (vocabularies, IDF), and every alpha shares them.
+        Sets ``self.alpha`` to the best one; call :meth:`fit` afterwards.
+        """
+        from scipy.stats import spearmanr
+        from sklearn.linear_model import Ridge
+
+        labelled = [r for r in records if r.difficulty is not None]
+        if len(labelled) < 20 * folds:
+            raise ValueError(f"cross-validation needs at least {20 * folds} labelled records, got {len(labelled)}")
+        order = np.random.default_rng(seed).permutation(len(labelled))
+        scores: dict[float, list[float]] = {a: [] for a in alphas}
+        for k in range(folds):
+            held = set(order[k::folds].tolist())
+            train = [r for i, r in enumerate(labelled) if i not in held]
+            test = [labelled[i] for i in sorted(held)]
+            probe = DifficultyModel(max_features=self.max_features)
+            probe._vectorizers = probe._make_vectorizers()
+            probe.subjects = sorted({r.subject for r in train})
+            x = probe._features([r.question for r in train], [r.analysis for r in train],
+                                [r.subject for r in train], fit=True)  # fmt: skip
+            x_test = probe._features([r.question for r in test], [r.analysis for r in test],
+                                     [r.subject for r in test], fit=False)  # fmt: skip
+            y, y_test = (np.array([r.difficulty for r in part], dtype=np.float32) for part in (train, test))
+            for alpha in alphas:
+                predicted = Ridge(alpha=alpha).fit(x, y).predict(x_test)
+                scores[alpha].append(float(spearmanr(predicted, y_test)[0]))
+        means = {a: float(np.mean(v)) for a, v in scores.items()}
+        self.alpha = max(means, key=means.get)
+        return means
+
     def predict(
         self, questions: list[str], analyses: list[str] | None = None, subjects: list[str] | None = None
     ) -> np.ndarray:

@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import SumMetric
 
 from qgen.generation import GenerationSpec
-from qgen.models import LoraSpec, causal_lm_nll
+from qgen.models import LoraSpec, causal_lm_nll, check_attn_implementation, check_liger
 from qgen.optim import WarmupCosineLR
 from qgen.stage import StageModule
 
@@ -42,9 +42,17 @@ class SFTModule(StageModule):
         quantization: ``nf4`` or ``int8`` base weights via bitsandbytes (QLoRA; needs ``lora``).
         dtype: dtype of the base weights.
         gradient_checkpointing: recompute activations in backward to save memory.
+        attn_implementation: the attention kernel: ``sdpa`` (default), ``eager`` or ``flash_attention_2``
+            (CUDA with the flash-attn package; checked at start).
+        liger_kernels: Liger's fused RMSNorm / SwiGLU / RoPE kernels (CUDA with the liger-kernel package).
         optimizer: optimizer factory (default AdamW, lr 2e-4).
         scheduler: LR scheduler factory (default warmup + cosine; ``total_steps`` from the trainer).
         loss_chunk_size: target tokens per output-layer chunk in the loss.
+        packing: run each micro-batch padding-free: its sequences' real tokens in one row, positions
+            restarting per sequence (same loss and gradients as the padded batch). Pays off with
+            ``attn_implementation: flash_attention_2`` (variable-length kernels) when batches mix lengths;
+            under sdpa / eager the packed row gets a block-diagonal mask over all its tokens, which costs
+            more than the little padding of qgen's length-grouped batches.
         generation: sampling settings of ``predict`` and ``test``.
     """
 
@@ -55,12 +63,17 @@ class SFTModule(StageModule):
         quantization: Literal["nf4", "int8"] | None = None,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         gradient_checkpointing: bool = False,
+        attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa",
+        liger_kernels: bool = False,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable = default_scheduler,
         loss_chunk_size: int = 1024,
+        packing: bool = False,
         generation: GenerationSpec = GenerationSpec(),
     ):
         super().__init__()
+        check_attn_implementation(attn_implementation)
+        check_liger(liger_kernels)
         if quantization is not None and lora is None:
             raise ValueError("model.quantization needs model.lora: quantized base weights cannot be fully fine-tuned")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -79,7 +92,8 @@ class SFTModule(StageModule):
             self.model = self.load_backbone()
 
     def nll(self, batch: dict[str, torch.Tensor], normalizer=None):
-        return causal_lm_nll(self.model, batch, normalizer, self.hparams.loss_chunk_size)
+        hp = self.hparams
+        return causal_lm_nll(self.model, batch, normalizer, hp.loss_chunk_size, packed=hp.get("packing", False))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.nll(batch, batch.get("step_tokens"))

@@ -32,7 +32,9 @@ class StageModule(QuestionWriterMixin, L.LightningModule):
     def load_backbone(self) -> torch.nn.Module:
         hp = self.hparams
         return load_causal_lm(hp.model_name_or_path, self.lora, hp.quantization, hp.dtype, hp.gradient_checkpointing,
-                              device=self.target_device())  # fmt: skip
+                              device=self.target_device(),
+                              attn_implementation=hp.get("attn_implementation", "sdpa"),
+                              liger_kernels=hp.get("liger_kernels", False))  # fmt: skip
 
     def configure_optimizers(self):
         return configure_optimizers(

@@ -192,15 +192,18 @@ def test_grpo_cli_logs_every_metric(tmp_path):
     assert any(t in table for t in ("historical", "variant", "innovative"))  # the task and subject asked for
 
 
-def test_shared_prompt_forward_equals_full_forward():
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-checkpointing"])
+def test_shared_prompt_forward_equals_full_forward(checkpointing):
     """Each prompt once, its KV cache shared by the group == every (prompt, completion) row in full:
-    same log-probs and same LoRA gradients, with left-padded prompts of different lengths.
+    same log-probs and same LoRA gradients, with left-padded prompts of different lengths; under gradient
+    checkpointing as well (the completion pass is checkpointed and reads the prompt's cache in the recompute).
     """
     from qgen.models import load_tokenizer
-    from qgen.sampling import completion_logprobs, generate_group
+    from qgen.sampling import _checkpointed_layers, completion_logprobs, generate_group
 
-    module = small_module()
+    module = small_module(gradient_checkpointing=checkpointing)
     module.configure_model()
+    assert len(_checkpointed_layers(module.model.get_decoder())) == (4 if checkpointing else 0)
     model, tok = module.model, load_tokenizer(None)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -215,12 +218,16 @@ def test_shared_prompt_forward_equals_full_forward():
     rollout = generate_group(model, tok, prompts, group_size=4, max_new_tokens=12)
     params = [p for p in model.parameters() if p.requires_grad]
     results = []
+    model.train()
     for share in (False, True):
         logp = completion_logprobs(
             model.get_decoder(), model.get_output_embeddings().weight, rollout, share_prompt=share
         )
         grads = torch.autograd.grad((logp * rollout.completion_mask).sum(), params)
         results.append((logp.detach(), grads))
+    if checkpointing:  # the flags are restored after the shared pass
+        assert len(_checkpointed_layers(model.get_decoder())) == 4
+        assert all("_can_checkpoint_with_cache" not in m.__dict__ for m in _checkpointed_layers(model.get_decoder()))
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
     for a, b in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -313,3 +320,56 @@ def test_a_moved_grpo_run_resumes_from_its_new_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli_main(_grpo_args(moved, 2, "--ckpt_path", str(moved / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")))
     assert (moved / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt").is_file()
+
+
+class SlowLength(RewardCallback):
+    """Rewards completion length, after ``delay`` seconds (a judge's latency)."""
+
+    name = "slow_length"
+
+    def __init__(self, delay):
+        super().__init__(1.0)
+        self.delay = delay
+
+    def score(self, batch):
+        import time
+
+        time.sleep(self.delay)
+        return RewardOutput(np.asarray(batch.lengths, np.float32) / 16)
+
+
+def _ref_calls_per_micro_batch(tmp_path, delay):
+    L.seed_everything(5)
+    module = small_module(beta=0.04)
+    calls, per_step = [], []
+    ref, step_fn = module._ref_logprobs, module.training_step
+
+    def counting_ref(*a, **kw):
+        calls.append(1)
+        return ref(*a, **kw)
+
+    def counting_step(*a, **kw):
+        before = len(calls)
+        out = step_fn(*a, **kw)
+        per_step.append(len(calls) - before)
+        return out
+
+    module._ref_logprobs, module.training_step = counting_ref, counting_step
+    trainer = L.Trainer(default_root_dir=str(tmp_path), max_steps=2, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
+                        accumulate_grad_batches=2, callbacks=[SlowLength(delay)])  # fmt: skip
+    trainer.fit(module, QuestionDataModule(batch_size=2, max_length=256))
+    lora = {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n}
+    return per_step, lora
+
+
+def test_reference_passes_of_later_micro_batches_fill_the_wait_for_scores(tmp_path):
+    # a slow scorer: the first micro-batch computes the second's reference log-probs while it waits
+    slow_calls, slow = _ref_calls_per_micro_batch(tmp_path / "slow", delay=1.0)
+    assert slow_calls == [2, 0, 2, 0]
+    # a scorer that is done at once: each micro-batch computes its own
+    fast_calls, fast = _ref_calls_per_micro_batch(tmp_path / "fast", delay=0.0)
+    assert fast_calls == [1, 1, 1, 1]
+    # the same training either way: the reference does not change within a step
+    for name in fast:
+        torch.testing.assert_close(slow[name], fast[name], atol=1e-6, rtol=1e-5)

@@ -138,3 +138,14 @@ def test_embedded_lora_model_uses_fast_layers_with_peft_results():
     dropping = load_causal_lm(None, LoraSpec(r=4, alpha=8, dropout=0.1))
     drops = [m for m in dropping.modules() if isinstance(m, FastDropout)]
     assert len(drops) == 4 * 7 and all(d.p == 0.1 for d in drops)
+
+
+def test_fast_layers_are_cpu_only_and_can_be_switched_off():
+    def kinds(model):
+        return {type(m) for m in model.modules() if isinstance(m, PeftLoraLinear)}
+
+    assert kinds(load_causal_lm(None, LoraSpec(r=4, alpha=8, cpu_kernels=False))) == {PeftLoraLinear}
+    # a model bound for a GPU keeps peft's own layers and dropouts (it loads on CPU; Lightning moves it later)
+    gpu = load_causal_lm(None, LoraSpec(r=4, alpha=8, dropout=0.1), device="cuda:0")
+    assert kinds(gpu) == {PeftLoraLinear}
+    assert not any(isinstance(m, FastDropout) for m in gpu.modules())

@@ -148,3 +148,129 @@ def test_gradient_checkpointing_replays_lora_dropout_and_gives_the_same_gradient
     torch.testing.assert_close(loss, loss_ckpt)
     for a, b in zip(grads, grads_ckpt):  # the recomputed forward draws the same dropout masks
         torch.testing.assert_close(a, b)
+
+
+def _loss_and_grads(model, batch, **kw):
+    from qgen.models import causal_lm_nll
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    out = causal_lm_nll(model, batch, **kw)
+    out.loss.backward()
+    return out, [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_batches_give_the_padded_loss_and_gradients(attn):
+    from qgen.models import load_causal_lm, pack_rows
+
+    model = load_causal_lm(None, LoraSpec(r=4, alpha=8, dropout=0.0), attn_implementation=attn)
+    assert model.config._attn_implementation == attn
+    for m in model.modules():
+        if hasattr(m, "lora_B"):
+            torch.nn.init.normal_(m.lora_B["default"].weight, std=0.05)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 1000, (4, 14), generator=g)
+    mask = torch.ones(4, 14, dtype=torch.long)
+    mask[0, 9:], mask[1, 5:], mask[3, 12:] = 0, 0, 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :3] = -100
+    labels[2, 3:8] = -100  # a prompt inside the row, as in a multi-turn example
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    packed_ids, positions, packed_labels = pack_rows(ids, mask, labels)
+    assert packed_ids.shape == (1, 9 + 5 + 14 + 12)
+    assert positions[0, :11].tolist() == list(range(9)) + [0, 1]
+    assert (packed_labels[0, [0, 9, 14, 28]] == -100).all()  # no sequence is predicted from the one before
+    padded, padded_grads = _loss_and_grads(model, batch)
+    packed, packed_grads = _loss_and_grads(model, batch, packed=True)
+    assert packed.tokens == padded.tokens
+    torch.testing.assert_close(packed.loss, padded.loss, atol=1e-5, rtol=1e-5)
+    for a, b in zip(packed_grads, padded_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # packing must not leak attention across sequences: changing the first sequence leaves the others' loss
+    other = dict(batch, input_ids=ids.clone())
+    other["input_ids"][0, :9] = torch.randint(3, 1000, (9,), generator=g)
+    first_free = {k: v[1:] for k, v in batch.items()}
+    from qgen.models import causal_lm_nll
+
+    with torch.no_grad():
+        alone = causal_lm_nll(model, first_free).nll_sum
+        mixed = causal_lm_nll(model, other, packed=True).nll_sum - causal_lm_nll(
+            model, {k: v[:1] for k, v in other.items()}).nll_sum  # fmt: skip
+    torch.testing.assert_close(mixed, alone, atol=1e-4, rtol=1e-5)
+
+
+def test_sft_packing_option_trains_like_the_padded_batch(tmp_path):
+    padded, packed = GradCapture(), GradCapture()
+    fit(tmp_path / "a", lora_module(), batch_size=4, callbacks=[padded], enable_checkpointing=False)
+    fit(tmp_path / "b", lora_module(packing=True), batch_size=4, callbacks=[packed], enable_checkpointing=False)
+    for name, grad in padded.grads.items():
+        torch.testing.assert_close(packed.grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_attention_implementation_is_checked_before_loading():
+    from qgen.models import check_attn_implementation
+
+    with pytest.raises(ValueError, match="model.attn_implementation must be one of"):
+        check_attn_implementation("flex")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="flash_attention_2"):
+            SFTModule(attn_implementation="flash_attention_2")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_flash_attention_packed_equals_sdpa_padded_on_gpu():
+    pytest.importorskip("flash_attn")
+    from qgen.models import load_causal_lm
+
+    ids = torch.randint(3, 1000, (3, 40), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[0, 25:], mask[2, 31:] = 0, 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :10] = -100
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    results = []
+    for attn, packed in (("sdpa", False), ("flash_attention_2", True)):
+        torch.manual_seed(0)
+        model = load_causal_lm(None, LoraSpec(r=4, alpha=8, dropout=0.0), dtype="bfloat16",
+                               attn_implementation=attn).cuda()  # fmt: skip
+        results.append(_loss_and_grads(model, batch, packed=packed))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a.loss, b.loss, atol=2e-2, rtol=2e-2)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x.float(), y.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_liger_kernels_are_refused_where_they_cannot_run():
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        with pytest.raises(ValueError, match="liger-kernel package"):
+            SFTModule(liger_kernels=True)
+    elif not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            SFTModule(liger_kernels=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_liger_kernels_give_the_plain_loss_and_gradients_on_gpu():
+    pytest.importorskip("liger_kernel")
+    from qgen.models import load_causal_lm
+
+    ids = torch.randint(3, 1000, (2, 32), device="cuda")
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    results = []
+    for liger in (False, True):
+        torch.manual_seed(0)
+        model = load_causal_lm(None, LoraSpec(r=4, alpha=8, dropout=0.0), liger_kernels=liger).cuda()
+        for m in model.modules():
+            if hasattr(m, "lora_B"):
+                torch.nn.init.normal_(m.lora_B["default"].weight, std=0.05)
+        results.append(_loss_and_grads(model, batch))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-4, rtol=1e-4)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-3, rtol=1e-3)
