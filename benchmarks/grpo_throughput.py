@@ -1,23 +1,37 @@
-"""GRPO throughput: qgen's GRPOModule vs TRL's GRPOTrainer, measured in one run.
+"""GRPO throughput, like for like: qgen's GRPOModule vs TRL 1.16's GRPOTrainer.
 
-Both train the embedded default (LoRA r=32, all linear layers) on the same prompts (the bundled question
-bank's SFT prompts), 2 prompts x G = 8 completions per step, the same ``max_new_tokens``, temperature 1,
-beta = 0 (no reference pass), one rollout and one update per step, fp32, no gradient checkpointing, and the
-same reward: the four qgen scorers (difficulty, novelty, rigor, diversity), fitted once and shared, wrapped
-as a TRL reward function on TRL's side. The first ``--warmup`` steps are not timed; runs alternate for
-``--rounds`` rounds and the best round of each trainer is compared.
+Same work on every side (asserted, not assumed):
+- the same model (the embedded default, fp32) and adapter: LoRA r=32 alpha=64 on all linear layers, dropout 0
+  (TRL samples in training mode, qgen in eval mode: with dropout 0 both sample from the same policy);
+- the **same prompts in the same order**: qgen's (recorded from its first run), handed to TRL unshuffled
+  and checked token for token after TRL's own chat templating;
+- the **same generation length**: EOS suppressed on both sides (``min_new_tokens = max_new_tokens``), so
+  every step generates exactly ``prompts x G x max_new_tokens`` tokens (counted and printed);
+- the same reward function with the same inputs: qgen's ``combine_scores`` over the four model-free scorers
+  (difficulty, novelty, rigor, diversity; fitted once, shared), with each completion's truncation flag and
+  token count and the near-copy penalty, on both sides;
+- the same optimisation: beta 0.04 (a reference pass on both), clip range 0.2 / 0.28, per-sequence loss
+  mean (``grpo``), group-std advantages, one update per generation, AdamW (torch's fused implementation)
+  at a constant 1e-4 without weight decay, gradient-norm clipping at 1.0; the first ``--warmup`` steps are
+  not timed (a step's time is end of step to end of step).
 
-(Log-prob memory against TRL's chunked kernel: ``benchmarks/logprob_memory.py``.)
+Sides (rounds alternate, every round printed):
+- ``qgen`` / ``trl``: no gradient checkpointing; qgen with peft's own LoRA layers (as a GPU user runs it);
+- ``qgen-ckpt`` / ``trl-ckpt``: gradient checkpointing on both (non-reentrant), as configs/qwen3-14b-grpo.yaml
+  runs; qgen still shares each prompt's forward pass across its group (the prompt pass is not checkpointed);
+- ``qgen-fused``: qgen's default on CPU, its fused LoRA layers: a **CPU-only** speed-up.
 
-    python benchmarks/grpo_throughput.py [--steps 10] [--max-new-tokens 64]
+    python benchmarks/grpo_throughput.py [--steps 6] [--rounds 3] [--max-new-tokens 64]
 
-Needs the bench extra (``pip install -e ".[bench]"``). The last line is ``grpo_steps_per_s_ratio_vs_trl=X.XX``.
+Needs the bench extra (``pip install -e ".[bench]"``). The last line is
+``grpo_vs_trl=… grpo_vs_trl_ckpt=… gen_tokens_per_step=…`` (medians over rounds of per-round ratios of s/step).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -30,32 +44,35 @@ from lightning.pytorch.callbacks import Callback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from callbacks import DifficultyReward, DiversityReward, NoveltyReward, RigorReward  # noqa: E402
 from qgen.data import QuestionDataModule  # noqa: E402
-from qgen.formatting import parse_question  # noqa: E402
 from qgen.grpo import GRPOModule  # noqa: E402
 from qgen.models import LoraSpec, embedded_path  # noqa: E402
-from qgen.scoring import ScoringBatch  # noqa: E402
+from qgen.scoring import combine_scores  # noqa: E402
 
-LR, PROMPTS, G = 1e-4, 2, 8
+LR, PROMPTS, G, CLIP, SEED = 1e-4, 2, 8, 1.0, 0
+SIDES = ["qgen", "trl", "qgen-ckpt", "trl-ckpt", "qgen-fused"]
 
 
-class Timer:
+def fused_adamw(params):
+    return torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
+
+
+def constant_lr(optimizer):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+class Meter:
     def __init__(self, warmup: int):
-        self.warmup, self.steps, self.t0, self.t1 = warmup, 0, None, None
+        self.warmup, self.ends, self.gen_tokens, self.prompts = warmup, [], [], []
 
-    def begin(self):
-        if self.steps == self.warmup:
-            self.t0 = time.perf_counter()
-
-    def end(self):
-        self.steps += 1
-        self.t1 = time.perf_counter()
+    def step_end(self) -> None:
+        self.ends.append(time.perf_counter())
 
     @property
     def s_per_step(self) -> float:
-        return (self.t1 - self.t0) / (self.steps - self.warmup)
+        return (self.ends[-1] - self.ends[self.warmup - 1]) / (len(self.ends) - self.warmup)
 
 
-def make_rewards(dm: QuestionDataModule) -> list:
+def make_rewards(dm: QuestionDataModule) -> dict:
     rewards = [DifficultyReward(0.4), NoveltyReward(0.3), RigorReward(0.2), DiversityReward(0.1)]
 
     class _Trainer:  # what the callbacks' setup reads
@@ -63,94 +80,128 @@ def make_rewards(dm: QuestionDataModule) -> list:
 
     for cb in rewards:
         cb.setup(_Trainer(), object(), "fit")
-    return rewards
+    return {cb.name: cb for cb in rewards}
 
 
-def run_qgen(dm, rewards, args) -> Timer:
-    timer = Timer(args.warmup)
+def prompt_ids(dm: QuestionDataModule, i: int) -> list[int]:
+    ds = dm.datasets["train"]
+    return list(ds.input_ids[i][: ds.prompt_lengths[i]])
 
-    class _T(Callback):
-        def on_train_batch_start(self, *a):
-            timer.begin()
 
-        def on_train_batch_end(self, *a):
-            timer.end()
+# ------------------------------------------------------------------------------------------------- qgen
+def run_qgen(dm, rewards, args, meter: Meter, cpu_kernels: bool = False, checkpointing: bool = False) -> None:
+    class Measure(Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            meter.step_end()
+            meter.gen_tokens.append(int(module.last["rollout"].completion_mask.sum()))
+            meter.prompts.extend(int(i) for i in batch["index"])
 
-    L.seed_everything(0)
-    module = GRPOModule(lora=LoraSpec(r=32, alpha=64, dropout=0.05), group_size=G, max_new_tokens=args.max_new_tokens,
-                        beta=0.0, optimizer=lambda p: torch.optim.AdamW(p, lr=LR))  # fmt: skip
+    L.seed_everything(SEED)
+    module = GRPOModule(lora=LoraSpec(r=32, alpha=64, dropout=0.0, cpu_kernels=cpu_kernels), group_size=G,
+                        max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, beta=0.04,
+                        epsilon_low=0.2, epsilon_high=0.28, aggregation="grpo", advantage="group_std",
+                        gradient_checkpointing=checkpointing, val_rewards=False, optimizer=fused_adamw,
+                        scheduler=constant_lr)  # fmt: skip
     module.configure_model()
-    for cb in rewards:
+    for cb in rewards.values():
         module.register_reward(cb)
-    dm.hparams.batch_size = PROMPTS
     L.Trainer(max_steps=args.warmup + args.steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[_T()]).fit(module, dm)  # fmt: skip
-    return timer
+              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, gradient_clip_val=CLIP,
+              callbacks=[Measure()]).fit(module, dm)  # fmt: skip
 
 
-def run_trl(dm, rewards, args) -> Timer:
+# -------------------------------------------------------------------------------------------------- TRL
+def run_trl(dm, rewards, args, meter: Meter, order: list[int], checkpointing: bool = False) -> None:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    timer = Timer(args.warmup)
     examples = dm.datasets["train"].examples
-    dataset = Dataset.from_dict({"prompt": [ex.messages[:-1] for ex in examples], "row": list(range(len(examples)))})
+    dataset = Dataset.from_dict({"prompt": [examples[i].messages[:-1] for i in order], "row": order})
 
-    def total_reward(prompts, completions, row, **kwargs):
+    def reward(prompts, completions, completion_ids, row, **kwargs):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        records = [examples[i].record for i in row]
-        batch = ScoringBatch(texts, [parse_question(t) for t in texts], records, [r.language for r in records],
-                             [False] * len(texts), G)  # fmt: skip
-        total = sum(cb.weight * torch.as_tensor(cb.score(batch).values) for cb in rewards)
+        lengths = [len(ids) for ids in completion_ids]
+        eos = dm.tokenizer.eos_token_id
+        truncated = [eos not in ids for ids in completion_ids]  # qgen's flag: no EOS before the length limit
+        total, _ = combine_scores(rewards, texts, [examples[i].record for i in row], truncated, G, lengths=lengths)
+        meter.gen_tokens.append(sum(lengths))
+        meter.prompts.extend(row[::G])
         return total.tolist()
 
-    class _T(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            timer.begin()
-
+    class StepEnd(TrainerCallback):
         def on_step_end(self, *a, **k):
-            timer.end()
+            meter.step_end()
 
     config = GRPOConfig(
-        output_dir=tempfile.mkdtemp(), max_steps=args.warmup + args.steps, per_device_train_batch_size=PROMPTS * G,
-        num_generations=G, max_completion_length=args.max_new_tokens, beta=0.0, learning_rate=LR, lr_scheduler_type="constant",
-        temperature=1.0, top_p=1.0, num_iterations=1, steps_per_generation=1, gradient_checkpointing=False, bf16=False,
-        use_cpu=True, report_to=[], save_strategy="no", logging_steps=100, seed=0, disable_tqdm=True, loss_type="grpo",
+        output_dir=tempfile.mkdtemp(), seed=SEED, use_cpu=True, bf16=False, max_steps=args.warmup + args.steps,
+        per_device_train_batch_size=PROMPTS * G, num_generations=G, gradient_accumulation_steps=1,
+        max_completion_length=args.max_new_tokens, generation_kwargs={"min_new_tokens": args.max_new_tokens},
+        temperature=1.0, top_p=1.0, top_k=0, beta=0.04, epsilon=0.2, epsilon_high=0.28, loss_type="grpo",
+        scale_rewards="group", num_iterations=1, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, optim="adamw_torch_fused", max_grad_norm=CLIP, gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, shuffle_dataset=False,
+        chat_template_kwargs={"enable_thinking": False}, report_to=[], save_strategy="no", logging_steps=10_000,
+        disable_tqdm=True, dataloader_num_workers=0,
     )  # fmt: skip
-    peft = LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(embedded_path()), reward_funcs=total_reward, args=config,
-                          train_dataset=dataset, processing_class=dm.tokenizer, peft_config=peft, callbacks=[_T()])  # fmt: skip
+    peft = LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(embedded_path()), reward_funcs=reward,
+                          args=config, train_dataset=dataset, processing_class=dm.tokenizer, peft_config=peft,
+                          callbacks=[StepEnd()])  # fmt: skip
+    ids = trainer._tokenize_prompts([examples[i].messages[:-1] for i in order[:4]])[0]
+    assert [list(x) for x in ids] == [prompt_ids(dm, i) for i in order[:4]], "TRL tokenizes the prompts differently"
     trainer.train()
-    return timer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best round of each counts")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sides", nargs="+", default=SIDES, choices=SIDES)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
-    dm = QuestionDataModule(batch_size=PROMPTS, max_length=512)
+    dm = QuestionDataModule(batch_size=PROMPTS, max_length=512, seed=SEED)
     dm.setup("fit")
     rewards = make_rewards(dm)
-    rounds: dict[str, list[Timer]] = {"qgen": [], "trl": []}
-    for _ in range(args.rounds):  # alternate, so drift in machine speed hits both alike
-        rounds["qgen"].append(run_qgen(dm, rewards, args))
-        rounds["trl"].append(run_trl(dm, rewards, args))
-    qgen_t, trl_t = (min(rounds[k], key=lambda t: t.s_per_step) for k in ("qgen", "trl"))
-    every = {k: ", ".join(f"{t.s_per_step:.2f}" for t in v) for k, v in rounds.items()}
-    print(f"\nGRPO throughput, embedded default, {PROMPTS} prompts x G={G}, max_new_tokens {args.max_new_tokens}, "
-          f"beta 0, {args.steps} timed steps")  # fmt: skip
-    print(f"{'trainer':<18} {'s/step':>8} {'steps/s':>8} {'ratio':>6}  all rounds (s/step)")
-    for name, key, t in (("qgen GRPOModule", "qgen", qgen_t), ("TRL GRPOTrainer", "trl", trl_t)):
-        ratio = trl_t.s_per_step / t.s_per_step
-        print(f"{name:<18} {t.s_per_step:>8.2f} {1 / t.s_per_step:>8.3f} {ratio:>6.2f}  {every[key]}")
-    print(f"grpo_steps_per_s_ratio_vs_trl={trl_t.s_per_step / qgen_t.s_per_step:.2f}")
+    expected_tokens = PROMPTS * G * args.max_new_tokens
+    steps = args.warmup + args.steps
+    order: list[int] = []
+    rounds: dict[str, list[Meter]] = {side: [] for side in args.sides}
+    print(f"{'round':>5}  {'side':<11} {'s/step':>7} {'gen tokens/step':>15}")
+    for r in range(args.rounds):  # alternate, so drift in machine speed hits every side alike
+        for side in sorted(args.sides, key=lambda s: not s.startswith("qgen")):  # qgen first: its order for TRL
+            meter = Meter(args.warmup)
+            if side.startswith("qgen"):
+                run_qgen(dm, rewards, args, meter, cpu_kernels=side == "qgen-fused", checkpointing=side == "qgen-ckpt")
+                order = order or list(meter.prompts)
+            else:
+                run_trl(dm, rewards, args, meter, order, checkpointing=side == "trl-ckpt")
+            # the same work: qgen's prompts in qgen's order, exactly G x max_new_tokens tokens per prompt
+            assert meter.prompts[: PROMPTS * steps] == order[: PROMPTS * steps], f"{side}: other prompts than qgen's"
+            assert meter.gen_tokens == [expected_tokens] * steps, f"{side}: generated {meter.gen_tokens}"
+            rounds[side].append(meter)
+            print(f"{r:>5}  {side:<11} {meter.s_per_step:>7.3f} {expected_tokens:>15d}", flush=True)
+
+    print(f"\nGRPO throughput, embedded default, {PROMPTS} prompts x G={G} x {args.max_new_tokens} tokens (EOS "
+          f"suppressed), beta 0.04, {args.steps} timed steps, {args.rounds} rounds")  # fmt: skip
+    print(f"{'side':<11} {'s/step median':>13}  every round")
+    for side, meters in rounds.items():
+        values = [m.s_per_step for m in meters]
+        print(f"{side:<11} {statistics.median(values):>13.3f}  {', '.join(f'{v:.3f}' for v in values)}")
+    ratios = {"grpo_vs_trl": ("trl", "qgen"), "grpo_vs_trl_ckpt": ("trl-ckpt", "qgen-ckpt"),
+              "grpo_fused_cpu_vs_trl": ("trl", "qgen-fused")}  # fmt: skip
+    summary = []
+    print(f"\n{'ratio (TRL s/step / qgen s/step)':<34} {'median':>6}  {'min':>5} {'max':>5}")
+    for name, (ref, side) in ratios.items():
+        if ref in rounds and side in rounds:
+            per_round = [a.s_per_step / b.s_per_step for a, b in zip(rounds[ref], rounds[side])]
+            print(f"{name:<34} {statistics.median(per_round):>6.2f}  {min(per_round):>5.2f} {max(per_round):>5.2f}")
+            summary.append(f"{name}={statistics.median(per_round):.2f}")
+    print(" ".join([*summary, f"gen_tokens_per_step={expected_tokens}"]))
 
 
 if __name__ == "__main__":

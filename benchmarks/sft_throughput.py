@@ -1,22 +1,39 @@
-"""SFT throughput: qgen's SFTModule vs TRL's SFTTrainer, measured in one run.
+"""SFT throughput, like for like: qgen's SFTModule vs TRL 1.16's SFTTrainer vs a bare PyTorch loop.
 
-Both train the same embedded default model (same weights, LoRA r=32 on all linear layers, dropout 0.05)
-on the same tokenized examples (the bundled question bank through QuestionDataModule: identical token
-ids and assistant-only masks), with the same micro-batch size, max length, fp32, no gradient
-checkpointing, AdamW at the same LR, on the same CPU threads. TRL gets the tokenized dataset directly
-(``input_ids`` + ``completion_mask``), so its own preprocessing is not timed. The first ``--warmup`` steps
-of each run are not timed; tokens/s counts the real (non-pad) tokens of the timed batches. Runs
-alternate for ``--rounds`` rounds and the best round of each trainer is compared.
+Same work on every side (asserted, not assumed):
+- the same model (the embedded default, fp32), LoRA r=32 alpha=64 on all linear layers, dropout 0.05;
+- the **same batches**: qgen's own length-grouped batches (its default sampler), written out in order and
+  handed to TRL as a dataset read sequentially (``train_sampling_strategy="sequential"``), so TRL trains on
+  exactly qgen's batches (as length-grouped as TRL's own ``group_by_length`` would make them, with the
+  same padding); every side records the token ids of the batches it computes a loss on, and the script
+  checks they are identical;
+- tokens counted where the loss is computed (the real tokens of the batch that reaches the loss function),
+  printed per step;
+- the same optimisation: AdamW (torch's fused implementation on every side), lr 2e-4 constant, no weight
+  decay, gradient-norm clipping at 1.0, no accumulation; the first ``--warmup`` steps are not timed
+  (a step's time is end of step to end of step, data loading included on every side).
 
-    python benchmarks/sft_throughput.py [--steps 30] [--batch-size 8] [--max-length 512]
+Sides (``--sides``; rounds alternate and every round is printed):
+- ``qgen``: SFTModule with peft's own LoRA layers, as a GPU user runs it (``lora.cpu_kernels: false``);
+- ``qgen-fused``: qgen's default on CPU, its fused LoRA layers (``qgen.lora``): a **CPU-only** speed-up;
+- ``qgen-ckpt`` / ``trl-ckpt``: both with gradient checkpointing (non-reentrant), as the 14B configs run;
+- ``trl``: SFTTrainer as it runs on CPU: its fused LM head scores every position (prompt and padding too);
+- ``trl-cudalike``: the same with only labelled positions scored, as it does on CUDA (Triton devices);
+- ``bare``: a plain PyTorch loop over the same batches (same model, qgen's loss function, same optimizer and
+  clipping): the limit for this model, against which Lightning's and qgen's overhead shows;
+- optional: ``qgen-packed`` (qgen's padding-free batches) and ``trl-padfree`` (TRL's ``padding_free``).
 
-Needs the bench extra: ``pip install -e ".[bench]"``. The last line is ``sft_tokens_per_s_ratio_vs_trl=X.XX``.
+    python benchmarks/sft_throughput.py [--steps 20] [--rounds 3] [--batch-size 8] [--max-length 512]
+
+Needs the bench extra: ``pip install -e ".[bench]"``. The last line is
+``sft_vs_trl=… sft_vs_bare=… tokens_per_step=…`` (ratios are medians over rounds of per-round ratios).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -28,137 +45,238 @@ from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from qgen.data import IGNORE_INDEX, QuestionDataModule  # noqa: E402
-from qgen.models import LoraSpec, embedded_path  # noqa: E402
+from qgen.models import LoraSpec, causal_lm_nll, embedded_path, load_causal_lm  # noqa: E402
 from qgen.sft import SFTModule  # noqa: E402
 
-LR = 2e-4
+LR, CLIP, SEED = 2e-4, 1.0, 0
+DEFAULT_SIDES = ["qgen", "qgen-fused", "qgen-ckpt", "trl", "trl-cudalike", "trl-ckpt", "bare"]
+OPTIONAL_SIDES = ["qgen-packed", "trl-padfree"]
+SEEN_BATCHES = 3  # batches whose token ids each side records for the same-work check
 
 
-class StepTimer:
-    """Wall time and real tokens of the steps after ``warmup``."""
+def fused_adamw(params):
+    return torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
+
+
+def constant_lr(optimizer):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+class Meter:
+    """End time of every step, the real tokens each loss saw, and the first batches' token ids."""
 
     def __init__(self, warmup: int):
-        self.warmup, self.step, self.tokens, self.t0, self.t1 = warmup, 0, 0, None, None
+        self.warmup, self.ends, self.tokens, self.seen = warmup, [], [], []
 
-    def begin(self) -> None:
-        if self.step == self.warmup:
-            self.t0 = time.perf_counter()
+    def loss_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   position_ids: torch.Tensor | None = None) -> None:  # fmt: skip
+        """Called where the loss is computed, with the batch it is computed on."""
+        if attention_mask is None:  # a packed row: every token is real, sequences start where positions restart
+            self.tokens.append(int(input_ids.numel()))
+            if len(self.seen) < SEEN_BATCHES:
+                starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [input_ids.size(1)]
+                self.seen.append([input_ids[0, a:b].tolist() for a, b in zip(starts, starts[1:])])
+            return
+        self.tokens.append(int(attention_mask.sum()))
+        if len(self.seen) < SEEN_BATCHES:
+            self.seen.append([ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)])
 
-    def end(self, tokens: int) -> None:
-        if self.step >= self.warmup:
-            self.tokens += tokens
-            self.t1 = time.perf_counter()
-        self.step += 1
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / (self.t1 - self.t0)
+    def step_end(self) -> None:
+        self.ends.append(time.perf_counter())
 
     @property
     def s_per_step(self) -> float:
-        return (self.t1 - self.t0) / (self.step - self.warmup)
+        return (self.ends[-1] - self.ends[self.warmup - 1]) / (len(self.ends) - self.warmup)
+
+    @property
+    def tokens_per_step(self) -> float:
+        return statistics.mean(self.tokens[self.warmup :])
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.s_per_step
 
 
-class _LightningTimer(Callback):
-    def __init__(self, timer: StepTimer):
-        self.timer = timer
+def qgen_batches(dm: QuestionDataModule, n: int) -> list[dict[str, torch.Tensor]]:
+    """Qgen's first ``n`` training batches, as its trainer will draw them (same sampler, seed and epoch)."""
+    batches = []
+    for batch in dm.train_dataloader():
+        batches.append(batch)
+        if len(batches) == n:
+            return batches
+    raise SystemExit(f"the bundled data gives only {len(batches)} batches; lower --steps or --batch-size")
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.timer.begin()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.timer.end(int(batch["attention_mask"].sum()))
+# ------------------------------------------------------------------------------------------------- qgen
+def run_qgen(dm, args, meter: Meter, cpu_kernels: bool, checkpointing: bool = False, packing: bool = False):
+    class Measured(SFTModule):
+        def training_step(self, batch, batch_idx):
+            if packing:  # the row the loss is computed on
+                from qgen.models import pack_rows
 
+                ids, positions, _ = pack_rows(batch["input_ids"], batch["attention_mask"])
+                meter.loss_batch(ids, None, positions)
+            else:
+                meter.loss_batch(batch["input_ids"], batch["attention_mask"])
+            return super().training_step(batch, batch_idx)
 
-def run_qgen(dm: QuestionDataModule, args) -> StepTimer:
-    L.seed_everything(0)
-    timer = StepTimer(args.warmup)
-    module = SFTModule(lora=LoraSpec(r=32, alpha=64, dropout=0.05),
-                       optimizer=lambda p: torch.optim.AdamW(p, lr=LR, weight_decay=0.0))  # fmt: skip
+    class StepEnd(Callback):
+        def on_train_batch_end(self, *a, **k):
+            meter.step_end()
+
+    L.seed_everything(SEED)
+    module = Measured(lora=LoraSpec(r=32, alpha=64, dropout=0.05, cpu_kernels=cpu_kernels),
+                      gradient_checkpointing=checkpointing, packing=packing, optimizer=fused_adamw,
+                      scheduler=constant_lr)  # fmt: skip
     trainer = L.Trainer(max_steps=args.warmup + args.steps, accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, callbacks=[_LightningTimer(timer)])  # fmt: skip
+                        limit_val_batches=0, gradient_clip_val=CLIP, gradient_clip_algorithm="norm",
+                        callbacks=[StepEnd()])  # fmt: skip
     trainer.fit(module, dm)
-    return timer
+    assert isinstance(trainer.optimizers[0], torch.optim.AdamW) and trainer.optimizers[0].defaults["fused"]
 
 
-def run_trl(dm: QuestionDataModule, args) -> StepTimer:
+# -------------------------------------------------------------------------------------------------- TRL
+def run_trl(dm, args, meter: Meter, batches, variant: str = ""):
+    import trl.trainer.utils as trl_utils
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    train = dm.datasets["train"]
-    dataset = Dataset.from_dict({
-        "input_ids": train.input_ids,
-        "completion_mask": [[int(t != IGNORE_INDEX) for t in lab] for lab in train.labels],
-    })  # fmt: skip
-    timer = StepTimer(args.warmup)
+    rows = [(ids[m.bool()].tolist(), (lab[m.bool()] != IGNORE_INDEX).int().tolist())
+            for b in batches for ids, m, lab in zip(b["input_ids"], b["attention_mask"], b["labels"])]  # fmt: skip
+    dataset = Dataset.from_dict({"input_ids": [r[0] for r in rows], "completion_mask": [r[1] for r in rows]})
 
-    class _Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            timer.begin()
+    class Measured(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            meter.loss_batch(inputs["input_ids"], inputs.get("attention_mask"), inputs.get("position_ids"))
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    class StepEnd(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            meter.step_end()
 
     config = SFTConfig(
         output_dir=tempfile.mkdtemp(), max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch_size,
-        max_length=args.max_length, learning_rate=LR, weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
-        gradient_checkpointing=False, bf16=False, use_cpu=True, report_to=[], save_strategy="no", logging_steps=10,
-        dataloader_num_workers=0, completion_only_loss=True, seed=0, disable_tqdm=True,
+        max_length=None if variant == "padfree" else args.max_length, learning_rate=LR,  # inputs come truncated
+        weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
+        optim="adamw_torch_fused", max_grad_norm=CLIP, gradient_checkpointing=variant == "ckpt",
+        gradient_checkpointing_kwargs={"use_reentrant": False}, padding_free=variant == "padfree",
+        train_sampling_strategy="sequential", bf16=False, use_cpu=True, report_to=[], save_strategy="no",
+        logging_steps=1000, dataloader_num_workers=0, completion_only_loss=True, seed=SEED, disable_tqdm=True,
     )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(embedded_path())
     peft = LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=dm.tokenizer,
-                         peft_config=peft, callbacks=[_Timer()])  # fmt: skip
-    collator = trainer.data_collator
+    trainer = Measured(model=model, args=config, train_dataset=dataset, processing_class=dm.tokenizer,
+                       peft_config=peft, callbacks=[StepEnd()])  # fmt: skip
+    original = trl_utils._use_triton
+    if variant == "cudalike":  # score only labelled positions, as TRL does on Triton (CUDA) devices
+        trl_utils._use_triton = lambda device: True
+    try:
+        trainer.train()
+    finally:
+        trl_utils._use_triton = original
+    assert type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer) \
+        is torch.optim.AdamW  # fmt: skip
 
-    def counting_collator(items):
-        batch = collator(items)
-        timer.pending = (
-            int(batch["attention_mask"].sum())
-            if "attention_mask" in batch
-            else int((batch["input_ids"] != dm.tokenizer.pad_token_id).sum())
-        )
-        return batch
 
-    class _End(TrainerCallback):
-        def on_step_end(self, *a, **k):
-            timer.end(timer.pending)
+# ------------------------------------------------------------------------------------------------- bare
+def run_bare(dm, args, meter: Meter, batches):
+    L.seed_everything(SEED)
+    model = load_causal_lm(None, LoraSpec(r=32, alpha=64, dropout=0.05, cpu_kernels=False))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = fused_adamw(params)
+    for batch in batches[: args.warmup + args.steps]:
+        meter.loss_batch(batch["input_ids"], batch["attention_mask"])
+        loss = causal_lm_nll(model, batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        meter.step_end()
 
-    trainer.data_collator = counting_collator
-    trainer.add_callback(_End())
-    trainer.train()
-    return timer
+
+RUNNERS = {
+    "qgen": lambda dm, a, m, b: run_qgen(dm, a, m, cpu_kernels=False),
+    "qgen-fused": lambda dm, a, m, b: run_qgen(dm, a, m, cpu_kernels=True),
+    "qgen-ckpt": lambda dm, a, m, b: run_qgen(dm, a, m, cpu_kernels=False, checkpointing=True),
+    "qgen-packed": lambda dm, a, m, b: run_qgen(dm, a, m, cpu_kernels=False, packing=True),
+    "trl": lambda dm, a, m, b: run_trl(dm, a, m, b),
+    "trl-cudalike": lambda dm, a, m, b: run_trl(dm, a, m, b, "cudalike"),
+    "trl-ckpt": lambda dm, a, m, b: run_trl(dm, a, m, b, "ckpt"),
+    "trl-padfree": lambda dm, a, m, b: run_trl(dm, a, m, b, "padfree"),
+    "bare": lambda dm, a, m, b: run_bare(dm, a, m, b),
+}
+
+# each ratio: qgen side / reference side, per round
+RATIOS = {
+    "sft_vs_trl": ("qgen", "trl"),
+    "sft_vs_trl_cudalike": ("qgen", "trl-cudalike"),
+    "sft_vs_bare": ("qgen", "bare"),
+    "sft_ckpt_vs_trl_ckpt": ("qgen-ckpt", "trl-ckpt"),
+    "sft_fused_cpu_vs_trl": ("qgen-fused", "trl"),
+    "sft_fused_cpu_vs_qgen": ("qgen-fused", "qgen"),
+    "sft_packed_vs_qgen": ("qgen-packed", "qgen"),
+    "sft_vs_trl_padfree": ("qgen", "trl-padfree"),
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best round of each counts")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sides", nargs="+", default=DEFAULT_SIDES, choices=DEFAULT_SIDES + OPTIONAL_SIDES)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    dm = QuestionDataModule(batch_size=args.batch_size, max_length=args.max_length, val_fraction=0.0)
+    dm = QuestionDataModule(batch_size=args.batch_size, max_length=args.max_length, val_fraction=0.0, seed=SEED)
     dm.setup("fit")
-    runners = {"qgen SFTModule": run_qgen, "TRL SFTTrainer": run_trl}
-    rounds: dict[str, list[StepTimer]] = {name: [] for name in runners}
-    for _ in range(args.rounds):  # alternate, so drift in machine speed hits both alike
-        for name, run in runners.items():
-            rounds[name].append(run(dm, args))
-    results = {name: max(timers, key=lambda t: t.tokens_per_s) for name, timers in rounds.items()}
-    print(f"\nSFT throughput, embedded default ({sum(1 for _ in dm.datasets['train'].input_ids)} examples), "
-          f"batch {args.batch_size}, max_length {args.max_length}, {args.steps} timed steps, {args.threads} threads")  # fmt: skip
-    print(f"{'trainer':<16} {'tokens/s':>10} {'s/step':>8} {'tokens':>8} {'ratio':>6}  all rounds (tokens/s)")
-    ref = results["TRL SFTTrainer"].tokens_per_s
-    for name, t in results.items():
-        every = ", ".join(f"{r.tokens_per_s:.0f}" for r in rounds[name])
-        print(
-            f"{name:<16} {t.tokens_per_s:>10.0f} {t.s_per_step:>8.3f} {t.tokens:>8d} {t.tokens_per_s / ref:>6.2f}  {every}"
-        )
-    print(f"sft_tokens_per_s_ratio_vs_trl={results['qgen SFTModule'].tokens_per_s / ref:.2f}")
+    batches = qgen_batches(dm, args.warmup + args.steps)
+    reference = [[ids[m.bool()].tolist() for ids, m in zip(b["input_ids"], b["attention_mask"])]
+                 for b in batches[:SEEN_BATCHES]]  # fmt: skip
+    expected_tokens = [int(b["attention_mask"].sum()) for b in batches]
+    padding = 1 - sum(expected_tokens) / sum(b["input_ids"].numel() for b in batches)
+
+    rounds: dict[str, list[Meter]] = {side: [] for side in args.sides}
+    print(f"{'round':>5}  {'side':<13} {'tokens/s':>9} {'s/step':>7} {'tokens/step':>11}")
+    for r in range(args.rounds):  # alternate, so drift in machine speed hits every side alike
+        for side in args.sides:
+            meter = Meter(args.warmup)
+            RUNNERS[side](dm, args, meter, batches)
+            # the same work: the same batches' token ids, and the same real tokens per step
+            assert meter.seen == reference, f"{side}: its first batches are not qgen's batches"
+            assert meter.tokens == expected_tokens, f"{side}: tokens per step differ from qgen's batches"
+            rounds[side].append(meter)
+            print(f"{r:>5}  {side:<13} {meter.tokens_per_s:>9.0f} {meter.s_per_step:>7.3f} "
+                  f"{meter.tokens_per_step:>11.0f}", flush=True)  # fmt: skip
+
+    print(f"\nSFT throughput, embedded default, {len(batches)} batches of {args.batch_size} (max_length "
+          f"{args.max_length}, {padding:.1%} padding), {args.steps} timed steps, {args.threads} threads, "
+          f"{args.rounds} rounds")  # fmt: skip
+    print(f"{'side':<13} {'tokens/s median':>15}  every round")
+    for side, meters in rounds.items():
+        values = [m.tokens_per_s for m in meters]
+        print(f"{side:<13} {statistics.median(values):>15.0f}  {', '.join(f'{v:.0f}' for v in values)}")
+    summary = []
+    print(f"\n{'ratio':<24} {'median':>6}  {'min':>5} {'max':>5}  per round")
+    for name, (num, den) in RATIOS.items():
+        if num not in rounds or den not in rounds:
+            continue
+        per_round = [a.tokens_per_s / b.tokens_per_s for a, b in zip(rounds[num], rounds[den])]
+        med = statistics.median(per_round)
+        print(f"{name:<24} {med:>6.2f}  {min(per_round):>5.2f} {max(per_round):>5.2f}  "
+              f"{', '.join(f'{v:.2f}' for v in per_round)}")  # fmt: skip
+        summary.append(f"{name}={med:.2f}")
+    summary.append(f"tokens_per_step={statistics.mean(expected_tokens[args.warmup:]):.0f}")
+    # the required names first
+    order = {"sft_vs_trl": 0, "sft_vs_bare": 1, "tokens_per_step": 2}
+    summary.sort(key=lambda kv: order.get(kv.split("=")[0], 3))
+    print(" ".join(summary))
 
 
 if __name__ == "__main__":
