@@ -170,14 +170,9 @@ class NoveltyIndex:
         common n-grams (``"the "``, ``"已知"``) mostly stay out of the index.
         """
         rows, cols = [], []
-        limit = threshold * threshold
         for r in range(full.shape[0]):
             start, end = full.indptr[r], full.indptr[r + 1]
-            idx, w = full.indices[start:end], full.data[start:end]
-            order = np.argsort(-self.df[idx], kind="stable")  # most common first
-            suffix_mass = np.cumsum(w[order].astype(np.float64) ** 2)
-            in_suffix = int(np.searchsorted(suffix_mass, limit, side="left"))  # common features with mass < limit
-            prefix = idx[order[in_suffix:]]
+            prefix = self._prefix_features(full.indices[start:end], full.data[start:end], threshold)
             rows.append(np.full(len(prefix), r, dtype=np.int64))
             cols.append(prefix)
         rows_a = np.concatenate(rows) if rows else np.zeros(0, np.int64)
@@ -185,11 +180,26 @@ class NoveltyIndex:
         mat = sp.csr_matrix((np.ones(len(rows_a), np.float32), (cols_a, rows_a)), shape=(full.shape[1], full.shape[0]))
         return mat
 
+    def _prefix_features(self, idx: np.ndarray, weights: np.ndarray, threshold: float) -> np.ndarray:
+        """The prefix of one unit row (features ``idx`` with ``weights``): all but its longest run of most
+        common features whose squared weights sum below ``threshold**2``. Features are ordered by one global
+        order (document frequency, then feature id), the same for bank rows and queries.
+        """
+        order = np.lexsort((idx, -self.df[idx]))  # most common first; ties by feature id
+        suffix_mass = np.cumsum(weights[order].astype(np.float64) ** 2)
+        in_suffix = int(np.searchsorted(suffix_mass, threshold * threshold, side="left"))
+        return idx[order[in_suffix:]]
+
     def exact_similarity_above(self, texts: list[str], threshold: float,
                                counts: sp.csr_matrix | None = None) -> np.ndarray:  # fmt: skip
         """``[n]``: the exact TF-IDF cosine to the most similar bank question when it is at least ``threshold``,
         else ``-1``. Exact: full vectors (no top-k pruning, no dropped n-grams), and no near-copy is missed
         (prefix-filtered candidates, then the exact cosine of each). ``counts``: the texts already hashed.
+
+        Only the query's own prefix features are looked up in the bank's prefix lists: if ``cos(q, b) >=
+        threshold`` they share a feature in both prefixes (say ``q``'s suffix starts no later than ``b``'s in
+        the global order: every feature they share outside ``q``'s prefix lies in ``q``'s suffix, and those
+        add up to less than ``|q_suffix| < threshold``), so the long lists of ``q``'s common n-grams are skipped.
         """
         key = float(threshold)
         if key not in self._prefix:
@@ -201,9 +211,10 @@ class NoveltyIndex:
         for i in range(len(texts)):
             feats, weights = q.indices[q.indptr[i] : q.indptr[i + 1]], q.data[q.indptr[i] : q.indptr[i + 1]]
             dense[feats] = weights
+            lookup = self._prefix_features(feats, weights, key)
             for full, prefix in zip(self._full, self._prefix[key]):
-                # candidates: the union of the prefix lists of the query's features (gathered, no matrix product)
-                starts, lens = prefix.indptr[feats], prefix.indptr[feats + 1] - prefix.indptr[feats]
+                # candidates: the union of the bank's prefix lists of the query's prefix features (gathered)
+                starts, lens = prefix.indptr[lookup], prefix.indptr[lookup + 1] - prefix.indptr[lookup]
                 total = int(lens.sum())
                 if not total:
                     continue

@@ -140,3 +140,24 @@ def test_the_near_copy_decision_is_exact_where_the_pruned_index_is_not(bundled_b
     index.add([new])
     _, near_new = index.near_copy_similarity([new], 0.85)
     assert near_new.tolist() == [True]
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.7, 0.85, 0.95])
+def test_exact_similarity_above_equals_brute_force_at_any_threshold(bundled_bank, threshold):
+    """Candidates come only from the query's prefix features: no pair at or above the threshold is missed."""
+    import random
+
+    rng = random.Random(1)
+    bank = bundled_bank[:400]
+    queries = []
+    for text in bank[::3]:
+        words = text.split()
+        drop = rng.choice((0.05, 0.15, 0.3, 0.5))
+        kept = [w for w in words if rng.random() > drop] or words[:1]
+        queries.append(" ".join(kept) if len(words) > 3 else text[: max(1, int(len(text) * (1 - drop)))])
+    exact = _exact_cosine(bank, queries)
+    got = NoveltyIndex(bank).exact_similarity_above(queries, threshold)
+    above = exact >= threshold + 1e-6
+    assert above.any()
+    np.testing.assert_allclose(got[above], exact[above], atol=1e-5)
+    assert (got[exact < threshold - 1e-6] == -1).all()
