@@ -163,7 +163,7 @@ def completion_logprobs(decoder: nn.Module, lm_head_weight: torch.Tensor, rollou
     t = temperature if temperature > 0 else 1.0
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, P+C]
     completions = rollout.sequences[:, p:]  # [N, C]
-    sliding = any(t != "full_attention" for t in getattr(decoder.config, "layer_types", None) or [])
+    sliding = any(kind != "full_attention" for kind in getattr(decoder.config, "layer_types", None) or [])
     if not share_prompt or g == 1 or sliding:
         hidden = decoder(input_ids=rollout.sequences, attention_mask=mask, position_ids=position_ids).last_hidden_state
         return token_logprobs(hidden[:, p - 1 : -1], lm_head_weight, completions, chunk_size, t)  # [N, C]
