@@ -51,6 +51,8 @@ from scipy import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from common import constant_lr  # noqa: E402  (benchmarks/common.py)
+
 import callbacks as reward_callbacks  # noqa: E402
 from callbacks import RewardCallback  # noqa: E402
 from qgen.data import QuestionDataModule, TokenizedDataset  # noqa: E402
@@ -155,17 +157,13 @@ def quiet():
     return contextlib.redirect_stdout(io.StringIO())
 
 
-def constant(optimizer):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-
-
 # ------------------------------------------------------------------------------------------------ controlled
 def controlled_qgen(ckpt: str, root: str, seed: int, args) -> Recorder:
     L.seed_everything(seed)
     module = GRPOModule(init_from=ckpt, lora=LORA, group_size=8, max_new_tokens=96, beta=0.04, epsilon_low=0.2,
                         epsilon_high=0.28, aggregation="grpo", advantage="group_std", val_rewards=False,
                         optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.0),
-                        scheduler=constant)  # fmt: skip
+                        scheduler=constant_lr)  # fmt: skip
     recorder = Recorder()
     with quiet():
         trainer(root, args.controlled_steps, [LengthReward(1.0), recorder]).fit(

@@ -34,7 +34,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 
 import lightning as L
@@ -42,6 +41,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import StepClock, constant_lr, fused_adamw  # noqa: E402  (benchmarks/common.py)
+
 from callbacks import DifficultyReward, DiversityReward, NoveltyReward, RigorReward  # noqa: E402
 from qgen.data import QuestionDataModule  # noqa: E402
 from qgen.grpo import GRPOModule  # noqa: E402
@@ -52,24 +53,12 @@ LR, PROMPTS, G, CLIP, SEED = 1e-4, 2, 8, 1.0, 0
 SIDES = ["qgen", "trl", "qgen-ckpt", "trl-ckpt", "qgen-fused"]
 
 
-def fused_adamw(params):
-    return torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
+class Meter(StepClock):
+    """Step ends, tokens generated per step and the prompts (dataset indices) in the order trained on."""
 
-
-def constant_lr(optimizer):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-
-
-class Meter:
     def __init__(self, warmup: int):
-        self.warmup, self.ends, self.gen_tokens, self.prompts = warmup, [], [], []
-
-    def step_end(self) -> None:
-        self.ends.append(time.perf_counter())
-
-    @property
-    def s_per_step(self) -> float:
-        return (self.ends[-1] - self.ends[self.warmup - 1]) / (len(self.ends) - self.warmup)
+        super().__init__(warmup)
+        self.gen_tokens, self.prompts = [], []
 
 
 def make_rewards(dm: QuestionDataModule) -> dict:
@@ -100,7 +89,7 @@ def run_qgen(dm, rewards, args, meter: Meter, cpu_kernels: bool = False, checkpo
     module = GRPOModule(lora=LoraSpec(r=32, alpha=64, dropout=0.0, cpu_kernels=cpu_kernels), group_size=G,
                         max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens, beta=0.04,
                         epsilon_low=0.2, epsilon_high=0.28, aggregation="grpo", advantage="group_std",
-                        gradient_checkpointing=checkpointing, val_rewards=False, optimizer=fused_adamw,
+                        gradient_checkpointing=checkpointing, val_rewards=False, optimizer=fused_adamw(LR),
                         scheduler=constant_lr)  # fmt: skip
     module.configure_model()
     for cb in rewards.values():

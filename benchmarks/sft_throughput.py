@@ -36,7 +36,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 
 import lightning as L
@@ -44,6 +43,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import StepClock, constant_lr, fused_adamw  # noqa: E402  (benchmarks/common.py)
+
 from qgen.data import IGNORE_INDEX, QuestionDataModule  # noqa: E402
 from qgen.models import LoraSpec, causal_lm_nll, embedded_path, load_causal_lm  # noqa: E402
 from qgen.sft import SFTModule  # noqa: E402
@@ -54,19 +55,12 @@ OPTIONAL_SIDES = ["qgen-packed", "trl-padfree"]
 SEEN_BATCHES = 3  # batches whose token ids each side records for the same-work check
 
 
-def fused_adamw(params):
-    return torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
-
-
-def constant_lr(optimizer):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-
-
-class Meter:
+class Meter(StepClock):
     """End time of every step, the real tokens each loss saw, and the first batches' token ids."""
 
     def __init__(self, warmup: int):
-        self.warmup, self.ends, self.tokens, self.seen = warmup, [], [], []
+        super().__init__(warmup)
+        self.tokens, self.seen = [], []
 
     def loss_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                    position_ids: torch.Tensor | None = None) -> None:  # fmt: skip
@@ -80,13 +74,6 @@ class Meter:
         self.tokens.append(int(attention_mask.sum()))
         if len(self.seen) < SEEN_BATCHES:
             self.seen.append([ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)])
-
-    def step_end(self) -> None:
-        self.ends.append(time.perf_counter())
-
-    @property
-    def s_per_step(self) -> float:
-        return (self.ends[-1] - self.ends[self.warmup - 1]) / (len(self.ends) - self.warmup)
 
     @property
     def tokens_per_step(self) -> float:
@@ -126,7 +113,7 @@ def run_qgen(dm, args, meter: Meter, cpu_kernels: bool, checkpointing: bool = Fa
 
     L.seed_everything(SEED)
     module = Measured(lora=LoraSpec(r=32, alpha=64, dropout=0.05, cpu_kernels=cpu_kernels),
-                      gradient_checkpointing=checkpointing, packing=packing, optimizer=fused_adamw,
+                      gradient_checkpointing=checkpointing, packing=packing, optimizer=fused_adamw(LR),
                       scheduler=constant_lr)  # fmt: skip
     trainer = L.Trainer(max_steps=args.warmup + args.steps, accelerator="cpu", devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -186,7 +173,7 @@ def run_bare(dm, args, meter: Meter, batches):
     L.seed_everything(SEED)
     model = load_causal_lm(None, LoraSpec(r=32, alpha=64, dropout=0.05, cpu_kernels=False))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = fused_adamw(params)
+    optimizer = fused_adamw(LR)(params)
     for batch in batches[: args.warmup + args.steps]:
         meter.loss_batch(batch["input_ids"], batch["attention_mask"])
         loss = causal_lm_nll(model, batch).loss

@@ -158,16 +158,18 @@ class StepRollouts:
         """The rollout of micro-batch ``micro`` (its position in the step), without waiting for its scores."""
         return self.rollouts[micro - self.first]
 
-    def _chunks_of(self, micro: int) -> list[int]:
-        if self.advantage == "batch_std":  # the std is over the whole step: every chunk
-            return list(range(len(self._scores)))
+    def _row_chunks(self, micro: int) -> list[int]:
+        """The chunks that hold micro-batch ``micro``'s rows."""
         start, end = self.bounds[micro - self.first]
         return [c for c, (a, b) in enumerate(self._chunk_rows) if a < end and b > start]
 
     def ready(self, micro: int) -> bool:
-        """Whether micro-batch ``micro``'s scores are in, so that :meth:`micro` would not wait."""
+        """Whether micro-batch ``micro``'s scores are in, so that :meth:`micro` would not wait (with
+        ``batch_std`` every chunk counts: the std is over the whole step).
+        """
+        chunks = range(len(self._scores)) if self.advantage == "batch_std" else self._row_chunks(micro)
         return all(c in self._joined or not isinstance(self._scores[c], Future) or self._scores[c].done()
-                   for c in self._chunks_of(micro))  # fmt: skip
+                   for c in chunks)  # fmt: skip
 
     def _chunk_scores(self, chunks: list[int]) -> tuple[torch.Tensor, dict[str, RewardOutput]]:
         """Rewards and components of the rows of ``chunks`` (consecutive), waiting for their scoring."""
@@ -205,7 +207,7 @@ class StepRollouts:
                 rewards, _ = self._chunk_scores(list(range(len(self._scores))))
                 self._batch_advantages = group_advantages(rewards.view(-1, g), self.advantage).view(-1)
             advantages = self._batch_advantages[start:end]
-        chunks = [c for c, (a, b) in enumerate(self._chunk_rows) if a < end and b > start]
+        chunks = self._row_chunks(micro)
         self.ref_logprobs.pop(micro, None)
         rewards, components = self._chunk_scores(chunks)
         offset = start - self._chunk_rows[chunks[0]][0]

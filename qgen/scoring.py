@@ -404,17 +404,23 @@ class DifficultyModel:
         )
         return sp.hstack(parts, format="csr")
 
+    def _fit_features(self, records: list[Question]):
+        """Fit the vectorizers and the subject list on ``records``; their feature matrix."""
+        self._vectorizers = self._make_vectorizers()
+        self.subjects = sorted({r.subject for r in records})
+        return self._records_features(records, fit=True)
+
+    def _records_features(self, records: list[Question], fit: bool = False):
+        return self._features([r.question for r in records], [r.analysis for r in records],
+                              [r.subject for r in records], fit=fit)  # fmt: skip
+
     def fit(self, records: list[Question]) -> DifficultyModel:
         from sklearn.linear_model import Ridge
 
         labelled = [r for r in records if r.difficulty is not None]
         if len(labelled) < 20:
             return self
-        self._vectorizers = self._make_vectorizers()
-        self.subjects = sorted({r.subject for r in labelled})
-        x = self._features(
-            [r.question for r in labelled], [r.analysis for r in labelled], [r.subject for r in labelled], fit=True
-        )
+        x = self._fit_features(labelled)
         ridge = Ridge(alpha=self.alpha).fit(x, np.array([r.difficulty for r in labelled], dtype=np.float32))
         self.coef, self.intercept = np.asarray(ridge.coef_, dtype=np.float32), float(ridge.intercept_)
         self.n_train = len(labelled)
@@ -439,12 +445,7 @@ class DifficultyModel:
             train = [r for i, r in enumerate(labelled) if i not in held]
             test = [labelled[i] for i in sorted(held)]
             probe = DifficultyModel(max_features=self.max_features)
-            probe._vectorizers = probe._make_vectorizers()
-            probe.subjects = sorted({r.subject for r in train})
-            x = probe._features([r.question for r in train], [r.analysis for r in train],
-                                [r.subject for r in train], fit=True)  # fmt: skip
-            x_test = probe._features([r.question for r in test], [r.analysis for r in test],
-                                     [r.subject for r in test], fit=False)  # fmt: skip
+            x, x_test = probe._fit_features(train), probe._records_features(test)
             y, y_test = (np.array([r.difficulty for r in part], dtype=np.float32) for part in (train, test))
             for alpha in alphas:
                 predicted = Ridge(alpha=alpha).fit(x, y).predict(x_test)

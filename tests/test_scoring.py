@@ -161,3 +161,23 @@ def test_exact_similarity_above_equals_brute_force_at_any_threshold(bundled_bank
     assert above.any()
     np.testing.assert_allclose(got[above], exact[above], atol=1e-5)
     assert (got[exact < threshold - 1e-6] == -1).all()
+
+
+@needs_shared
+def test_cross_validation_picks_the_alpha_with_the_best_held_out_spearman():
+    from scipy.stats import spearmanr
+
+    path = os.path.join(SHARED, "math", "train.jsonl")
+    records = [r for r in read_source("math", path).records if r.difficulty is not None][:600]
+    model = DifficultyModel(max_features=2**14)
+    scores = model.cross_validate(records[:500], alphas=(1.0, 1e5), folds=5)
+    assert set(scores) == {1.0, 1e5}
+    assert model.alpha == max(scores, key=scores.get) == 1.0  # a huge penalty flattens what the text says
+    assert scores[1.0] > scores[1e5] and 0.3 < scores[1.0] < 1.0
+    rho = spearmanr(model.fit(records[:500]).predict([r.question for r in records[500:]],
+                                                     [r.analysis for r in records[500:]],
+                                                     [r.subject for r in records[500:]]),
+                    [r.difficulty for r in records[500:]])[0]  # fmt: skip
+    assert rho > 0.3
+    with pytest.raises(ValueError, match="at least 100 labelled records"):
+        DifficultyModel().cross_validate(records[:50])
