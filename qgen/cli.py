@@ -20,6 +20,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 
 import callbacks  # noqa: F401  (registers callback classes for `trainer.callbacks` in YAML)
+from qgen.backends.vllm import BackendUnavailableError
 from qgen.checkpointing import CheckpointError, SafeCheckpointIO, load_checkpoint_file, locate_source
 from qgen.data import QuestionDataModule
 from qgen.records import DataError
@@ -74,7 +75,8 @@ def claim_version_dir(root: str, name: str) -> int:
             version += 1
 
 
-GENERATION_ARGS = ("generation", "max_new_tokens", "temperature", "top_p")  # model arguments that only steer sampling
+# model arguments that only steer sampling
+GENERATION_ARGS = ("generation", "max_new_tokens", "temperature", "top_p", "backend", "vllm")
 
 
 class RunConfigCallback(SaveConfigCallback):
@@ -200,5 +202,8 @@ def main() -> None:
         print(f"qgen: checkpoint error: {err}", file=sys.stderr)
         sys.exit(2)
     except FileNotFoundError as err:
+        print(f"qgen: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except BackendUnavailableError as err:
         print(f"qgen: error: {err}", file=sys.stderr)
         sys.exit(2)

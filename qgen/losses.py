@@ -192,6 +192,34 @@ class GRPOLossOutput(NamedTuple):
     ratio_mean: torch.Tensor  # scalar, detached
 
 
+def truncated_importance_weights(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor,
+                                 cap: float = 2.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """Per-token truncated importance weights ``min(exp(trainer_logp - engine_logp), cap)`` (TIS; TRL's
+    ``vllm_importance_sampling_correction``), 0 outside ``mask``, and their statistics over the masked tokens:
+    ``engine_logprob_absdiff_mean`` / ``_max`` (``|trainer - engine|``), ``is_ratio_mean`` (before the cap) and
+    ``is_clipped_frac`` (tokens whose ratio the cap cut).
+
+    Args:
+        trainer_logp: ``[N, C]`` the trainer's log-probs of the sampled tokens (no gradient flows through).
+        engine_logp: ``[N, C]`` the sampling engine's log-probs of the same tokens.
+        mask: ``[N, C]`` completion tokens.
+        cap: ``C`` (>= 1).
+    """
+    mask = mask.bool()
+    delta = (trainer_logp.detach() - engine_logp).masked_fill(~mask, 0.0)  # [N, C]
+    ratio = torch.exp(delta)  # [N, C]
+    weights = ratio.clamp(max=cap).masked_fill(~mask, 0.0)  # [N, C]
+    count = mask.sum().clamp(min=1)
+    absdiff = delta.abs()
+    stats = {
+        "engine_logprob_absdiff_mean": absdiff.sum() / count,
+        "engine_logprob_absdiff_max": absdiff.max() if bool(mask.any()) else absdiff.new_zeros(()),
+        "is_ratio_mean": ratio.masked_fill(~mask, 0.0).sum() / count,
+        "is_clipped_frac": ((ratio > cap) & mask).sum() / count,
+    }
+    return weights, stats
+
+
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -204,6 +232,7 @@ def grpo_loss(
     aggregation: str = "grpo",
     max_completion_length: int | None = None,
     token_normalizer: torch.Tensor | float | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> GRPOLossOutput:
     """Clipped-ratio policy loss with a k3 KL penalty to the reference (DeepSeekMath GRPO, eq. 3-4).
 
@@ -229,12 +258,17 @@ def grpo_loss(
             over the whole optimizer step (every accumulated micro-batch, every rank): pass that step's
             completion-token count / (micro-batches x ranks), and the trainer's division by the accumulation
             count and DDP's mean over ranks turn the micro-batch losses into the step's exact token mean.
+        is_weights: ``[N, C]`` importance weights of the policy-gradient term (not of the KL term), constants:
+            where another engine sampled the tokens, ``min(pi_trainer / pi_engine, C)``
+            (:func:`truncated_importance_weights`).
     """
     mask = mask.to(logp.dtype)  # [N, C]
     adv = advantages[:, None]  # [N, 1]
     ratio = torch.exp(logp - old_logp)  # [N, C]
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # [N, C]
     per_token = -torch.min(ratio * adv, clipped * adv)  # [N, C]
+    if is_weights is not None:
+        per_token = per_token * is_weights.detach()  # [N, C]
     kl = torch.zeros_like(logp)  # [N, C]
     if beta > 0:
         assert ref_logp is not None, "beta > 0 needs ref_logp"

@@ -119,6 +119,7 @@ class StepRollouts:
         self._scores: list[Future | tuple] = []
         self._chunk_rows: list[tuple[int, int]] = []
         chunks, done, started = [], 0, time.perf_counter()
+        self.started = started  # when the step's first micro-batch began generating
         for chunk in generate(prompts):
             rows = (done, done + len(chunk.texts))
             done += len(chunk.texts)

