@@ -252,7 +252,8 @@ class DistillModule(StageModule):
         spec = self.generation_spec()
         prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_lengths"])]
         keys = [int(i) for i in batch["index"]] if "index" in batch else None
-        rollout = self.sample(prompts, 1, spec.max_new_tokens, spec.temperature, spec.top_p, seed_keys=keys)
+        rollout = self.sample(prompts, 1, spec.max_new_tokens, spec.temperature, spec.top_p, spec.min_new_tokens,
+                              seed_keys=keys)  # fmt: skip
         p = rollout.prompt_length
         labels = torch.full_like(rollout.sequences, IGNORE_INDEX)
         labels[:, p:] = torch.where(rollout.completion_mask.bool(), rollout.completion_ids, IGNORE_INDEX)

@@ -41,11 +41,13 @@ class GenerationSpec:
         max_new_tokens: completion length limit.
         temperature: sampling temperature; 0 = greedy decoding.
         top_p: nucleus sampling threshold.
+        min_new_tokens: EOS is suppressed until this many tokens (0: off; benchmarks fix lengths with it).
     """
 
     max_new_tokens: int = 256
     temperature: float = 0.8
     top_p: float = 0.95
+    min_new_tokens: int = 0
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -173,10 +175,6 @@ class QuestionWriterMixin:
         if backend is None:
             hp = self.hparams
             name = hp.get("backend", "hf")
-            if name == "vllm" and self._trainer is not None and self.trainer.world_size > 1:
-                raise ValueError("model.backend: vllm runs one engine in one process; with "
-                                 f"{self.trainer.world_size} processes use backend: hf (multi-process vLLM "
-                                 "rollouts are not supported yet)")  # fmt: skip
             device = self.trainer.strategy.root_device if self._trainer is not None else self.device
             backend = build_backend(name, self.vllm_spec(), hp.get("dtype", "float32"), device)
             self._generation_backend = backend
@@ -219,7 +217,8 @@ class QuestionWriterMixin:
 
     def _generate(self, prompts: list[list[int]], keys: list | None = None):
         spec = self.generation_spec()
-        return self.sample(prompts, 1, spec.max_new_tokens, spec.temperature, spec.top_p, seed_keys=keys, seed_step=0)
+        return self.sample(prompts, 1, spec.max_new_tokens, spec.temperature, spec.top_p, spec.min_new_tokens,
+                           seed_keys=keys, seed_step=0)  # fmt: skip
 
     def _generated(self, positions: list[int], prompt_of, total: int, key_of) -> list[tuple[str, bool]]:
         """``(text, truncated)`` for dataset ``positions``. With the vLLM backend, a whole wave of

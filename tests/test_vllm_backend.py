@@ -243,3 +243,32 @@ def test_openai_judge_against_vllms_own_server_serving_an_exported_model(tmp_pat
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def test_two_ddp_ranks_sample_what_one_process_samples(tmp_path):
+    """GRPO with vLLM: 2 CPU processes (DDP, gloo, one engine per rank in the trainer's process group) x 1 prompt
+    per step against 1 process x 2 prompts: the same prompts per step, and at step 0 (same weights) every
+    prompt's 4 completions are identical, whichever rank sampled them (per-request seeds, not per-rank).
+    """
+    from conftest import ROOT, run_qgen
+
+    runs = {}
+    for name, extra in (("one", ["--data.batch_size=2"]),
+                        ("ddp", ["--data.batch_size=1", "--trainer.strategy=ddp", "--trainer.devices=2"])):  # fmt: skip
+        dump = tmp_path / name
+        dump.mkdir()
+        args = [a for a in _grpo(dump, 2) if a != "--data.batch_size=2"]
+        proc = run_qgen([*args, "--trainer.accelerator=cpu", "--trainer.callbacks+=helpers_ddp.RolloutDump", *extra],
+                        env={"PYTHONPATH": os.path.join(ROOT, "tests"), "QGEN_TEST_DUMP": str(dump)},
+                        timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        merged: dict = {}
+        for path in dump.glob("rollouts_rank*.json"):
+            for step, prompts in json.loads(path.read_text(encoding="utf-8")).items():
+                merged.setdefault(step, {}).update(prompts)
+        runs[name] = merged
+    assert sorted(runs["one"]) == sorted(runs["ddp"]) == ["0", "1"]
+    for step in ("0", "1"):
+        assert sorted(runs["one"][step]) == sorted(runs["ddp"][step]), step  # the same prompts in each step
+    assert runs["one"]["0"] == runs["ddp"]["0"]
+    assert all(len(set(texts)) > 1 for texts in runs["one"]["0"].values())

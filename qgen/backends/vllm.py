@@ -18,9 +18,13 @@ completion depends on (seed, step, prompt, sample) only; the engine returns each
 of the distribution it was drawn from (``logprobs_mode: processed_logprobs``, after temperature and top-p),
 kept in :attr:`qgen.sampling.Rollout.sampling_logprobs` for the importance-sampling correction.
 
-Limits (each refused at start with one line): 4-bit / 8-bit bases (vLLM's LoRA route is not wired yet),
-more than one process (each DDP rank would need its own engine on a shared process group), and
-``VLLM_ENABLE_V1_MULTIPROCESSING=1`` (the weight sync hands tensors over in-process).
+DDP: every rank runs its own engine on its share of the prompts, joined to the trainer's process group
+(vLLM's ``external_launcher``, as TRL's colocate mode); with per-request seeds, 2 ranks sample what 1
+process samples (tested on CPU with gloo).
+
+Limits (each refused at start with one line): 4-bit / 8-bit bases (vLLM's LoRA route is not wired yet) and
+``VLLM_ENABLE_V1_MULTIPROCESSING=1`` (the weight sync hands tensors over in-process). Sharded strategies
+(FSDP, DeepSpeed) are not handled: the push reads full parameters from the trainer's module.
 """
 
 from __future__ import annotations
@@ -122,6 +126,12 @@ def policy_weights(model: nn.Module, blocks: set[str] | None = None) -> Iterator
             yield target, param.detach()
 
 
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class _KeepRandomState:
     """vLLM seeds Python's, NumPy's and torch's global generators when an engine starts: put them back."""
 
@@ -170,6 +180,7 @@ class VLLMBackend:
         self._folder: str | None = None
         self._blocks: set[str] | None = None
         self._asleep = False
+        self._shared_world = False  # the engine joined the trainer's process group (DDP)
 
     # ------------------------------------------------------------------------------------------- engine
     def _build(self, model: nn.Module, tokenizer) -> None:
@@ -195,6 +206,15 @@ class VLLMBackend:
         kwargs = dict(model=self._folder, tokenizer=self._folder, dtype=self.dtype, seed=0,
                       max_model_len=max_len, logprobs_mode="processed_logprobs", enable_prefix_caching=True,
                       enforce_eager=eager)  # fmt: skip
+        if _world_size() > 1:
+            # one engine per rank, colocated (TRL's colocate mode): vLLM joins the trainer's process group
+            # instead of starting its own ("external_launcher"), each rank sampling its own prompts
+            import torch.distributed as dist
+
+            os.environ["RANK"], os.environ["WORLD_SIZE"] = str(dist.get_rank()), str(dist.get_world_size())
+            os.environ.setdefault("LOCAL_RANK", str(self.device.index or 0) if not self.on_cpu else "0")
+            kwargs["distributed_executor_backend"] = "external_launcher"
+            self._shared_world = True
         if not self.on_cpu:
             kwargs.update(gpu_memory_utilization=self.spec.gpu_memory_utilization, enable_sleep_mode=self.spec.sleep,
                           swap_space=self.spec.swap_space_gib)  # fmt: skip
@@ -298,14 +318,17 @@ class VLLMBackend:
     def close(self) -> None:
         if self.llm is None:
             return
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory, destroy_model_parallel
 
         engine_core = getattr(self.llm.llm_engine, "engine_core", None)
         if engine_core is not None and hasattr(engine_core, "shutdown"):
             engine_core.shutdown()
         self.llm = None
         gc.collect()
-        cleanup_dist_env_and_memory()
+        if self._shared_world:  # the process group is the trainer's: leave it up
+            destroy_model_parallel()
+        else:
+            cleanup_dist_env_and_memory()
         if self._folder:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
