@@ -272,3 +272,21 @@ def test_two_ddp_ranks_sample_what_one_process_samples(tmp_path):
         assert sorted(runs["one"][step]) == sorted(runs["ddp"][step]), step  # the same prompts in each step
     assert runs["one"]["0"] == runs["ddp"]["0"]
     assert all(len(set(texts)) > 1 for texts in runs["one"]["0"].values())
+
+
+def test_on_policy_distillation_samples_with_vllm(tmp_path):
+    """Every step on-policy (lmbda 1): the student (full fine-tune of embedded:mini) writes its sequences with
+    the vLLM engine, whose weights follow the student after each step; the run trains and logs as with hf.
+    """
+    from qgen.models import embedded_path
+
+    cli_main(["fit", "--config", os.path.join(CONFIGS, "distill.yaml"), "--trainer.max_steps=3",
+              f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.limit_val_batches=0",
+              "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1",
+              f"--model.init_args.teacher={embedded_path()}", "--model.init_args.lmbda=1.0",
+              "--model.init_args.on_policy_start=0", "--model.init_args.generation.max_new_tokens=24",
+              "--data.batch_size=2", "--model.init_args.backend=vllm", "--model.init_args.vllm.kv_cache_gib=1",
+              "--model.init_args.vllm.max_model_len=1024"])  # fmt: skip
+    run = tmp_path / "lightning_logs/version_0"
+    assert scalars(run, "train/on_policy") == {0: 1.0, 1: 1.0, 2: 1.0}
+    assert len(scalars(run, "train/loss")) == 3
