@@ -1,0 +1,324 @@
+"""``python -m qgen plan``: per-GPU memory of a run before it starts, from the model's config alone.
+
+    python -m qgen plan --config configs/qwen3-14b-sft.yaml --gpus 2 --gpu-memory 24
+    python -m qgen plan --config configs/qwen3-14b-grpo.yaml --config my_overlay.yaml --gpus 8 --gpu-memory 80
+
+The ``--config`` files are the ones ``fit`` takes (merged in order, later files win). No weights are read:
+the architecture comes from ``qgen/arch/<name>.json`` for the hub models the shipped configs name (Qwen3
+0.6B, 4B, 14B, 32B), from a local folder's ``config.json``, or from the embedded default.
+
+What is counted, per GPU, for each strategy that can run the config (columns):
+
+- **base weights**: linear layers at 0.5 byte/parameter + one fp32 absmax per 64 weights (NF4) or 1 byte (int8)
+  under quantization, else the dtype's size; embeddings, norms and head at the dtype's size. Sharded by
+  FSDP and ZeRO-3 (plus the one decoder layer gathered at a time, twice with prefetching);
+- **trainable state**: LoRA weights (fp32, as peft keeps adapters), their gradients and AdamW's two moments,
+  16 bytes a parameter; ZeRO-2 shards gradients and moments, FSDP / ZeRO-3 all of it, ZeRO-3 offload keeps
+  the moments on the CPU;
+- **activations**: what autograd keeps for backward, per token and decoder layer ``4 H + 5 Hq + 4 Hkv + 4 I``
+  elements (the norms' inputs and outputs, q / k / v before and after their norms and RoPE, attention
+  output, the MLP's gate, up, SiLU and product), plus the LoRA dropout copies when dropout > 0; with
+  gradient checkpointing only each layer's input is kept and one layer is recomputed at a time. Tokens
+  are ``batch x max_length`` for SFT and distillation, ``prompts x (P + G x C)`` for GRPO (each prompt's
+  forward pass is shared by its group);
+- **logits**: one chunk of ``chunk_size`` rows x vocabulary in fp32, with its gradient (qgen never holds the
+  whole ``[tokens, vocab]`` logits);
+- **KV cache** (GRPO, on-policy distillation): ``2 x layers x Hkv`` values a token for ``prompts x G``
+  sequences of ``P + C`` tokens, at the dtype's size;
+- **teacher** (distillation): its weights, replicated on every GPU (frozen, never sharded with the student:
+  the student's strategy wraps only the student), and one chunk of its logits;
+- **reserve**: 0.75 GB CUDA context + 10% allocator fragmentation of the rest.
+
+``H`` hidden size, ``Hq`` / ``Hkv`` query / key-value width, ``I`` MLP width. The activation and logits terms
+are checked against the tensor memory ``torch.profiler`` records for a scaled-up random Qwen3 on CPU
+(``tests/test_plan.py``); the GPU-only terms (quantized storage, CUDA context, NCCL buffers) have not been
+checked on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+GB = 1e9
+ARCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "arch")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+STRATEGIES = ("ddp", "fsdp-qlora", "fsdp2-lora", "deepspeed-zero2", "deepspeed-zero3", "deepspeed-zero3-offload")
+
+
+class PlanError(ValueError):
+    """A config the planner cannot size (one line naming what is missing)."""
+
+
+@dataclass
+class Arch:
+    """What memory depends on in a Qwen3-style decoder."""
+
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, config: dict) -> Arch:
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        return cls(vocab=config["vocab_size"], hidden=config["hidden_size"], intermediate=config["intermediate_size"],
+                   layers=config["num_hidden_layers"], heads=config["num_attention_heads"],
+                   kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"], head_dim=head_dim,
+                   tied=bool(config.get("tie_word_embeddings", False)))  # fmt: skip
+
+    @property
+    def q_width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """``(in, out)`` of one decoder layer's linear layers: q, k, v, o, gate, up, down."""
+        h, i = self.hidden, self.intermediate
+        return [(h, self.q_width), (h, self.kv_width), (h, self.kv_width), (self.q_width, h), (h, i), (h, i), (i, h)]
+
+    def layer_linear_params(self) -> int:
+        return sum(a * b for a, b in self.linear_shapes())
+
+    def other_params(self) -> int:
+        """Embedding, head (unless tied), norms (2 per layer + q/k norms + the final one)."""
+        norms = self.layers * (2 * self.hidden + 2 * self.head_dim) + self.hidden
+        return self.vocab * self.hidden * (1 if self.tied else 2) + norms
+
+    def params(self) -> int:
+        return self.layers * self.layer_linear_params() + self.other_params()
+
+
+def load_arch(name: str | None) -> Arch:
+    """The architecture of ``model_name_or_path`` without loading weights (see the module docstring)."""
+    if name is None or str(name).startswith("embedded"):
+        from qgen.models import resolve
+
+        name = resolve(name)  # the embedded default's folder (built offline on first use)
+    if os.path.isdir(name):
+        path = os.path.join(name, "config.json")
+        if not os.path.exists(path):
+            raise PlanError(f"model {name}: no config.json in that folder")
+    else:
+        path = os.path.join(ARCH_DIR, f"{name.rsplit('/', 1)[-1]}.json")
+        if not os.path.exists(path):
+            known = ", ".join(sorted(f[:-5] for f in os.listdir(ARCH_DIR) if f.endswith(".json")))
+            raise PlanError(f"model {name}: no architecture file for it (bundled: {known}); pass a local folder "
+                            "that holds its config.json")  # fmt: skip
+    with open(path, encoding="utf-8") as fh:
+        config = json.load(fh)
+    return Arch.from_config(config.get("text_config", config))
+
+
+@dataclass
+class Workload:
+    """The run's settings that memory depends on (from the resolved config)."""
+
+    stage: str  # sft | grpo | distill
+    arch: Arch
+    lora_r: int | None
+    lora_dropout: float
+    quantization: str | None
+    dtype: str
+    checkpointing: bool
+    batch: int  # sequences (SFT, distill) or prompts (GRPO) per micro-batch
+    seq_len: int  # data.max_length
+    chunk_size: int  # rows of the logits chunk
+    group_size: int = 1
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    teacher: Arch | None = None
+    teacher_quantization: str | None = None
+    teacher_dtype: str | None = None
+    mixed_precision: bool = False  # bf16-mixed: activations at 2 bytes
+
+
+def _weight_bytes(arch: Arch, quantization: str | None, dtype: str) -> float:
+    per = {"nf4": 0.5 + 4 / 64, "int8": 1.0}.get(quantization or "", DTYPE_BYTES[dtype])
+    return arch.layers * arch.layer_linear_params() * per + arch.other_params() * DTYPE_BYTES[dtype]
+
+
+def lora_params(arch: Arch, r: int | None) -> int:
+    """LoRA on every linear layer of every decoder layer (``target_modules: all-linear``)."""
+    return 0 if not r else arch.layers * sum(r * (a + b) for a, b in arch.linear_shapes())
+
+
+def activation_elements_per_token_layer(arch: Arch, lora_dropout: float) -> int:
+    h, q, kv, i = arch.hidden, arch.q_width, arch.kv_width, arch.intermediate
+    elements = 4 * h + 5 * q + 4 * kv + 4 * i
+    if lora_dropout > 0:  # peft keeps each adapted layer's dropped input: q, k, v, gate, up share H; o Hq; down I
+        elements += 5 * h + q + i
+    return elements
+
+
+def activation_bytes(w: Workload) -> float:
+    """Autograd's saved activations plus the backward working set, for one micro-batch (see the docstring)."""
+    a = w.arch
+    act = 2 if w.mixed_precision or w.dtype != "float32" else 4
+    if w.stage == "grpo":
+        tokens = w.batch * (w.prompt_tokens + w.group_size * w.new_tokens)
+    else:
+        tokens = w.batch * w.seq_len
+    per_layer = activation_elements_per_token_layer(a, w.lora_dropout) * tokens * act
+    working = 2 * tokens * max(a.intermediate, a.hidden) * act  # gradients flowing through one layer in backward
+    if w.checkpointing:
+        return a.layers * tokens * a.hidden * act + per_layer + working
+    return a.layers * per_layer + working
+
+
+def logits_bytes(arch: Arch, chunk_size: int, tokens: int) -> float:
+    return 2 * min(chunk_size, tokens) * arch.vocab * 4  # one fp32 chunk and its gradient
+
+
+def kv_cache_bytes(w: Workload) -> float:
+    if w.stage == "sft":
+        return 0.0
+    sequences = w.batch * w.group_size
+    length = (w.prompt_tokens if w.stage == "grpo" else w.seq_len) + w.new_tokens
+    return 2 * w.arch.layers * w.arch.kv_width * sequences * length * DTYPE_BYTES[w.dtype]
+
+
+def applicable(w: Workload) -> list[str]:
+    if w.quantization:
+        return ["ddp", "fsdp-qlora"]  # FSDP2 + packed 4-bit and DeepSpeed + bitsandbytes are refused
+    return ["ddp", "fsdp2-lora", "deepspeed-zero2", "deepspeed-zero3", "deepspeed-zero3-offload"]
+
+
+def plan(w: Workload, gpus: int) -> dict[str, dict[str, float]]:
+    """Per-GPU bytes of every component, for each strategy that can run ``w`` (see the module docstring)."""
+    a = w.arch
+    weights = _weight_bytes(a, w.quantization, w.dtype)
+    layer = a.layer_linear_params() * ({"nf4": 0.5 + 4 / 64, "int8": 1.0}.get(w.quantization or "", DTYPE_BYTES[w.dtype]))
+    trainable = lora_params(a, w.lora_r) if w.lora_r else a.params()
+    state = trainable * 16 if w.lora_r else trainable * (DTYPE_BYTES[w.dtype] * 2 + 8)
+    tokens = w.batch * (w.prompt_tokens + w.group_size * w.new_tokens) if w.stage == "grpo" else w.batch * w.seq_len
+    common = {
+        "activations": activation_bytes(w),
+        "logits chunk": logits_bytes(a, w.chunk_size, tokens),
+        "kv cache (generation)": kv_cache_bytes(w),
+    }
+    if w.teacher is not None:
+        common["teacher"] = _weight_bytes(w.teacher, w.teacher_quantization, w.teacher_dtype or w.dtype) + \
+            logits_bytes(w.teacher, w.chunk_size, tokens) / 2  # fmt: skip
+    out = {}
+    for strategy in applicable(w):
+        sharded_weights = strategy in ("fsdp-qlora", "fsdp2-lora", "deepspeed-zero3", "deepspeed-zero3-offload")
+        rows = {"base weights": weights / gpus + (2 * layer if gpus > 1 else 0.0) if sharded_weights else weights}
+        if strategy == "ddp":
+            rows["trainable state"] = state + (trainable * 4 if gpus > 1 else 0)  # + DDP's gradient buckets
+        elif strategy == "deepspeed-zero2":
+            rows["trainable state"] = trainable * 4 + trainable * 12 / gpus
+        elif strategy == "deepspeed-zero3-offload":
+            rows["trainable state"] = trainable * 8 / gpus  # weights and gradients; moments on the CPU
+        else:
+            rows["trainable state"] = state / gpus
+        rows.update(common)
+        rows["reserve"] = 0.75 * GB + 0.1 * sum(rows.values())
+        rows["total"] = sum(rows.values())
+        out[strategy] = rows
+    return out
+
+
+# --------------------------------------------------------------------------------------------- config
+def _merge(into: dict, new: dict) -> dict:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
+def workload_from_configs(paths: list[str], prompt_tokens: int = 256) -> Workload:
+    """The :class:`Workload` of ``fit --config A --config B ...`` (files merged in order)."""
+    import yaml
+
+    config: dict = {}
+    for path in paths:
+        if not os.path.exists(path):
+            raise PlanError(f"--config {path}: no such file")
+        with open(path, encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh) or {}
+        if not isinstance(loaded, dict):
+            raise PlanError(f"--config {path}: not a mapping of settings")
+        _merge(config, loaded)
+    model = config.get("model") or {}
+    args, cls = model.get("init_args") or {}, str(model.get("class_path", ""))
+    stage = "grpo" if "GRPO" in cls else "distill" if "Distill" in cls else "sft" if "SFT" in cls else None
+    if stage is None:
+        raise PlanError(f"model.class_path {cls!r}: not one of qgen.SFTModule, qgen.GRPOModule, qgen.DistillModule")
+    data, trainer = config.get("data") or {}, config.get("trainer") or {}
+    lora = args.get("lora", {} if stage != "distill" else None)
+    default_name = "embedded:mini" if stage == "distill" else None
+    generation = args.get("generation") or {}
+    w = Workload(
+        stage=stage, arch=load_arch(args.get("model_name_or_path", default_name)),
+        lora_r=None if lora is None else int(lora.get("r", 16)), lora_dropout=float((lora or {}).get("dropout", 0.05)),
+        quantization=args.get("quantization"), dtype=args.get("dtype", "float32"),
+        checkpointing=bool(args.get("gradient_checkpointing", False)), batch=int(data.get("batch_size", 8)),
+        seq_len=int(data.get("max_length", 512)),
+        chunk_size=int(args.get("logprob_chunk_size", args.get("loss_chunk_size", 1024))),
+        group_size=int(args.get("group_size", 8)) if stage == "grpo" else 1,
+        prompt_tokens=min(prompt_tokens, int(data.get("max_length", 512))),
+        new_tokens=int(args.get("max_new_tokens", 256) if stage == "grpo" else generation.get("max_new_tokens", 0)),
+        mixed_precision=str(trainer.get("precision", "32")).startswith(("bf16", "16")),
+    )  # fmt: skip
+    if stage == "distill":
+        teacher = args.get("teacher", "last")
+        if teacher == "last" or str(teacher).endswith(".ckpt"):
+            w.teacher = w.arch  # a qgen checkpoint of the same family: sized as the student's backbone
+        else:
+            w.teacher = load_arch(teacher)
+        w.teacher_quantization, w.teacher_dtype = args.get("teacher_quantization"), args.get("teacher_dtype")
+    return w
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def render(w: Workload, gpus: int, gpu_memory_gb: float) -> str:
+    table = plan(w, gpus)
+    names = list(table)
+    lines = [f"per-GPU memory (GB) on {gpus} GPU(s) of {gpu_memory_gb:g} GB: {w.stage}, "
+             f"{_count(w.arch.params())} parameters, quantization {w.quantization or 'none'}, {w.dtype}, "
+             f"LoRA r={w.lora_r or 'full fine-tune'}, checkpointing {'on' if w.checkpointing else 'off'}"]  # fmt: skip
+    lines.append(f"{'':<24}" + "".join(f"{n:>24}" for n in names))
+    for row in table[names[0]]:
+        lines.append(f"{row:<24}" + "".join(f"{table[n][row] / GB:>24.2f}" for n in names))
+    fits = [n for n in names if table[n]["total"] <= gpu_memory_gb * GB]
+    lines.append(f"{'fits':<24}" + "".join(f"{'yes' if n in fits else 'no':>24}" for n in names))
+    if not w.checkpointing:
+        on = plan(Workload(**{**w.__dict__, "checkpointing": True}), gpus)
+        lines.append(f"{'with checkpointing':<24}" + "".join(f"{on[n]['total'] / GB:>24.2f}" for n in names))
+    advice = "lower data.batch_size" + (" or group_size / max_new_tokens" if w.stage == "grpo" else "") + \
+        ("" if w.checkpointing else ", enable gradient checkpointing") + ", or add GPUs / a larger GPU"  # fmt: skip
+    lines.append("fits: " + (", ".join(fits) if fits else f"none of the shipped strategies at this size: {advice}"))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qgen plan", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action="append", required=True, help="a fit config; repeat to overlay")
+    parser.add_argument("--gpus", type=int, default=1)
+    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU")
+    parser.add_argument("--prompt-tokens", type=int, default=256, help="GRPO prompt length (tokens)")
+    args = parser.parse_args(argv)
+    if args.gpus < 1 or args.gpu_memory <= 0:
+        parser.error("--gpus must be >= 1 and --gpu-memory > 0")
+    try:
+        print(render(workload_from_configs(args.config, args.prompt_tokens), args.gpus, args.gpu_memory))
+    except PlanError as err:
+        print(f"qgen plan: error: {err}", file=sys.stderr)
+        return 2
+    return 0
