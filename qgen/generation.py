@@ -220,33 +220,45 @@ class QuestionWriterMixin:
         return self.sample(prompts, 1, spec.max_new_tokens, spec.temperature, spec.top_p, spec.min_new_tokens,
                            seed_keys=keys, seed_step=0)  # fmt: skip
 
-    def _generated(self, positions: list[int], prompt_of, total: int, key_of) -> list[tuple[str, bool]]:
-        """``(text, truncated)`` for dataset ``positions``. With the vLLM backend, a whole wave of
-        ``model.vllm.predict_wave`` prompts from the first missing position on goes to the engine at once
-        (continuous batching), and later batches take their rows from it.
+    def _generated(self, positions: list[int], prompt_of, loader, key_of) -> list[tuple[str, bool]]:
+        """``(text, truncated)`` for dataset ``positions``. With the vLLM backend, a wave of
+        ``model.vllm.predict_wave`` prompts, the next ones this rank's loader will hand out, goes to the
+        engine at once (continuous batching), and later batches take their rows from it.
         """
         if self.hparams.get("backend", "hf") != "vllm":
             rollout = self._generate([prompt_of(p) for p in positions], [key_of(p) for p in positions])
             return list(zip(rollout.texts, rollout.truncated.tolist()))
+        if self._wave_order[0] is not loader:  # this rank's positions in the order its sampler yields them
+            # Lightning's predict loop wraps the batch sampler to record indices: iterating the wrapper would
+            # restart the loop's own iterator, so read the sampler underneath
+            batches = getattr(loader.batch_sampler, "_batch_sampler", loader.batch_sampler)
+            batches = batches if batches is not None else ([i] for i in loader.sampler)
+            order = [int(i) for b in batches for i in b]
+            self._wave_order = (loader, order, {p: k for k, p in enumerate(order)})
+        _, order, rank_of = self._wave_order
         wave = self._wave  # dataset position -> (text, truncated), generated and not yet handed out
         missing = {p for p in positions if p not in wave}
         if missing:
-            start = min(missing)
-            span = set(range(start, min(total, start + self.vllm_spec().predict_wave))) - set(wave)
-            span = sorted(span | missing)
+            start = min(rank_of.get(p, len(order)) for p in missing)
+            span = {p for p in order[start : start + self.vllm_spec().predict_wave] if p not in wave} | missing
+            span = sorted(span, key=lambda p: rank_of.get(p, len(order)))
             rollout = self._generate([prompt_of(p) for p in span], [key_of(p) for p in span])
             wave.update(zip(span, zip(rollout.texts, rollout.truncated.tolist())))
         return [wave.pop(p) for p in positions]
 
+    @staticmethod
+    def _loader(loaders, index: int = 0):
+        return loaders[index] if isinstance(loaders, (list, tuple)) else loaders
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
-        loaders = self.trainer.predict_dataloaders
-        dataset = (loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders).dataset
+        loader = self._loader(self.trainer.predict_dataloaders, dataloader_idx)
+        dataset = loader.dataset
         where = getattr(self, "_predict_positions", None)
         if where is None or where[0] is not dataset:
             where = (dataset, {item["key"]: i for i, item in enumerate(dataset.items)})
             self._predict_positions = where
         positions = [where[1][key] for key in batch["keys"]]
-        rows = self._generated(positions, lambda i: dataset.items[i]["prompt_ids"], len(dataset),
+        rows = self._generated(positions, lambda i: dataset.items[i]["prompt_ids"], loader,
                                lambda i: dataset.items[i]["key"])  # fmt: skip
         settings = {**asdict(self.generation_spec()), "backend": self.hparams.get("backend", "hf")}
         return [
@@ -258,15 +270,16 @@ class QuestionWriterMixin:
     def on_test_epoch_start(self) -> None:
         self._test_rows: list[dict[str, Any]] = []
         self._wave: dict[int, tuple[str, bool]] = {}
+        self._wave_order: tuple = (None, [], {})
 
     def on_predict_epoch_start(self) -> None:
-        self._wave = {}
+        self._wave, self._wave_order = {}, (None, [], {})
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         dataset = self.trainer.datamodule.test_dataset()
         positions = batch["index"].tolist()
-        rows = self._generated(positions, lambda i: dataset.input_ids[i][: dataset.prompt_lengths[i]], len(dataset),
-                               lambda i: f"test/{i}")  # fmt: skip
+        rows = self._generated(positions, lambda i: dataset.input_ids[i][: dataset.prompt_lengths[i]],
+                               self._loader(self.trainer.test_dataloaders), lambda i: f"test/{i}")  # fmt: skip
         for i, (text, cut) in zip(positions, rows):
             rec = dataset.examples[i].record
             self._test_rows.append({"id": rec.id, "language": rec.language, "subject": rec.subject,

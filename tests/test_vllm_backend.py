@@ -290,3 +290,21 @@ def test_on_policy_distillation_samples_with_vllm(tmp_path):
     run = tmp_path / "lightning_logs/version_0"
     assert scalars(run, "train/on_policy") == {0: 1.0, 1: 1.0, 2: 1.0}
     assert len(scalars(run, "train/loss")) == 3
+
+
+def test_predict_with_vllm_under_ddp_writes_each_key_once(tmp_path):
+    """7 prompts x 2 samples on 2 CPU processes, waves of 3: every rank hands its engine only its own share."""
+    from conftest import run_qgen
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"p{i}", "subject": "Algebra", "n": 2} for i in range(7)])
+    output = tmp_path / "pred.jsonl"
+    proc = run_qgen(["predict", "--config", os.path.join(CONFIGS, "sft.yaml"), "--data.predict_prompts", prompts,
+                     "--data.batch_size", "2", "--trainer.logger", "false", "--trainer.strategy=ddp",
+                     "--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+                     "--trainer.callbacks+=callbacks.PredictionWriter", f"--trainer.callbacks.output={output}",
+                     "--model.init_args.generation.max_new_tokens=16", "--model.init_args.backend=vllm",
+                     "--model.init_args.vllm.kv_cache_gib=1", "--model.init_args.vllm.predict_wave=3"],
+                    cwd=tmp_path, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keys = [json.loads(line)["key"] for line in output.read_text(encoding="utf-8").splitlines()]
+    assert sorted(keys) == sorted(f"p{i}#{k}" for i in range(7) for k in range(2))
