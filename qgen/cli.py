@@ -24,6 +24,7 @@ from qgen.backends.vllm import BackendUnavailableError
 from qgen.checkpointing import CheckpointError, SafeCheckpointIO, load_checkpoint_file, locate_source
 from qgen.data import QuestionDataModule
 from qgen.records import DataError
+from qgen.strategies import StrategyError, check_strategy
 
 
 def find_last_checkpoint(root: str = "lightning_logs", class_path: str | None = None) -> str:
@@ -147,6 +148,9 @@ class QGenCLI(LightningCLI):
             return
         config = self.config[subcommand]
         init_args = config.model.get("init_args") if config.get("model") is not None else None
+        if init_args is not None:  # a strategy that cannot run this model: one line, before anything is built
+            check_strategy(config.trainer.get("strategy"), config.trainer.get("accelerator"),
+                           str(config.model.get("class_path", "")), init_args, subcommand)  # fmt: skip
         init_from = init_args.get("init_from") if init_args is not None else None
         if init_from:
             if not os.path.exists(init_from):
@@ -204,6 +208,6 @@ def main() -> None:
     except FileNotFoundError as err:
         print(f"qgen: error: {err}", file=sys.stderr)
         sys.exit(2)
-    except BackendUnavailableError as err:
+    except (BackendUnavailableError, StrategyError) as err:
         print(f"qgen: error: {err}", file=sys.stderr)
         sys.exit(2)
