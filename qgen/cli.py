@@ -55,6 +55,17 @@ def same_class(a: str | None, b: str | None) -> bool:
     return a.rsplit(".", 1)[-1] == b.rsplit(".", 1)[-1] and a.split(".", 1)[0] == b.split(".", 1)[0]
 
 
+VERSION_ENV = "QGEN_RUN_FOLDER"  # the run folder rank 0 claimed, inherited by the DDP workers it launches
+
+
+def _env_rank() -> int:
+    """This process's global rank as the launcher's environment tells it (0 when there is none)."""
+    for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "LOCAL_RANK"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
 CLAIMED: list[str] = []  # run folders made by this process, removed again if the run fails before writing to them
 
 
@@ -164,7 +175,16 @@ class QGenCLI(LightningCLI):
         if subcommand == "fit" and hasattr(logger, "init_args") and logger.init_args.get("version") is None:
             if logger.class_path.rsplit(".", 1)[-1] in ("TensorBoardLogger", "CSVLogger"):
                 save_dir, name = self._save_dir(config)
-                logger.init_args["version"] = claim_version_dir(save_dir, name)
+                parent = os.path.abspath(os.path.join(save_dir, name) if name else save_dir)
+                inherited = os.environ.get(VERSION_ENV, "")
+                if inherited.startswith(parent + os.sep + "version_"):
+                    # a DDP worker started by rank 0 (Lightning's launcher copies the environment): rank 0's folder
+                    logger.init_args["version"] = int(inherited.rsplit("version_", 1)[1])
+                elif _env_rank() == 0:
+                    logger.init_args["version"] = claim_version_dir(save_dir, name)
+                    os.environ[VERSION_ENV] = os.path.join(parent, f"version_{logger.init_args['version']}")
+                # other ranks started by an external launcher (torchrun, SLURM) claim nothing: rank 0 writes the
+                # logs, and the checkpoint folder is rank 0's (Lightning broadcasts it)
 
     def instantiate_trainer(self, **kwargs):
         """Every run writes and reads checkpoints through :class:`qgen.checkpointing.SafeCheckpointIO`."""
@@ -194,6 +214,7 @@ def cli_main(args: ArgsType = None, run: bool = True) -> QGenCLI:
         raise
     finally:
         CLAIMED.clear()
+        os.environ.pop(VERSION_ENV, None)  # the next run in this process claims its own folder
 
 
 def main() -> None:

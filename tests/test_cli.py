@@ -210,3 +210,25 @@ def test_ckpt_path_last_picks_the_newest_checkpoint_of_the_same_module(tmp_path)
     assert find_last_checkpoint(str(tmp_path), "qgen.GRPOModule").endswith("version_1/checkpoints/last.ckpt")
     with pytest.raises(FileNotFoundError, match="no last.ckpt from qgen.DistillModule"):
         find_last_checkpoint(str(tmp_path), "qgen.DistillModule")
+
+
+def test_only_global_rank_zero_claims_a_run_folder(tmp_path, monkeypatch):
+    """Under an external launcher (torchrun / SLURM) every process parses the CLI: only rank 0 makes
+    ``version_N``; a worker launched by rank 0 (the folder in its environment) uses rank 0's.
+    """
+    from qgen.cli import QGenCLI
+
+    claimed = []
+    monkeypatch.setattr(QGenCLI, "_run_subcommand", lambda self, sub: claimed.append(self.trainer.logger._version))
+    args = ["fit", "--config", os.path.join(CONFIGS, "sft.yaml"), f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    monkeypatch.setenv("RANK", "1")
+    cli_main(args)
+    assert claimed == [None] and not (tmp_path / "lightning_logs").exists()
+    monkeypatch.setenv("RANK", "0")
+    cli_main(args)
+    assert claimed[-1] == 0 and os.listdir(tmp_path / "lightning_logs") == ["version_0"]
+    assert "QGEN_RUN_FOLDER" not in os.environ  # cleared after the run: the next run claims its own
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("QGEN_RUN_FOLDER", str(tmp_path / "lightning_logs" / "version_0"))
+    cli_main(args)
+    assert claimed[-1] == 0 and os.listdir(tmp_path / "lightning_logs") == ["version_0"]

@@ -149,6 +149,7 @@ def test_ddp_ranks_hold_identical_repetition_banks(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     banks = [json.loads((tmp_path / f"bank_rank{r}.json").read_text()) for r in (0, 1)]
     assert banks[0] == banks[1]
+    assert os.listdir(tmp_path / "lightning_logs") == ["version_0"]  # the rank-1 worker used rank 0's folder
     assert len(banks[0]["accepted"]) > 0
 
 
