@@ -152,11 +152,15 @@ def parsed_row(text: str) -> dict[str, Any]:
 class QuestionWriterMixin:
     """``predict_step`` / ``test_step`` for every stage's LightningModule (see the module docstring)."""
 
-    def generation_spec(self) -> GenerationSpec:
-        spec = self.hparams.get("generation")
+    def _settings(self, key: str, cls):
+        """The ``cls`` dataclass held in ``hparams[key]`` (a plain dict in checkpoints; defaults when absent)."""
+        spec = self.hparams.get(key)
         if spec is None:
-            return GenerationSpec()
-        return GenerationSpec(**spec) if isinstance(spec, dict) else spec
+            return cls()
+        return cls(**spec) if isinstance(spec, dict) else spec
+
+    def generation_spec(self) -> GenerationSpec:
+        return self._settings("generation", GenerationSpec)
 
     def _tokenizer(self):
         tok = getattr(self, "tokenizer", None)
@@ -164,10 +168,7 @@ class QuestionWriterMixin:
 
     # ------------------------------------------------------------------------------------ the one seam
     def vllm_spec(self) -> VLLMSpec:
-        spec = self.hparams.get("vllm")
-        if spec is None:
-            return VLLMSpec()
-        return VLLMSpec(**spec) if isinstance(spec, dict) else spec
+        return self._settings("vllm", VLLMSpec)
 
     def generation_backend(self):
         """The module's generation backend (``model.backend``), built at its first use."""

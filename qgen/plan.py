@@ -41,7 +41,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 GB = 1e9
 ARCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "arch")
@@ -143,9 +143,14 @@ class Workload:
     mixed_precision: bool = False  # bf16-mixed: activations at 2 bytes
 
 
+def _linear_bytes(quantization: str | None, dtype: str) -> float:
+    """Bytes a linear-layer weight takes: NF4 (half a byte + one fp32 absmax per 64), int8, or the dtype."""
+    return {"nf4": 0.5 + 4 / 64, "int8": 1.0}.get(quantization or "", DTYPE_BYTES[dtype])
+
+
 def _weight_bytes(arch: Arch, quantization: str | None, dtype: str) -> float:
-    per = {"nf4": 0.5 + 4 / 64, "int8": 1.0}.get(quantization or "", DTYPE_BYTES[dtype])
-    return arch.layers * arch.layer_linear_params() * per + arch.other_params() * DTYPE_BYTES[dtype]
+    linear = _linear_bytes(quantization, dtype)
+    return arch.layers * arch.layer_linear_params() * linear + arch.other_params() * DTYPE_BYTES[dtype]
 
 
 def lora_params(arch: Arch, r: int | None) -> int:
@@ -198,7 +203,7 @@ def plan(w: Workload, gpus: int) -> dict[str, dict[str, float]]:
     """Per-GPU bytes of every component, for each strategy that can run ``w`` (see the module docstring)."""
     a = w.arch
     weights = _weight_bytes(a, w.quantization, w.dtype)
-    layer = a.layer_linear_params() * ({"nf4": 0.5 + 4 / 64, "int8": 1.0}.get(w.quantization or "", DTYPE_BYTES[w.dtype]))
+    layer = a.layer_linear_params() * _linear_bytes(w.quantization, w.dtype)  # one decoder layer, gathered
     trainable = lora_params(a, w.lora_r) if w.lora_r else a.params()
     state = trainable * 16 if w.lora_r else trainable * (DTYPE_BYTES[w.dtype] * 2 + 8)
     tokens = w.batch * (w.prompt_tokens + w.group_size * w.new_tokens) if w.stage == "grpo" else w.batch * w.seq_len
@@ -299,7 +304,7 @@ def render(w: Workload, gpus: int, gpu_memory_gb: float) -> str:
     fits = [n for n in names if table[n]["total"] <= gpu_memory_gb * GB]
     lines.append(f"{'fits':<24}" + "".join(f"{'yes' if n in fits else 'no':>24}" for n in names))
     if not w.checkpointing:
-        on = plan(Workload(**{**w.__dict__, "checkpointing": True}), gpus)
+        on = plan(replace(w, checkpointing=True), gpus)
         lines.append(f"{'with checkpointing':<24}" + "".join(f"{on[n]['total'] / GB:>24.2f}" for n in names))
     advice = "lower data.batch_size" + (" or group_size / max_new_tokens" if w.stage == "grpo" else "") + \
         ("" if w.checkpointing else ", enable gradient checkpointing") + ", or add GPUs / a larger GPU"  # fmt: skip
