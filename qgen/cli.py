@@ -160,8 +160,7 @@ class QGenCLI(LightningCLI):
         config = self.config[subcommand]
         init_args = config.model.get("init_args") if config.get("model") is not None else None
         if init_args is not None:  # a strategy that cannot run this model: one line, before anything is built
-            check_strategy(config.trainer.get("strategy"), config.trainer.get("accelerator"),
-                           str(config.model.get("class_path", "")), init_args, subcommand)  # fmt: skip
+            check_strategy(config.trainer.get("strategy"), config.trainer.get("accelerator"), init_args)
         init_from = init_args.get("init_from") if init_args is not None else None
         if init_from:
             if not os.path.exists(init_from):

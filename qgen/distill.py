@@ -180,9 +180,7 @@ class DistillModule(StageModule):
         self._step_started = 0.0
 
     # ---------------------------------------------------------------------------------------- building
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
+    def build_models(self) -> None:
         self.model = self.load_backbone()
         if self._trainer is not None and self.trainer.state.fn in ("predict", "test"):
             return  # generating with the student needs no teacher
@@ -234,6 +232,21 @@ class DistillModule(StageModule):
         return score.clamp(0.0, 1.0)
 
     # ------------------------------------------------------------------------------------------ training
+    def _token_normalizer(self, batch: dict[str, Any], target: torch.Tensor, on_policy: bool) -> torch.Tensor:
+        """This rank's share of the token count that the loss is a mean over, so that the ranks' mean loss (what
+        DDP's gradient averaging and FSDP's reduce-scatter take) is the token mean over every rank's sequences,
+        as one process with the whole batch would compute it. Off-policy: the step's target tokens over every
+        micro-batch and rank (``step_tokens`` from the sampler); on-policy (lengths known only once sampled):
+        this micro-batch's completion tokens summed over ranks. Never the judges' weights (they must not
+        cancel out).
+        """
+        if not on_policy and "step_tokens" in batch:
+            return batch["step_tokens"].to(self.device)
+        count = target.sum().float()
+        if self.trainer.world_size > 1:
+            count = self.trainer.strategy.reduce(count, reduce_op="mean")  # every rank's tokens / ranks
+        return count.clamp(min=1.0)
+
     def _on_policy(self, batch_idx: int) -> bool:
         # a pure function of (seed, step, micro-batch): a resumed run makes the same choices
         if self.global_step < self.hparams.on_policy_start:
@@ -283,11 +296,13 @@ class DistillModule(StageModule):
         with torch.no_grad():
             teacher_hidden = self._hidden(self.teacher, ids, mask, pos)
         head = self.model.get_output_embeddings().weight
+        normalizer = self._token_normalizer(batch, target, on_policy)
         out = distill_loss(hidden[:, :-1], head, teacher_hidden[:, :-1], self.teacher.get_output_embeddings().weight,
-                           target, weights.to(self.device), hp.beta, hp.temperature, hp.loss_chunk_size)  # fmt: skip
+                           target, weights.to(self.device), hp.beta, hp.temperature, hp.loss_chunk_size,
+                           normalizer)  # fmt: skip
         loss = out.loss
         if hp.sft_weight > 0 and not on_policy:
-            nll = token_nll(hidden, head, labels, chunk_size=hp.loss_chunk_size)
+            nll = token_nll(hidden, head, labels, normalizer, chunk_size=hp.loss_chunk_size)
             loss = loss + hp.sft_weight * nll.loss
             self.log("train/sft_nll", nll.loss.detach(), batch_size=ids.size(0), sync_dist=True)
         n = ids.size(0)

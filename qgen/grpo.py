@@ -168,9 +168,7 @@ class GRPOModule(StageModule):
         self.strict_loading = False
 
     # ---------------------------------------------------------------------------------------- building
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
+    def build_models(self) -> None:
         hp = self.hparams
         if hp.init_from and hp.quantization is None:
             # the starting policy's weights become the base; a fresh adapter on top is trained, so the KL

@@ -262,7 +262,10 @@ def load_causal_lm(
     if quantization is not None and not frozen:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        # peft passes no checkpointing arguments of its own, and torch's default is the reentrant form, which
+        # fails under DDP ("mark a variable ready only once"): always the non-reentrant one
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})  # fmt: skip
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora is not None:

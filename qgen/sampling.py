@@ -116,9 +116,13 @@ def generate_group(model: nn.Module, tokenizer, prompts: list[list[int]], group_
 
     The model is put in eval mode for sampling (no dropout) and restored afterwards. ``temperature`` 0 is
     greedy decoding. ``min_new_tokens`` suppresses EOS until that many tokens exist (benchmarks fix the
-    generated length this way).
+    generated length this way). Over sharded weights (FSDP2) every rank keeps decoding until all ranks are
+    done (``synced_gpus``): a layer's forward is a collective, and a rank that stopped early would hang the rest.
     """
+    from qgen.strategies import sharded_parameters
+
     device = next(model.parameters()).device
+    synced = sharded_parameters(model) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
     ids, mask = ids.repeat_interleave(group_size, 0).to(device), mask.repeat_interleave(group_size, 0).to(device)
     was_training = model.training
@@ -128,7 +132,8 @@ def generate_group(model: nn.Module, tokenizer, prompts: list[list[int]], group_
             "do_sample": False}
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, use_cache=True, min_new_tokens=min_new_tokens, **sampling,
+            pad_token_id=tokenizer.pad_token_id, use_cache=True, min_new_tokens=min_new_tokens, synced_gpus=synced,
+            **sampling,
         )  # fmt: skip
     finally:
         model.train(was_training)

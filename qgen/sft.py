@@ -99,9 +99,8 @@ class SFTModule(StageModule):
         self.val_nll, self.val_tokens = SumMetric(), SumMetric()
         self._step_started = 0.0
 
-    def configure_model(self) -> None:
-        if self.model is None:
-            self.model = self.load_backbone()
+    def build_models(self) -> None:
+        self.model = self.load_backbone()
 
     def nll(self, batch: dict[str, torch.Tensor], normalizer=None):
         hp = self.hparams

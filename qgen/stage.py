@@ -1,5 +1,7 @@
 """``StageModule``: what the SFT, GRPO and distillation modules share beyond the data.
 
+- ``configure_model``: the subclass's :meth:`build_models`, then sharding where the strategy asks for it
+  (:func:`qgen.strategies.shard_stage_models`: the policy and a distillation teacher);
 - the backbone, loaded from ``model_name_or_path``, ``lora``, ``quantization``, ``dtype`` and
   ``gradient_checkpointing`` (:func:`qgen.models.load_causal_lm`);
 - the optimizer over the trainable parameters and a per-step scheduler, from the YAML factories;
@@ -18,12 +20,24 @@ from qgen.checkpointing import continue_unfinished_epoch, restore_rng, slim_chec
 from qgen.generation import QuestionWriterMixin
 from qgen.models import load_causal_lm
 from qgen.optim import configure_optimizers
+from qgen.strategies import shard_stage_models
 
 
 class StageModule(QuestionWriterMixin, L.LightningModule):
     """Base of every stage's LightningModule; subclasses set ``lora``, ``optimizer_factory`` and
     ``scheduler_factory`` and have the backbone arguments among their hyperparameters.
     """
+
+    def build_models(self) -> None:
+        """Load ``self.model`` (and any frozen model the stage needs beside it)."""
+        raise NotImplementedError
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.build_models()
+        if self._trainer is not None:
+            shard_stage_models(self.trainer.strategy, self.model, getattr(self, "teacher", None))
 
     def target_device(self) -> torch.device | None:
         """Where quantized weights must be loaded (the strategy's device), ``None`` outside a trainer."""

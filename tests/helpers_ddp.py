@@ -32,3 +32,51 @@ class RolloutDump(Callback):
         path = os.path.join(os.environ["QGEN_TEST_DUMP"], f"rollouts_rank{trainer.global_rank}.json")
         with open(path, "w", encoding="utf-8") as fh:
             json.dump(self.steps, fh, ensure_ascii=False)
+
+
+class ShardDump(Callback):
+    """Every rank writes shard_rank{R}.json: how much of the model it holds, what its optimizer holds, whether
+    its frozen weights changed, the dataset indices of its batches per step, and (rank 0) the final logits of
+    a fixed input (logits.pt).
+    """
+
+    IDS = list(range(5, 37))
+
+    def on_train_start(self, trainer, pl_module):
+        from torch.distributed.tensor import DTensor
+
+        local = lambda p: p.to_local() if isinstance(p, DTensor) else p  # noqa: E731
+        self.frozen = {n: local(p).detach().clone() for n, p in pl_module.named_parameters() if not p.requires_grad}
+        params = list(pl_module.named_parameters())
+        optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+        self.info = {
+            "full_numel": sum(p.numel() for _, p in params),
+            "local_numel": sum(local(p).numel() for _, p in params),
+            "sharded": sum(isinstance(p, DTensor) for _, p in params),
+            "optimizer_tensors": len(optimized),
+            "trainable_tensors": sum(p.requires_grad for _, p in params),
+            "optimizer_all_trainable": all(p.requires_grad for _, p in params if id(p) in optimized),
+            "batches": {},
+        }
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.info["batches"][str(trainer.global_step)] = [int(i) for i in batch["index"]]
+
+    def on_train_end(self, trainer, pl_module):
+        import torch
+        from torch.distributed.tensor import DTensor
+
+        local = lambda p: p.to_local() if isinstance(p, DTensor) else p  # noqa: E731
+        self.info["frozen_unchanged"] = all(
+            torch.equal(local(p).detach(), self.frozen[n]) for n, p in pl_module.named_parameters() if n in self.frozen)
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():  # a forward over sharded layers: every rank takes part
+            logits = model(input_ids=torch.tensor([self.IDS])).logits.float()
+        model.train(was_training)
+        folder = os.environ["QGEN_TEST_DUMP"]
+        if trainer.global_rank == 0:
+            torch.save(logits, os.path.join(folder, "logits.pt"))
+        with open(os.path.join(folder, f"shard_rank{trainer.global_rank}.json"), "w", encoding="utf-8") as fh:
+            json.dump(self.info, fh)

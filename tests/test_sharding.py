@@ -1,0 +1,173 @@
+"""Past one process on this CPU machine: FSDP2 (qgen.strategies.FSDP2Strategy) and DDP with 2 gloo processes,
+and a two-node torchrun launch simulated with one process per "node".
+
+Every run is the embedded default with a LoRA adapter in float32, 3 steps, so that 1 process, DDP x 2 and
+FSDP2 x 2 see the same 4 examples per step and must produce the same losses.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import CONFIGS, ROOT, run_qgen, scalars
+
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+TWO_CPUS = ["--trainer.devices=2", "--trainer.accelerator=cpu"]
+FSDP2 = ["--config", os.path.join(CONFIGS, "strategy", "fsdp2-lora.yaml"), "--model.init_args.dtype=float32"]
+DDP = ["--config", os.path.join(CONFIGS, "strategy", "ddp.yaml")]
+LORA = ["--model.init_args.lora.r=8", "--model.init_args.lora.dropout=0.0"]
+
+
+def _env(dump):
+    return {"PYTHONPATH": os.path.join(ROOT, "tests"), "QGEN_TEST_DUMP": str(dump)}
+
+
+def _stage_args(config, save_dir, steps, *extra):
+    return ["fit", "--config", os.path.join(CONFIGS, config), f"--trainer.max_steps={steps}",
+            f"--trainer.logger.init_args.save_dir={save_dir}", "--trainer.log_every_n_steps=1",
+            "--trainer.limit_val_batches=0", "--trainer.val_check_interval=1000", *QUIET, *LORA,
+            "--trainer.callbacks+=helpers_ddp.ShardDump", *extra]  # fmt: skip
+
+
+def _fit(tmp_path, name, config, steps, per_rank_batch, *extra):
+    folder = tmp_path / name
+    folder.mkdir()
+    proc = run_qgen(_stage_args(config, folder, steps, f"--data.batch_size={per_rank_batch}", *extra),
+                    env=_env(folder))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = folder / "lightning_logs" / "version_0"
+    dumps = sorted(folder.glob("shard_rank*.json"))
+    return run, [json.loads(p.read_text()) for p in dumps], folder
+
+
+def _losses(run):
+    values = scalars(run, "train/loss")
+    return [values[k] for k in sorted(values)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, extra, fsdp_extra", [
+    # FSDP2 with activation checkpointing inside its units (as the Qwen3-14B configs run): same losses
+    ("sft.yaml", [], ["--model.init_args.gradient_checkpointing=true"]),
+    ("distill.yaml", ["--model.init_args.lmbda=0.0", "--model.init_args.teacher=embedded:default"], []),  # off-policy
+], ids=["sft", "distill"])  # fmt: skip
+def test_one_process_ddp_and_fsdp2_train_the_same(tmp_path, config, extra, fsdp_extra):
+    one, (single,), _ = _fit(tmp_path, "one", config, 3, 4, *extra)
+    ddp, _, _ = _fit(tmp_path, "ddp", config, 3, 2, *TWO_CPUS, *DDP, *extra)
+    fsdp, ranks, _ = _fit(tmp_path, "fsdp2", config, 3, 2, *TWO_CPUS, *FSDP2, *extra, *fsdp_extra)
+    reference = _losses(one)
+    assert len(reference) == 3
+    assert _losses(ddp) == pytest.approx(reference, abs=1e-5, rel=1e-5)
+    assert _losses(fsdp) == pytest.approx(reference, abs=1e-5, rel=1e-5)
+
+    # FSDP2 shards the policy (and the teacher): each rank holds about half of the sharded weights
+    assert single["local_numel"] == single["full_numel"] and single["sharded"] == 0
+    for info in ranks:
+        assert info["sharded"] > 0
+        assert 0.45 * info["full_numel"] < info["local_numel"] < 0.62 * info["full_numel"]  # + replicated lm_head
+        # only the adapter reaches the optimizer, and the frozen base is bit-identical after 3 steps
+        assert info["optimizer_tensors"] == info["trainable_tensors"] > 0 and info["optimizer_all_trainable"]
+        assert info["frozen_unchanged"]
+    # the two ranks saw disjoint halves of every step's examples, together the single process's examples
+    seen = [set(ranks[0]["batches"][s]) | set(ranks[1]["batches"][s]) for s in ("0", "1", "2")]
+    assert all(not set(ranks[0]["batches"][s]) & set(ranks[1]["batches"][s]) for s in ("0", "1", "2"))
+    assert seen == [set(single["batches"][s]) for s in ("0", "1", "2")]
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoint_resumes_exactly_and_loads_in_one_process(tmp_path):
+    from qgen.models import load_from_checkpoint
+
+    straight, _, straight_dir = _fit(tmp_path, "straight", "sft.yaml", 4, 2, *TWO_CPUS, *FSDP2)
+    first, _, _ = _fit(tmp_path, "split", "sft.yaml", 2, 2, *TWO_CPUS, *FSDP2)
+    ckpt = first / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    # one file, the adapter alone, every tensor whole (gathered), optimizer state for each of them
+    names = list(state["state_dict"])
+    assert names and all("lora_" in n for n in names)
+    assert state["state_dict"][names[0]].shape[0] in (8, 256)  # r rows (A) or hidden rows (B): not a half
+    assert len(state["optimizer_states"][0]["state"]) == len(names)
+
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    proc = run_qgen(_stage_args("sft.yaml", tmp_path / "split", 4, "--data.batch_size=2", *TWO_CPUS, *FSDP2,
+                                f"--ckpt_path={ckpt}"), env=_env(resumed_dir))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resumed = tmp_path / "split" / "lightning_logs" / "version_1"
+    assert _losses(resumed) == pytest.approx(_losses(straight)[2:], abs=1e-6, rel=1e-6)
+
+    # the world-size-2 checkpoint in one process (export / predict path): the same logits as the last step's
+    model = load_from_checkpoint(str(straight / "checkpoints" / "last.ckpt"), merge=False)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([list(range(5, 37))])).logits.float()
+    trained = torch.load(straight_dir / "logits.pt")
+    assert torch.allclose(logits, trained, atol=1e-5)
+    assert not torch.allclose(logits, load_from_checkpoint(str(ckpt), merge=False)(  # 2 steps earlier: differs
+        input_ids=torch.tensor([list(range(5, 37))])).logits.float(), atol=1e-5)  # fmt: skip
+
+    # exported as a PEFT adapter folder, it loads in plain transformers + peft with the same logits
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qgen.export import export
+
+    export(str(straight / "checkpoints" / "last.ckpt"), str(tmp_path / "adapter"))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
+    plain = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=torch.tensor([list(range(5, 37))])).logits.float(), trained, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_grpo_under_fsdp2_samples_and_trains_as_under_ddp(tmp_path):
+    """Rollouts over sharded layers: every rank decodes until all are done (synced_gpus), nothing hangs; each
+    rank draws from the same RNG state under both strategies, so the samples and losses equal DDP's.
+    """
+    grpo = ["--model.init_args.group_size=4", "--model.init_args.max_new_tokens=24",
+            "--trainer.callbacks+=helpers_ddp.RolloutDump"]  # fmt: skip
+    ddp, _, ddp_dir = _fit(tmp_path, "ddp", "grpo.yaml", 2, 1, *TWO_CPUS, *DDP, *grpo)
+    run, ranks, fsdp_dir = _fit(tmp_path, "fsdp2", "grpo.yaml", 2, 1, *TWO_CPUS, *FSDP2, *grpo)
+    assert all(info["frozen_unchanged"] and info["sharded"] > 0 for info in ranks)
+    rollouts = [json.loads((fsdp_dir / f"rollouts_rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(len(texts) == 4 for rank in rollouts for step in rank.values() for texts in step.values())
+    assert rollouts == [json.loads((ddp_dir / f"rollouts_rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(_losses(run)) == 2
+    assert _losses(run) == pytest.approx(_losses(ddp), abs=1e-5, rel=1e-5)
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_equal_one_node_of_two(tmp_path):
+    """``torchrun --nnodes=2`` on this machine (one process per "node", gloo): the ranks, the data shards and
+    the losses are those of one node running 2 processes.
+    """
+    single_node, node_ranks, _ = _fit(tmp_path, "one-node", "sft.yaml", 3, 2, *TWO_CPUS, *DDP)
+    folder = tmp_path / "two-nodes"
+    folder.mkdir()
+    port = _free_port()
+    args = _stage_args("sft.yaml", folder, 3, "--data.batch_size=2", "--trainer.accelerator=cpu",
+                       "--trainer.devices=1", "--trainer.num_nodes=2", *DDP)  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **_env(folder)}
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                               "-m", "qgen", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for node in (0, 1)]  # fmt: skip
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    ranks = [json.loads((folder / f"shard_rank{r}.json").read_text()) for r in (0, 1)]
+    assert os.listdir(folder / "lightning_logs") == ["version_0"]  # node 1 claimed no run folder
+    for step in ("0", "1", "2"):
+        a, b = set(ranks[0]["batches"][step]), set(ranks[1]["batches"][step])
+        assert not a & b  # no example seen twice
+        assert a == set(node_ranks[0]["batches"][step]) and b == set(node_ranks[1]["batches"][step])
+    assert _losses(folder / "lightning_logs" / "version_0") == pytest.approx(_losses(single_node), abs=1e-6)
