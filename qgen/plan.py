@@ -7,14 +7,16 @@ The ``--config`` files are the ones ``fit`` takes (merged in order, later files 
 the architecture comes from ``qgen/arch/<name>.json`` for the hub models the shipped configs name (Qwen3
 0.6B, 4B, 14B, 32B), from a local folder's ``config.json``, or from the embedded default.
 
-What is counted, per GPU, for each strategy that can run the config (columns):
+What is counted, per GPU, for each shipped strategy (``configs/strategy/``) that can run the config (columns):
+``ddp`` (the config as written) and ``fsdp2-lora`` (the config with the FSDP2 overlay: bf16 base weights,
+never quantized, sharded; LoRA only):
 
 - **base weights**: linear layers at 0.5 byte/parameter + one fp32 absmax per 64 weights (NF4) or 1 byte (int8)
-  under quantization, else the dtype's size; embeddings, norms and head at the dtype's size. Sharded by
-  FSDP and ZeRO-3 (plus the one decoder layer gathered at a time, twice with prefetching);
+  under quantization, else the dtype's size; embeddings, norms and head at the dtype's size. FSDP2 shards
+  all but the output layer (and a tied embedding), which stay replicated, plus the one decoder layer
+  gathered at a time (twice with prefetching);
 - **trainable state**: LoRA weights (fp32, as peft keeps adapters), their gradients and AdamW's two moments,
-  16 bytes a parameter; ZeRO-2 shards gradients and moments, FSDP / ZeRO-3 all of it, ZeRO-3 offload keeps
-  the moments on the CPU;
+  16 bytes a parameter; FSDP2 shards all of it;
 - **activations**: what autograd keeps for backward, per token and decoder layer ``4 H + 5 Hq + 4 Hkv + 4 I``
   elements (the norms' inputs and outputs, q / k / v before and after their norms and RoPE, attention
   output, the MLP's gate, up, SiLU and product), plus the LoRA dropout copies when dropout > 0; with
@@ -25,8 +27,8 @@ What is counted, per GPU, for each strategy that can run the config (columns):
   whole ``[tokens, vocab]`` logits);
 - **KV cache** (GRPO, on-policy distillation): ``2 x layers x Hkv`` values a token for ``prompts x G``
   sequences of ``P + C`` tokens, at the dtype's size;
-- **teacher** (distillation): its weights, replicated on every GPU (frozen, never sharded with the student:
-  the student's strategy wraps only the student), and one chunk of its logits;
+- **teacher** (distillation): its weights (replicated under DDP; under FSDP2 in bf16 and sharded like the
+  student, :func:`qgen.strategies.shard_stage_models`) and one chunk of its logits;
 - **reserve**: 0.75 GB CUDA context + 10% allocator fragmentation of the rest.
 
 ``H`` hidden size, ``Hq`` / ``Hkv`` query / key-value width, ``I`` MLP width. The activation and logits terms
@@ -46,7 +48,7 @@ from dataclasses import dataclass, replace
 GB = 1e9
 ARCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "arch")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-STRATEGIES = ("ddp", "fsdp-qlora", "fsdp2-lora", "deepspeed-zero2", "deepspeed-zero3", "deepspeed-zero3-offload")
+STRATEGIES = ("ddp", "fsdp2-lora")  # the overlays in configs/strategy/
 
 
 class PlanError(ValueError):
@@ -194,40 +196,46 @@ def kv_cache_bytes(w: Workload) -> float:
 
 
 def applicable(w: Workload) -> list[str]:
-    if w.quantization:
-        return ["ddp", "fsdp-qlora"]  # FSDP2 + packed 4-bit and DeepSpeed + bitsandbytes are refused
-    return ["ddp", "fsdp2-lora", "deepspeed-zero2", "deepspeed-zero3", "deepspeed-zero3-offload"]
+    """The shipped strategies that can run ``w``: FSDP2 trains LoRA only (see :mod:`qgen.strategies.checks`)."""
+    return ["ddp", "fsdp2-lora"] if w.lora_r else ["ddp"]
+
+
+def _head_bytes(arch: Arch, dtype: str) -> float:
+    """The output layer (the embedding when tied), which FSDP2 keeps replicated."""
+    return arch.vocab * arch.hidden * DTYPE_BYTES[dtype]
 
 
 def plan(w: Workload, gpus: int) -> dict[str, dict[str, float]]:
     """Per-GPU bytes of every component, for each strategy that can run ``w`` (see the module docstring)."""
-    a = w.arch
-    weights = _weight_bytes(a, w.quantization, w.dtype)
-    layer = a.layer_linear_params() * _linear_bytes(w.quantization, w.dtype)  # one decoder layer, gathered
-    trainable = lora_params(a, w.lora_r) if w.lora_r else a.params()
-    state = trainable * 16 if w.lora_r else trainable * (DTYPE_BYTES[w.dtype] * 2 + 8)
-    tokens = w.batch * (w.prompt_tokens + w.group_size * w.new_tokens) if w.stage == "grpo" else w.batch * w.seq_len
-    common = {
-        "activations": activation_bytes(w),
-        "logits chunk": logits_bytes(a, w.chunk_size, tokens),
-        "kv cache (generation)": kv_cache_bytes(w),
-    }
-    if w.teacher is not None:
-        common["teacher"] = _weight_bytes(w.teacher, w.teacher_quantization, w.teacher_dtype or w.dtype) + \
-            logits_bytes(w.teacher, w.chunk_size, tokens) / 2  # fmt: skip
     out = {}
     for strategy in applicable(w):
-        sharded_weights = strategy in ("fsdp-qlora", "fsdp2-lora", "deepspeed-zero3", "deepspeed-zero3-offload")
-        rows = {"base weights": weights / gpus + (2 * layer if gpus > 1 else 0.0) if sharded_weights else weights}
-        if strategy == "ddp":
-            rows["trainable state"] = state + (trainable * 4 if gpus > 1 else 0)  # + DDP's gradient buckets
-        elif strategy == "deepspeed-zero2":
-            rows["trainable state"] = trainable * 4 + trainable * 12 / gpus
-        elif strategy == "deepspeed-zero3-offload":
-            rows["trainable state"] = trainable * 8 / gpus  # weights and gradients; moments on the CPU
+        sharded = strategy == "fsdp2-lora"
+        if sharded:  # what the overlay runs: bf16 base and teacher, nothing quantized
+            w = replace(w, quantization=None, dtype="bfloat16", teacher_quantization=None, teacher_dtype="bfloat16")
+        a = w.arch
+        weights = _weight_bytes(a, w.quantization, w.dtype)
+        layer = a.layer_linear_params() * _linear_bytes(w.quantization, w.dtype)  # one decoder layer, gathered
+        trainable = lora_params(a, w.lora_r) if w.lora_r else a.params()
+        state = trainable * 16 if w.lora_r else trainable * (DTYPE_BYTES[w.dtype] * 2 + 8)
+        tokens = w.batch * (w.prompt_tokens + w.group_size * w.new_tokens) if w.stage == "grpo" else \
+            w.batch * w.seq_len  # fmt: skip
+        if sharded:
+            head = _head_bytes(a, w.dtype)
+            rows = {"base weights": (weights - head) / gpus + head + (2 * layer if gpus > 1 else 0.0),
+                    "trainable state": state / gpus}  # fmt: skip
         else:
-            rows["trainable state"] = state / gpus
-        rows.update(common)
+            rows = {"base weights": weights, "trainable state": state + (trainable * 4 if gpus > 1 else 0)}
+        rows["activations"] = activation_bytes(w)
+        rows["logits chunk"] = logits_bytes(a, w.chunk_size, tokens)
+        rows["kv cache (generation)"] = kv_cache_bytes(w)
+        if w.teacher is not None:
+            t = w.teacher
+            t_weights = _weight_bytes(t, w.teacher_quantization, w.teacher_dtype or w.dtype)
+            if sharded:
+                t_head = _head_bytes(t, w.teacher_dtype)
+                t_weights = (t_weights - t_head) / gpus + t_head + \
+                    (2 * t.layer_linear_params() * DTYPE_BYTES[w.teacher_dtype] if gpus > 1 else 0.0)  # fmt: skip
+            rows["teacher"] = t_weights + logits_bytes(t, w.chunk_size, tokens) / 2
         rows["reserve"] = 0.75 * GB + 0.1 * sum(rows.values())
         rows["total"] = sum(rows.values())
         out[strategy] = rows
@@ -298,6 +306,9 @@ def render(w: Workload, gpus: int, gpu_memory_gb: float) -> str:
     lines = [f"per-GPU memory (GB) on {gpus} GPU(s) of {gpu_memory_gb:g} GB: {w.stage}, "
              f"{_count(w.arch.params())} parameters, quantization {w.quantization or 'none'}, {w.dtype}, "
              f"LoRA r={w.lora_r or 'full fine-tune'}, checkpointing {'on' if w.checkpointing else 'off'}"]  # fmt: skip
+    if "fsdp2-lora" in names and (w.quantization or w.dtype != "bfloat16" or w.teacher_quantization):
+        lines.append("(fsdp2-lora: bf16 base and teacher, unquantized and sharded, as configs/strategy/fsdp2-lora.yaml "
+                     "runs this config)")  # fmt: skip
     lines.append(f"{'':<24}" + "".join(f"{n:>24}" for n in names))
     for row in table[names[0]]:
         lines.append(f"{row:<24}" + "".join(f"{table[n][row] / GB:>24.2f}" for n in names))

@@ -148,20 +148,21 @@ def _free_port():
 
 @pytest.mark.slow
 def test_two_nodes_of_one_process_equal_one_node_of_two(tmp_path):
-    """``torchrun --nnodes=2`` on this machine (one process per "node", gloo): the ranks, the data shards and
-    the losses are those of one node running 2 processes.
+    """``configs/launch/torchrun.sh`` on this machine as two "nodes" of one process each (gloo): the ranks,
+    the data shards and the losses are those of one node running 2 processes.
     """
     single_node, node_ranks, _ = _fit(tmp_path, "one-node", "sft.yaml", 3, 2, *TWO_CPUS, *DDP)
     folder = tmp_path / "two-nodes"
     folder.mkdir()
+    extra = _stage_args("sft.yaml", folder, 3, "--data.batch_size=2", "--trainer.accelerator=cpu")[3:]  # no fit/config
     port = _free_port()
-    args = _stage_args("sft.yaml", folder, 3, "--data.batch_size=2", "--trainer.accelerator=cpu",
-                       "--trainer.devices=1", "--trainer.num_nodes=2", *DDP)  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **_env(folder)}
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
-                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
-                               "-m", "qgen", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for node in (0, 1)]  # fmt: skip
+    procs = []
+    for node in (0, 1):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **_env(folder), "NNODES": "2", "GPUS_PER_NODE": "1",
+               "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "CONFIG": os.path.join(CONFIGS, "sft.yaml"), "STRATEGY": "ddp", "PYTHON": sys.executable}  # fmt: skip
+        procs.append(subprocess.Popen(["bash", os.path.join(CONFIGS, "launch", "torchrun.sh"), *extra], cwd=ROOT,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
     ranks = [json.loads((folder / f"shard_rank{r}.json").read_text()) for r in (0, 1)]
@@ -171,3 +172,31 @@ def test_two_nodes_of_one_process_equal_one_node_of_two(tmp_path):
         assert not a & b  # no example seen twice
         assert a == set(node_ranks[0]["batches"][step]) and b == set(node_ranks[1]["batches"][step])
     assert _losses(folder / "lightning_logs" / "version_0") == pytest.approx(_losses(single_node), abs=1e-6)
+
+
+def test_the_slurm_template_runs_the_fit_that_its_comments_describe(capsys):
+    """The sbatch file: requeue on SIGUSR1 before the time limit, one task per GPU, and a qgen command line
+    that parses with every shipped stage config and strategy overlay.
+    """
+    import re
+
+    from qgen.cli import cli_main
+
+    text = open(os.path.join(CONFIGS, "launch", "slurm.sbatch"), encoding="utf-8").read()
+    assert re.search(r"^#SBATCH --signal=SIGUSR1@\d+$", text, re.M) and "#SBATCH --requeue" in text
+    assert re.search(r"^#SBATCH --ntasks-per-node=(\d+)$", text, re.M).group(1) == \
+        re.search(r"^#SBATCH --gpus-per-node=(\d+)$", text, re.M).group(1)  # fmt: skip
+    command = text[text.index("srun python -m qgen fit"):].replace("\\\n", " ").split()
+    for stage in ("qwen3-14b-sft.yaml", "qwen3-14b-grpo.yaml"):
+        for strategy in ("ddp", "fsdp2-lora"):
+            values = {"$CONFIG": os.path.join(CONFIGS, stage), "$STRATEGY": strategy, "$SLURM_NNODES": "2",
+                      "$SLURM_NTASKS_PER_NODE": "8", "$@": ""}  # fmt: skip
+            args = [a.replace('"', "") for a in command[5:]]
+            for key, value in values.items():
+                args = [a.replace(key, value) for a in args]
+            args = [a.replace("configs/", CONFIGS + "/", 1) if a.startswith("configs/") else a for a in args if a]
+            with pytest.raises(SystemExit) as exit_info:
+                cli_main(["fit", *args, "--print_config"])
+            assert exit_info.value.code in (0, None)
+            printed = capsys.readouterr().out
+            assert "num_nodes: 2" in printed and "devices: '8'" in printed
