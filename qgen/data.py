@@ -442,5 +442,16 @@ class QuestionDataModule(L.LightningDataModule):
                 raise DataError(f"data.predict_split '{hp.predict_split}' has no records; set data.predict_prompts")
             rows, counts = split_prompt_rows(records), hp.predict_samples
         items = build_prompt_items(self.tokenizer, rows, counts, self.skip_prediction_keys)
-        return DataLoader(PromptDataset(items), batch_size=hp.batch_size, shuffle=False,
+        dataset, sampler = PromptDataset(items), None
+        trainer = self.trainer
+        sharded = trainer is not None and getattr(trainer.strategy, "builds_empty", None) is not None
+        if sharded and trainer.world_size > 1:
+            # over sharded layers every rank must take the same number of generate calls: Lightning's predict
+            # sampler gives ranks unequal shares (5 prompts: 3 and 2), so pad as training does, by repeating
+            # prompts; the writer keeps one row per key
+            from torch.utils.data import DistributedSampler
+
+            sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                         shuffle=False)  # fmt: skip
+        return DataLoader(dataset, batch_size=hp.batch_size, shuffle=False, sampler=sampler,
                           collate_fn=partial(collate_prompts, pad_id=self.tokenizer.pad_token_id))  # fmt: skip

@@ -198,7 +198,8 @@ class DistillModule(StageModule):
         else:
             teacher_backbone = name
             teacher = load_causal_lm(name, None, hp.teacher_quantization, hp.teacher_dtype or hp.dtype, device=device,
-                                     frozen=True, attn_implementation=hp.attn_implementation).eval()  # fmt: skip
+                                     frozen=True, attn_implementation=hp.attn_implementation,
+                                     empty=self.builds_empty()).eval()  # fmt: skip
             teacher.requires_grad_(False)
         if resolve(teacher_backbone) != resolve(hp.model_name_or_path):
             check_same_tokenizer(load_tokenizer(hp.model_name_or_path), load_tokenizer(teacher_backbone), name)

@@ -233,9 +233,12 @@ def load_causal_lm(
     frozen: bool = False,
     attn_implementation: str = "sdpa",
     liger_kernels: bool = False,
+    empty: bool = False,
 ) -> nn.Module:
     """Load a causal LM, optionally quantized (bitsandbytes) and wrapped with a LoRA adapter (peft).
     ``liger_kernels``: Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (CUDA; :func:`check_liger`).
+    ``empty``: the same model on the meta device, no weight read (ranks > 0 under FSDP2, which receive their
+    shards from rank 0: host memory holds one copy of the weights per node, not one per rank).
 
     Quantized weights are loaded straight onto ``device`` (bitsandbytes quantizes on load); everything
     else is loaded on CPU and moved by Lightning. ``frozen`` models (teachers) may be quantized without
@@ -255,7 +258,15 @@ def load_causal_lm(
             bnb_4bit_compute_dtype=_DTYPES[dtype],
         )
         kwargs["device_map"] = {"": str(device or "cpu")}
-    model = AutoModelForCausalLM.from_pretrained(resolve(model_name_or_path), **kwargs)
+    if empty:
+        from transformers import AutoConfig
+
+        if quantization is not None:
+            raise ValueError("empty (meta-device) models cannot be quantized")
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve(model_name_or_path)), **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(resolve(model_name_or_path), **kwargs)
     check_final_logits(model, model_name_or_path)
     if liger_kernels:
         apply_liger(model)

@@ -43,12 +43,18 @@ class StageModule(QuestionWriterMixin, L.LightningModule):
         """Where quantized weights must be loaded (the strategy's device), ``None`` outside a trainer."""
         return self.trainer.strategy.root_device if self._trainer is not None else None
 
+    def builds_empty(self) -> bool:
+        """Whether this rank builds its models on the meta device and receives its weights when sharded
+        (:attr:`qgen.strategies.FSDP2Strategy.builds_empty`).
+        """
+        return self._trainer is not None and getattr(self.trainer.strategy, "builds_empty", False)
+
     def load_backbone(self) -> torch.nn.Module:
         hp = self.hparams
         return load_causal_lm(hp.model_name_or_path, self.lora, hp.quantization, hp.dtype, hp.gradient_checkpointing,
                               device=self.target_device(),
                               attn_implementation=hp.get("attn_implementation", "sdpa"),
-                              liger_kernels=hp.get("liger_kernels", False))  # fmt: skip
+                              liger_kernels=hp.get("liger_kernels", False), empty=self.builds_empty())  # fmt: skip
 
     def configure_optimizers(self):
         return configure_optimizers(

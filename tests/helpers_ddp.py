@@ -56,6 +56,7 @@ class ShardDump(Callback):
             "optimizer_tensors": len(optimized),
             "trainable_tensors": sum(p.requires_grad for _, p in params),
             "optimizer_all_trainable": all(p.requires_grad for _, p in params if id(p) in optimized),
+            "built_empty": pl_module.builds_empty(),
             "batches": {},
         }
 
@@ -68,7 +69,8 @@ class ShardDump(Callback):
 
         local = lambda p: p.to_local() if isinstance(p, DTensor) else p  # noqa: E731
         self.info["frozen_unchanged"] = all(
-            torch.equal(local(p).detach(), self.frozen[n]) for n, p in pl_module.named_parameters() if n in self.frozen)
+            torch.equal(local(p).detach(), self.frozen[n]) for n, p in pl_module.named_parameters() if n in self.frozen
+        )
         model = pl_module.model
         was_training = model.training
         model.eval()
@@ -80,3 +82,48 @@ class ShardDump(Callback):
             torch.save(logits, os.path.join(folder, "logits.pt"))
         with open(os.path.join(folder, f"shard_rank{trainer.global_rank}.json"), "w", encoding="utf-8") as fh:
             json.dump(self.info, fh)
+
+
+class _ScriptedBackend:
+    """Completions that are a pure function of each request's seed (run seed, step, the prompt's dataset index,
+    sample: :func:`qgen.backends.request_seed`), so one process and any number of ranks sample the same.
+    """
+
+    name = "scripted"
+
+    def prepare(self, model, tokenizer, step):
+        pass
+
+    def close(self):
+        pass
+
+    def generate(self, model, tokenizer, prompts, group_size, max_new_tokens, temperature, top_p, min_new_tokens=0,
+                 seeds=None):  # fmt: skip
+        import torch
+
+        from qgen.sampling import Rollout, completion_mask_from, left_pad
+
+        assert seeds is not None and len(seeds) == len(prompts) * group_size
+        rows = []
+        for seed in seeds:
+            gen = torch.Generator().manual_seed(seed % (2**63))
+            n = int(torch.randint(3, max_new_tokens + 1, (1,), generator=gen))
+            rows.append(torch.randint(10, 400, (n,), generator=gen).tolist() + ([tokenizer.eos_token_id] * (
+                n < max_new_tokens)))  # fmt: skip
+        width = max(len(r) for r in rows)
+        completions = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+        ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+        ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
+        cmask, truncated = completion_mask_from(completions, tokenizer.eos_token_id)
+        texts = tokenizer.batch_decode(completions * cmask + tokenizer.pad_token_id * (1 - cmask),
+                                       skip_special_tokens=True)  # fmt: skip
+        return Rollout(sequences=torch.cat([ids, completions], 1), attention_mask=torch.cat([mask, cmask], 1),
+                       prompt_length=ids.size(1), completion_ids=completions, completion_mask=cmask,
+                       truncated=truncated, texts=texts, group_size=group_size)  # fmt: skip
+
+
+class ScriptedRollouts(Callback):
+    """Swap the module's generation backend for :class:`_ScriptedBackend` before the run's first step."""
+
+    def on_fit_start(self, trainer, pl_module):
+        pl_module._generation_backend = _ScriptedBackend()

@@ -64,8 +64,10 @@ def test_one_process_ddp_and_fsdp2_train_the_same(tmp_path, config, extra, fsdp_
     assert _losses(ddp) == pytest.approx(reference, abs=1e-5, rel=1e-5)
     assert _losses(fsdp) == pytest.approx(reference, abs=1e-5, rel=1e-5)
 
-    # FSDP2 shards the policy (and the teacher): each rank holds about half of the sharded weights
+    # FSDP2 shards the policy (and the teacher): each rank holds about half of the sharded weights; rank 1
+    # built its models on the meta device and received rank 0's weights (one host copy, not one per rank)
     assert single["local_numel"] == single["full_numel"] and single["sharded"] == 0
+    assert [info["built_empty"] for info in ranks] == [False, True] and not single["built_empty"]
     for info in ranks:
         assert info["sharded"] > 0
         assert 0.45 * info["full_numel"] < info["local_numel"] < 0.62 * info["full_numel"]  # + replicated lm_head
@@ -76,6 +78,22 @@ def test_one_process_ddp_and_fsdp2_train_the_same(tmp_path, config, extra, fsdp_
     seen = [set(ranks[0]["batches"][s]) | set(ranks[1]["batches"][s]) for s in ("0", "1", "2")]
     assert all(not set(ranks[0]["batches"][s]) & set(ranks[1]["batches"][s]) for s in ("0", "1", "2"))
     assert seen == [set(single["batches"][s]) for s in ("0", "1", "2")]
+
+
+@pytest.mark.slow
+def test_grpo_losses_equal_across_one_process_ddp_and_fsdp2_with_scripted_rollouts(tmp_path):
+    """GRPO's loss maths over ranks (group advantages, the step's token normaliser, KL to the reference) with
+    rollouts that do not depend on the rank layout: completions scripted from the per-request seeds.
+    """
+    grpo = ["--model.init_args.group_size=4", "--model.init_args.max_new_tokens=12",
+            "--trainer.callbacks+=helpers_ddp.ScriptedRollouts"]  # fmt: skip
+    one, _, _ = _fit(tmp_path, "one", "grpo.yaml", 3, 2, *grpo)
+    ddp, _, _ = _fit(tmp_path, "ddp", "grpo.yaml", 3, 1, *TWO_CPUS, *DDP, *grpo)
+    fsdp, _, _ = _fit(tmp_path, "fsdp2", "grpo.yaml", 3, 1, *TWO_CPUS, *FSDP2, *grpo)
+    reference = _losses(one)
+    assert len(reference) == 3 and len(set(reference)) == 3
+    assert _losses(ddp) == pytest.approx(reference, abs=1e-5, rel=1e-5)
+    assert _losses(fsdp) == pytest.approx(reference, abs=1e-5, rel=1e-5)
 
 
 @pytest.mark.slow
@@ -108,6 +126,26 @@ def test_fsdp2_checkpoint_resumes_exactly_and_loads_in_one_process(tmp_path):
     assert torch.allclose(logits, trained, atol=1e-5)
     assert not torch.allclose(logits, load_from_checkpoint(str(ckpt), merge=False)(  # 2 steps earlier: differs
         input_ids=torch.tensor([list(range(5, 37))])).logits.float(), atol=1e-5)  # fmt: skip
+
+    # predict with the 2-rank checkpoint on 2 FSDP2 ranks (greedy, over sharded layers with synced_gpus) and in
+    # one process: the same text for every prompt, each written once
+    from conftest import write_jsonl
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"p{i}", "subject": "Algebra"} for i in range(5)])
+    written = {}
+    for name, layout in (("one", []), ("fsdp2", [*TWO_CPUS, *FSDP2])):
+        output = tmp_path / f"pred-{name}.jsonl"
+        proc = run_qgen(["predict", "--config", os.path.join(CONFIGS, "sft.yaml"), *LORA, *layout,
+                         f"--ckpt_path={straight / 'checkpoints' / 'last.ckpt'}", "--data.predict_prompts", prompts,
+                         "--data.batch_size=2", "--trainer.logger=false", *QUIET,
+                         "--trainer.callbacks+=callbacks.PredictionWriter", f"--trainer.callbacks.output={output}",
+                         "--model.init_args.generation.max_new_tokens=16",
+                         "--model.init_args.generation.temperature=0"], cwd=tmp_path)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        rows = [json.loads(line) for line in output.read_text().splitlines()]
+        written[name] = {row["key"]: row["text"] for row in rows}
+        assert len(rows) == 5
+    assert sorted(written["one"]) == [f"p{i}#0" for i in range(5)] and written["fsdp2"] == written["one"]
 
     # exported as a PEFT adapter folder, it loads in plain transformers + peft with the same logits
     from peft import PeftModel
@@ -186,7 +224,7 @@ def test_the_slurm_template_runs_the_fit_that_its_comments_describe(capsys):
     assert re.search(r"^#SBATCH --signal=SIGUSR1@\d+$", text, re.M) and "#SBATCH --requeue" in text
     assert re.search(r"^#SBATCH --ntasks-per-node=(\d+)$", text, re.M).group(1) == \
         re.search(r"^#SBATCH --gpus-per-node=(\d+)$", text, re.M).group(1)  # fmt: skip
-    command = text[text.index("srun python -m qgen fit"):].replace("\\\n", " ").split()
+    command = text[text.index("srun python -m qgen fit") :].replace("\\\n", " ").split()
     for stage in ("qwen3-14b-sft.yaml", "qwen3-14b-grpo.yaml"):
         for strategy in ("ddp", "fsdp2-lora"):
             values = {"$CONFIG": os.path.join(CONFIGS, stage), "$STRATEGY": strategy, "$SLURM_NNODES": "2",

@@ -13,8 +13,9 @@ and Lightning's):
   FSDP-sharded weight would be a shard. A trainable output layer is refused (its gradient would not be
   synchronised). For a tied embedding the embedding weight is therefore kept replicated too;
 - **checkpoints**: one file written by rank 0 through the run's checkpoint I/O (atomic, read back with
-  ``weights_only``), holding the full (gathered) trainable weights and optimizer state only, so a run saved
-  at one world size resumes at any other, and ``export`` / ``predict`` read it in a single process.
+  ``weights_only``), holding the full (gathered) trainable weights and optimizer state only: it resumes
+  exactly at the same world size, loads at any other, and ``export`` / ``predict`` read it in one process
+  (the data position of a resume at another world size is not exact: the sampler's shards differ).
   Lightning's distributed-checkpoint folders are not used: their metadata is a pickle.
 """
 
@@ -103,8 +104,36 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._tensor_parallel_size = 1
         super().setup_environment()
 
+    @property
+    def builds_empty(self) -> bool:
+        """Ranks > 0 build their models on the meta device (no weight read); :meth:`shard` fills them from
+        rank 0, so a node's host memory holds one full copy of the weights, not one per rank.
+        """
+        return self.global_rank > 0
+
     def shard(self, model: nn.Module) -> nn.Module:
-        return shard_model(model, self.device_mesh["data_parallel"], self.param_dtype)
+        """Shard ``model`` (:func:`shard_model`), then give every rank rank 0's weights: its full state dict
+        is broadcast tensor by tensor into the shards (meta tensors of ranks > 0 are replaced), and the
+        buffers that state dicts leave out (rotary frequencies) are broadcast as they are.
+        """
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        full = dict(model.state_dict()) if self.global_rank == 0 else {}
+        shard_model(model, self.device_mesh["data_parallel"], self.param_dtype)
+        if self.world_size > 1:
+            set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
+                                                                       broadcast_from_rank0=True))  # fmt: skip
+            del full
+            device = dist.distributed_c10d._get_pg_default_device()  # cuda under NCCL, cpu under gloo
+            for module in model.modules():
+                for name, buffer in list(module._buffers.items()):
+                    if buffer is None:
+                        continue
+                    value = buffer.to(device) if self.global_rank == 0 else torch.empty_like(buffer, device=device)
+                    dist.broadcast(value, src=0)
+                    module._buffers[name] = value.to(buffer.device if buffer.device.type != "meta" else device)
+        return model
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The full trainable weights (gathered one tensor at a time), on rank 0; frozen weights never leave
