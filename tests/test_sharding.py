@@ -178,6 +178,21 @@ def test_grpo_under_fsdp2_samples_and_trains_as_under_ddp(tmp_path):
     assert _losses(run) == pytest.approx(_losses(ddp), abs=1e-5, rel=1e-5)
 
 
+@pytest.mark.slow
+def test_on_policy_distillation_under_fsdp2_equals_ddp(tmp_path):
+    """On-policy steps sample from the sharded student (synced_gpus); each rank's RNG is the same under both
+    strategies, so the samples, the token normaliser summed over ranks and the losses equal DDP's.
+    """
+    distill = ["--model.init_args.lmbda=1.0", "--model.init_args.on_policy_start=0",
+               "--model.init_args.teacher=embedded:default", "--model.init_args.generation.max_new_tokens=16"]  # fmt: skip
+    ddp, _, _ = _fit(tmp_path, "ddp", "distill.yaml", 2, 1, *TWO_CPUS, *DDP, *distill)
+    fsdp, ranks, _ = _fit(tmp_path, "fsdp2", "distill.yaml", 2, 1, *TWO_CPUS, *FSDP2, *distill)
+    assert scalars(fsdp, "train/on_policy") == {0: 1.0, 1: 1.0}
+    assert all(info["frozen_unchanged"] and info["sharded"] > 0 for info in ranks)
+    assert len(_losses(fsdp)) == 2 and min(_losses(ddp)) > 0.1  # the mini student is far from its teacher
+    assert _losses(fsdp) == pytest.approx(_losses(ddp), abs=1e-5, rel=1e-5)
+
+
 def _free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
