@@ -189,8 +189,8 @@ def test_on_policy_distillation_under_fsdp2_equals_ddp(tmp_path):
     fsdp, ranks, _ = _fit(tmp_path, "fsdp2", "distill.yaml", 2, 1, *TWO_CPUS, *FSDP2, *distill)
     assert scalars(fsdp, "train/on_policy") == {0: 1.0, 1: 1.0}
     assert all(info["frozen_unchanged"] and info["sharded"] > 0 for info in ranks)
-    assert len(_losses(fsdp)) == 2 and min(_losses(ddp)) > 0.1  # the mini student is far from its teacher
-    assert _losses(fsdp) == pytest.approx(_losses(ddp), abs=1e-5, rel=1e-5)
+    assert len(_losses(fsdp)) == 2 and min(_losses(ddp)) > 1e-3  # mini student vs default teacher: KL ~ 0.02
+    assert _losses(fsdp) == pytest.approx(_losses(ddp), abs=1e-7, rel=1e-4)
 
 
 def _free_port():
