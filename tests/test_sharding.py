@@ -162,6 +162,25 @@ def test_fsdp2_checkpoint_resumes_exactly_and_loads_in_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_checkpoint_resumes_exactly_at_two_ranks_and_loads_in_one_process(tmp_path):
+    from qgen.models import load_from_checkpoint
+
+    straight, _, straight_dir = _fit(tmp_path, "straight", "sft.yaml", 4, 2, *TWO_CPUS, *DDP)
+    first, _, _ = _fit(tmp_path, "split", "sft.yaml", 2, 2, *TWO_CPUS, *DDP)
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    proc = run_qgen(_stage_args("sft.yaml", tmp_path / "split", 4, "--data.batch_size=2", *TWO_CPUS, *DDP,
+                                f"--ckpt_path={first / 'checkpoints' / 'last.ckpt'}"), env=_env(resumed_dir))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resumed = tmp_path / "split" / "lightning_logs" / "version_1"
+    assert _losses(resumed) == pytest.approx(_losses(straight)[2:], abs=1e-6, rel=1e-6)
+    model = load_from_checkpoint(str(straight / "checkpoints" / "last.ckpt"), merge=False)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([list(range(5, 37))])).logits.float()
+    assert torch.allclose(logits, torch.load(straight_dir / "logits.pt"), atol=1e-5)
+
+
+@pytest.mark.slow
 def test_grpo_under_fsdp2_samples_and_trains_as_under_ddp(tmp_path):
     """Rollouts over sharded layers: every rank decodes until all are done (synced_gpus), nothing hangs; each
     rank draws from the same RNG state under both strategies, so the samples and losses equal DDP's.
