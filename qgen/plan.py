@@ -209,33 +209,33 @@ def plan(w: Workload, gpus: int) -> dict[str, dict[str, float]]:
     """Per-GPU bytes of every component, for each strategy that can run ``w`` (see the module docstring)."""
     out = {}
     for strategy in applicable(w):
-        sharded = strategy == "fsdp2-lora"
+        sharded, run = strategy == "fsdp2-lora", w
         if sharded:  # what the overlay runs: bf16 base and teacher, nothing quantized
-            w = replace(w, quantization=None, dtype="bfloat16", teacher_quantization=None, teacher_dtype="bfloat16")
-        a = w.arch
-        weights = _weight_bytes(a, w.quantization, w.dtype)
-        layer = a.layer_linear_params() * _linear_bytes(w.quantization, w.dtype)  # one decoder layer, gathered
-        trainable = lora_params(a, w.lora_r) if w.lora_r else a.params()
-        state = trainable * 16 if w.lora_r else trainable * (DTYPE_BYTES[w.dtype] * 2 + 8)
-        tokens = w.batch * (w.prompt_tokens + w.group_size * w.new_tokens) if w.stage == "grpo" else \
-            w.batch * w.seq_len  # fmt: skip
+            run = replace(w, quantization=None, dtype="bfloat16", teacher_quantization=None, teacher_dtype="bfloat16")
+        a = run.arch
+        weights = _weight_bytes(a, run.quantization, run.dtype)
+        layer = a.layer_linear_params() * _linear_bytes(run.quantization, run.dtype)  # one decoder layer, gathered
+        trainable = lora_params(a, run.lora_r) if run.lora_r else a.params()
+        state = trainable * 16 if run.lora_r else trainable * (DTYPE_BYTES[run.dtype] * 2 + 8)
+        tokens = run.batch * (run.prompt_tokens + run.group_size * run.new_tokens) if run.stage == "grpo" else \
+            run.batch * run.seq_len  # fmt: skip
         if sharded:
-            head = _head_bytes(a, w.dtype)
+            head = _head_bytes(a, run.dtype)
             rows = {"base weights": (weights - head) / gpus + head + (2 * layer if gpus > 1 else 0.0),
                     "trainable state": state / gpus}  # fmt: skip
         else:
             rows = {"base weights": weights, "trainable state": state + (trainable * 4 if gpus > 1 else 0)}
-        rows["activations"] = activation_bytes(w)
-        rows["logits chunk"] = logits_bytes(a, w.chunk_size, tokens)
-        rows["kv cache (generation)"] = kv_cache_bytes(w)
-        if w.teacher is not None:
-            t = w.teacher
-            t_weights = _weight_bytes(t, w.teacher_quantization, w.teacher_dtype or w.dtype)
+        rows["activations"] = activation_bytes(run)
+        rows["logits chunk"] = logits_bytes(a, run.chunk_size, tokens)
+        rows["kv cache (generation)"] = kv_cache_bytes(run)
+        if run.teacher is not None:
+            t = run.teacher
+            t_weights = _weight_bytes(t, run.teacher_quantization, run.teacher_dtype or run.dtype)
             if sharded:
-                t_head = _head_bytes(t, w.teacher_dtype)
+                t_head = _head_bytes(t, run.teacher_dtype)
                 t_weights = (t_weights - t_head) / gpus + t_head + \
-                    (2 * t.layer_linear_params() * DTYPE_BYTES[w.teacher_dtype] if gpus > 1 else 0.0)  # fmt: skip
-            rows["teacher"] = t_weights + logits_bytes(t, w.chunk_size, tokens) / 2
+                    (2 * t.layer_linear_params() * DTYPE_BYTES[run.teacher_dtype] if gpus > 1 else 0.0)  # fmt: skip
+            rows["teacher"] = t_weights + logits_bytes(t, run.chunk_size, tokens) / 2
         rows["reserve"] = 0.75 * GB + 0.1 * sum(rows.values())
         rows["total"] = sum(rows.values())
         out[strategy] = rows
