@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 from conftest import CONFIGS, ROOT, run_qgen, scalars
+from helpers_ddp import ShardDump
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 TWO_CPUS = ["--trainer.devices=2", "--trainer.accelerator=cpu"]
@@ -96,13 +97,33 @@ def test_grpo_losses_equal_across_one_process_ddp_and_fsdp2_with_scripted_rollou
     assert _losses(fsdp) == pytest.approx(reference, abs=1e-5, rel=1e-5)
 
 
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ShardDump.IDS])).logits.float()
+
+
+def _resumes_exactly(tmp_path, layout):
+    """4 steps straight == 2 steps, then ``--ckpt_path`` for 2 more, both on 2 ranks of ``layout`` (to 1e-6).
+    Returns the straight run's last checkpoint, the 2-step checkpoint and the straight run's final logits.
+    """
+    straight, _, straight_dir = _fit(tmp_path, "straight", "sft.yaml", 4, 2, *TWO_CPUS, *layout)
+    first, _, _ = _fit(tmp_path, "split", "sft.yaml", 2, 2, *TWO_CPUS, *layout)
+    ckpt = first / "checkpoints" / "last.ckpt"
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    proc = run_qgen(_stage_args("sft.yaml", tmp_path / "split", 4, "--data.batch_size=2", *TWO_CPUS, *layout,
+                                f"--ckpt_path={ckpt}"), env=_env(resumed_dir))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    resumed = tmp_path / "split" / "lightning_logs" / "version_1"
+    assert _losses(resumed) == pytest.approx(_losses(straight)[2:], abs=1e-6, rel=1e-6)
+    return straight / "checkpoints" / "last.ckpt", ckpt, torch.load(straight_dir / "logits.pt")
+
+
 @pytest.mark.slow
 def test_fsdp2_checkpoint_resumes_exactly_and_loads_in_one_process(tmp_path):
     from qgen.models import load_from_checkpoint
 
-    straight, _, straight_dir = _fit(tmp_path, "straight", "sft.yaml", 4, 2, *TWO_CPUS, *FSDP2)
-    first, _, _ = _fit(tmp_path, "split", "sft.yaml", 2, 2, *TWO_CPUS, *FSDP2)
-    ckpt = first / "checkpoints" / "last.ckpt"
+    last, ckpt, trained = _resumes_exactly(tmp_path, FSDP2)
     state = torch.load(ckpt, weights_only=True)
     # one file, the adapter alone, every tensor whole (gathered), optimizer state for each of them
     names = list(state["state_dict"])
@@ -110,22 +131,10 @@ def test_fsdp2_checkpoint_resumes_exactly_and_loads_in_one_process(tmp_path):
     assert state["state_dict"][names[0]].shape[0] in (8, 256)  # r rows (A) or hidden rows (B): not a half
     assert len(state["optimizer_states"][0]["state"]) == len(names)
 
-    resumed_dir = tmp_path / "resumed"
-    resumed_dir.mkdir()
-    proc = run_qgen(_stage_args("sft.yaml", tmp_path / "split", 4, "--data.batch_size=2", *TWO_CPUS, *FSDP2,
-                                f"--ckpt_path={ckpt}"), env=_env(resumed_dir))  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    resumed = tmp_path / "split" / "lightning_logs" / "version_1"
-    assert _losses(resumed) == pytest.approx(_losses(straight)[2:], abs=1e-6, rel=1e-6)
-
     # the world-size-2 checkpoint in one process (export / predict path): the same logits as the last step's
-    model = load_from_checkpoint(str(straight / "checkpoints" / "last.ckpt"), merge=False)
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([list(range(5, 37))])).logits.float()
-    trained = torch.load(straight_dir / "logits.pt")
+    logits = _logits(load_from_checkpoint(str(last), merge=False))
     assert torch.allclose(logits, trained, atol=1e-5)
-    assert not torch.allclose(logits, load_from_checkpoint(str(ckpt), merge=False)(  # 2 steps earlier: differs
-        input_ids=torch.tensor([list(range(5, 37))])).logits.float(), atol=1e-5)  # fmt: skip
+    assert not torch.allclose(logits, _logits(load_from_checkpoint(str(ckpt), merge=False)), atol=1e-5)  # 2 earlier
 
     # predict with the 2-rank checkpoint on 2 FSDP2 ranks (greedy, over sharded layers with synced_gpus) and in
     # one process: the same text for every prompt, each written once
@@ -136,7 +145,7 @@ def test_fsdp2_checkpoint_resumes_exactly_and_loads_in_one_process(tmp_path):
     for name, layout in (("one", []), ("fsdp2", [*TWO_CPUS, *FSDP2])):
         output = tmp_path / f"pred-{name}.jsonl"
         proc = run_qgen(["predict", "--config", os.path.join(CONFIGS, "sft.yaml"), *LORA, *layout,
-                         f"--ckpt_path={straight / 'checkpoints' / 'last.ckpt'}", "--data.predict_prompts", prompts,
+                         f"--ckpt_path={last}", "--data.predict_prompts", prompts,
                          "--data.batch_size=2", "--trainer.logger=false", *QUIET,
                          "--trainer.callbacks+=callbacks.PredictionWriter", f"--trainer.callbacks.output={output}",
                          "--model.init_args.generation.max_new_tokens=16",
@@ -153,31 +162,19 @@ def test_fsdp2_checkpoint_resumes_exactly_and_loads_in_one_process(tmp_path):
 
     from qgen.export import export
 
-    export(str(straight / "checkpoints" / "last.ckpt"), str(tmp_path / "adapter"))
+    export(str(last), str(tmp_path / "adapter"))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
-    plain = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
-    with torch.no_grad():
-        assert torch.allclose(plain(input_ids=torch.tensor([list(range(5, 37))])).logits.float(), trained, atol=1e-5)
+    assert torch.allclose(_logits(PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()), trained,
+                          atol=1e-5)  # fmt: skip
 
 
 @pytest.mark.slow
 def test_ddp_checkpoint_resumes_exactly_at_two_ranks_and_loads_in_one_process(tmp_path):
     from qgen.models import load_from_checkpoint
 
-    straight, _, straight_dir = _fit(tmp_path, "straight", "sft.yaml", 4, 2, *TWO_CPUS, *DDP)
-    first, _, _ = _fit(tmp_path, "split", "sft.yaml", 2, 2, *TWO_CPUS, *DDP)
-    resumed_dir = tmp_path / "resumed"
-    resumed_dir.mkdir()
-    proc = run_qgen(_stage_args("sft.yaml", tmp_path / "split", 4, "--data.batch_size=2", *TWO_CPUS, *DDP,
-                                f"--ckpt_path={first / 'checkpoints' / 'last.ckpt'}"), env=_env(resumed_dir))  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    resumed = tmp_path / "split" / "lightning_logs" / "version_1"
-    assert _losses(resumed) == pytest.approx(_losses(straight)[2:], abs=1e-6, rel=1e-6)
-    model = load_from_checkpoint(str(straight / "checkpoints" / "last.ckpt"), merge=False)
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([list(range(5, 37))])).logits.float()
-    assert torch.allclose(logits, torch.load(straight_dir / "logits.pt"), atol=1e-5)
+    last, _, trained = _resumes_exactly(tmp_path, DDP)
+    assert torch.allclose(_logits(load_from_checkpoint(str(last), merge=False)), trained, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -203,7 +200,8 @@ def test_on_policy_distillation_under_fsdp2_equals_ddp(tmp_path):
     strategies, so the samples, the token normaliser summed over ranks and the losses equal DDP's.
     """
     distill = ["--model.init_args.lmbda=1.0", "--model.init_args.on_policy_start=0",
-               "--model.init_args.teacher=embedded:default", "--model.init_args.generation.max_new_tokens=16"]  # fmt: skip
+               "--model.init_args.teacher=embedded:default",
+               "--model.init_args.generation.max_new_tokens=16"]  # fmt: skip
     ddp, _, _ = _fit(tmp_path, "ddp", "distill.yaml", 2, 1, *TWO_CPUS, *DDP, *distill)
     fsdp, ranks, _ = _fit(tmp_path, "fsdp2", "distill.yaml", 2, 1, *TWO_CPUS, *FSDP2, *distill)
     assert scalars(fsdp, "train/on_policy") == {0: 1.0, 1: 1.0}
