@@ -93,6 +93,26 @@ def _top_k_rows(mat: sp.csr_matrix, k: int | None) -> sp.csr_matrix:
     return mat
 
 
+@dataclass
+class _PrefixLists:
+    """Prefix filtering of one bank block at one threshold (see :meth:`NoveltyIndex._prefix_lists`)."""
+
+    lists: sp.csr_matrix  # [F, n]: weight of each row's prefix features (inverted lists, by feature)
+    start: np.ndarray  # [n]: global rank of each row's first prefix feature (F: no prefix)
+    suffix_sq: np.ndarray  # [n]: squared norm of each row's suffix (< threshold**2)
+
+
+def _row_max(mat: sp.csr_matrix) -> np.ndarray:
+    """``[rows]`` largest value of each row of a non-negative CSR matrix without duplicates (0 if empty),
+    straight from its data: ``mat.max(axis=1)`` sorts the indices first, the slowest part of the lookup.
+    """
+    out = np.zeros(mat.shape[0], dtype=np.float32)
+    filled = np.diff(mat.indptr) > 0
+    if filled.any():
+        out[filled] = np.maximum.reduceat(mat.data, mat.indptr[:-1][filled])
+    return np.maximum(out, 0.0)
+
+
 class NoveltyIndex:
     """A bank of known questions and the maximum TF-IDF cosine similarity of new texts to it.
 
@@ -104,7 +124,10 @@ class NoveltyIndex:
     a million takes milliseconds. Exact copies still score 1, and so do copies with changed numbers (every
     number is normalised to ``0``). ``top_k=None`` gives the exact cosine. ``keep_bank=False`` fits the
     IDF on ``bank`` but starts with an empty bank (the run's own questions are then added with :meth:`add`).
+    The near-copy decision (:meth:`near_copy_similarity`) is always taken on the exact cosine.
     """
+
+    CHUNK = 2**18  # bank questions per block of the fast index
 
     def __init__(self, bank: list[str], n_features: int = 2**20, top_k: int | None = 64, max_df: float = 0.02,
                  batch: int = 50_000, keep_bank: bool = True):  # fmt: skip
@@ -123,104 +146,154 @@ class NoveltyIndex:
         # n-grams in more than max_df of the bank (and at least 50 questions) say nothing about novelty and
         # make the inverted lists long: they are dropped, like TfidfVectorizer's max_df
         self.stop = (df > max(50, max_df * len(bank))) if top_k is not None else np.zeros(n_features, dtype=bool)
-        self._blocks = [self._weigh(counts).T.tocsr()] if keep_bank else []  # [F, bank] blocks: inverted lists
+        full = self._unit(counts) if keep_bank else None
+        self._blocks = self._pruned_blocks(full) if keep_bank else []  # [F, <= CHUNK] blocks: inverted lists
         self.texts: list[str] = []  # questions added after fitting, in order
         self.initial_size = len(bank) if keep_bank else 0
-        # the exact side (near-copy decisions): full unit TF-IDF rows, and per threshold a prefix-filter index
+        # the exact side (near-copy decisions): full unit TF-IDF rows, and per threshold their prefix lists.
+        # One global feature order for prefix filtering: most common in the bank first (ties by feature id).
         self.df = df
-        self._full = [self.tfidf.transform(counts).astype(np.float32).tocsr()] if keep_bank else []  # [bank, F]
-        self._prefix: dict[float, list[sp.csr_matrix]] = {}  # threshold -> [F, bank] 0/1 blocks
+        self._rank = np.empty(n_features, dtype=np.int64)
+        self._rank[np.lexsort((np.arange(n_features), -df))] = np.arange(n_features)
+        self._full = [full] if keep_bank else []  # [bank, F]
+        self._prefix: dict[float, list[_PrefixLists]] = {}  # threshold -> one per block of _full
 
-    def _weigh(self, counts: sp.csr_matrix) -> sp.csr_matrix:
-        weights = self.tfidf.transform(counts).astype(np.float32).tocsr()
+    def _unit(self, counts: sp.csr_matrix) -> sp.csr_matrix:
+        """``[n, F]`` unit TF-IDF rows of hashed ``counts``: the exact vectors."""
+        return self.tfidf.transform(counts).astype(np.float32).tocsr()
+
+    def _prune(self, unit: sp.csr_matrix) -> sp.csr_matrix:
+        """The fast index's vectors: ``unit`` rows without stop n-grams, their ``top_k`` heaviest kept (in place)."""
         if self.stop.any():
-            weights.data[self.stop[weights.indices]] = 0.0
-            weights.eliminate_zeros()
-        return _top_k_rows(weights, self.top_k)
+            unit.data[self.stop[unit.indices]] = 0.0
+            unit.eliminate_zeros()
+        return _top_k_rows(unit, self.top_k)
+
+    def _pruned_blocks(self, unit: sp.csr_matrix) -> list[sp.csr_matrix]:
+        """The fast index of ``unit`` rows: ``[F, <= CHUNK]`` inverted lists, one per ``CHUNK`` rows. A product
+        with one block accumulates into ``CHUNK`` dense slots, which stay in cache: 1.7x faster than one block
+        for a million questions.
+        """
+        return [self._prune(unit[s : s + self.CHUNK].copy()).T.tocsr() for s in range(0, unit.shape[0], self.CHUNK)]
 
     def vectorize(self, texts: list[str]) -> sp.csr_matrix:
-        return self._weigh(self.hasher.transform(texts))
+        return self._prune(self._unit(self.hasher.transform(texts)))
 
     def __len__(self) -> int:
         return self.initial_size + len(self.texts)
 
     def add(self, texts: list[str]) -> None:
         if texts:
-            counts = self.hasher.transform(texts)
-            self._blocks.append(self._weigh(counts).T.tocsr())
-            full = self.tfidf.transform(counts).astype(np.float32).tocsr()
+            full = self._unit(self.hasher.transform(texts))
+            self._blocks.extend(self._pruned_blocks(full))
             self._full.append(full)
             for threshold, blocks in self._prefix.items():
-                blocks.append(self._prefix_block(full, threshold))
+                blocks.append(self._prefix_lists(full, threshold))
             self.texts.extend(texts)
-            if len(self._blocks) > 8:  # keep the product a few big blocks, not many small ones
-                self._blocks = [sp.hstack(self._blocks, format="csr")]
+            if len(self._full) > 8:  # keep the products a few big blocks, not many small ones
                 self._full = [sp.vstack(self._full, format="csr")]
-                self._prefix = {t: [sp.hstack(b, format="csr")] for t, b in self._prefix.items()}
+                self._blocks = self._pruned_blocks(self._full[0])  # pruning is row by row: the same lists
+                self._prefix = {t: [_PrefixLists(sp.hstack([b.lists for b in blocks], format="csr"),
+                                                 np.concatenate([b.start for b in blocks]),
+                                                 np.concatenate([b.suffix_sq for b in blocks]))]
+                                for t, blocks in self._prefix.items()}  # fmt: skip
 
     # ------------------------------------------------------------------------------ exact near-copy decision
-    def _prefix_block(self, full: sp.csr_matrix, threshold: float) -> sp.csr_matrix:
-        """``[F, n]`` 0/1: each row's *prefix* features (prefix filtering, Bayardo et al. 2007).
+    def _split(self, idx: np.ndarray, weights: np.ndarray, threshold: float):
+        """One unit row (features ``idx``, ``weights``) in the global order, cut into suffix and prefix.
 
-        A row's features are ordered from the most common in the bank (highest document frequency) to the
-        rarest; its suffix is the longest run of common features whose squared weights sum to less than
-        ``threshold**2``, its prefix the rest. For unit vectors ``cos(q, b) = q.b_prefix + q.b_suffix`` and
-        ``q.b_suffix <= |b_suffix| < threshold``, so every ``b`` with ``cos(q, b) >= threshold`` shares a
-        prefix feature with ``q``: candidates from the prefix lists miss no near-copy, while the long lists of
-        common n-grams (``"the "``, ``"已知"``) mostly stay out of the index.
+        Returns ``(order, ranks, mass, k)``: ``idx[order]`` is the row from its most common feature to its
+        rarest, ``ranks`` their global ranks, ``mass[j]`` the squared norm of the first ``j`` of them, and ``k``
+        the length of the suffix: the longest run of most common features whose squared weights sum below
+        ``threshold**2``. The prefix is the rest.
         """
-        rows, cols = [], []
-        for r in range(full.shape[0]):
-            start, end = full.indptr[r], full.indptr[r + 1]
-            prefix = self._prefix_features(full.indices[start:end], full.data[start:end], threshold)
-            rows.append(np.full(len(prefix), r, dtype=np.int64))
-            cols.append(prefix)
+        ranks = self._rank[idx]
+        order = np.argsort(ranks)
+        mass = np.concatenate([[0.0], np.cumsum(weights[order].astype(np.float64) ** 2)])
+        k = int(np.searchsorted(mass[1:], threshold * threshold, side="left"))
+        return order, ranks[order], mass, k
+
+    def _prefix_lists(self, full: sp.csr_matrix, threshold: float) -> _PrefixLists:
+        """The inverted lists of every row's *prefix* features (prefix filtering, Bayardo et al. 2007).
+
+        For unit vectors ``cos(q, b) = q.b_prefix + q.b_suffix`` and ``q.b_suffix <= |b_suffix| < threshold``, so
+        every ``b`` with ``cos(q, b) >= threshold`` shares a prefix feature with ``q``: candidates from the
+        prefix lists miss no near-copy, while the long lists of common n-grams (``"the "``, ``"已知"``) mostly
+        stay out of the index. The lists hold the weights, and each row's prefix start and suffix norm are
+        kept, for the bound that drops most candidates before their exact cosine (:meth:`exact_similarity_above`).
+        """
+        n, n_features = full.shape
+        rows, cols, vals = [], [], []
+        start = np.full(n, n_features, dtype=np.int64)
+        suffix_sq = np.zeros(n, dtype=np.float64)
+        for r in range(n):
+            lo, hi = full.indptr[r], full.indptr[r + 1]
+            idx, weights = full.indices[lo:hi], full.data[lo:hi]
+            order, ranks, mass, k = self._split(idx, weights, threshold)
+            suffix_sq[r] = mass[k]
+            if k < len(order):
+                start[r] = ranks[k]
+            rows.append(np.full(len(order) - k, r, dtype=np.int64))
+            cols.append(idx[order[k:]])
+            vals.append(weights[order[k:]])
         rows_a = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         cols_a = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-        mat = sp.csr_matrix((np.ones(len(rows_a), np.float32), (cols_a, rows_a)), shape=(full.shape[1], full.shape[0]))
-        return mat
-
-    def _prefix_features(self, idx: np.ndarray, weights: np.ndarray, threshold: float) -> np.ndarray:
-        """The prefix of one unit row (features ``idx`` with ``weights``): all but its longest run of most
-        common features whose squared weights sum below ``threshold**2``. Features are ordered by one global
-        order (document frequency, then feature id), the same for bank rows and queries.
-        """
-        order = np.lexsort((idx, -self.df[idx]))  # most common first; ties by feature id
-        suffix_mass = np.cumsum(weights[order].astype(np.float64) ** 2)
-        in_suffix = int(np.searchsorted(suffix_mass, threshold * threshold, side="left"))
-        return idx[order[in_suffix:]]
+        vals_a = np.concatenate(vals) if vals else np.zeros(0, np.float32)
+        lists = sp.csr_matrix((vals_a.astype(np.float32), (cols_a, rows_a)), shape=(n_features, n))
+        return _PrefixLists(lists, start, suffix_sq)
 
     def exact_similarity_above(self, texts: list[str], threshold: float,
-                               counts: sp.csr_matrix | None = None) -> np.ndarray:  # fmt: skip
+                               unit: sp.csr_matrix | None = None) -> np.ndarray:  # fmt: skip
         """``[n]``: the exact TF-IDF cosine to the most similar bank question when it is at least ``threshold``,
-        else ``-1``. Exact: full vectors (no top-k pruning, no dropped n-grams), and no near-copy is missed
-        (prefix-filtered candidates, then the exact cosine of each). ``counts``: the texts already hashed.
+        else ``-1``. Exact: full vectors (no top-k pruning, no dropped n-grams), and no near-copy is missed.
+        ``unit``: the texts' unit TF-IDF rows, when already computed.
 
-        Only the query's own prefix features are looked up in the bank's prefix lists: if ``cos(q, b) >=
-        threshold`` they share a feature in both prefixes (say ``q``'s suffix starts no later than ``b``'s in
-        the global order: every feature they share outside ``q``'s prefix lies in ``q``'s suffix, and those
-        add up to less than ``|q_suffix| < threshold``), so the long lists of ``q``'s common n-grams are skipped.
+        1. Candidates: only the query's own prefix features are looked up in the bank's prefix lists. If
+           ``cos(q, b) >= threshold`` they share a feature in both prefixes (say ``q``'s prefix starts no later
+           than ``b``'s in the global order: every feature they share outside ``b``'s prefix lies in ``b``'s
+           suffix, and those add up to less than ``|b_suffix| < threshold``).
+        2. Bound: with ``m`` the later of the two prefix starts, every shared feature at or after ``m`` is in
+           both prefixes, so the lists give its part of ``q.b`` exactly; the part before ``m`` is at most
+           ``|q_<m| |b_<m|`` (Cauchy-Schwarz), where one factor is a suffix norm (``< threshold``) and the other
+           is known exactly (``q``'s) or bounded by the weight of ``b`` already seen. Candidates whose bound is
+           below ``threshold`` cannot be near-copies.
+        3. The exact cosine of the remaining candidates, from their full rows.
         """
         key = float(threshold)
         if key not in self._prefix:
-            self._prefix[key] = [self._prefix_block(full, key) for full in self._full]
-        counts = self.hasher.transform(texts) if counts is None else counts
-        q = self.tfidf.transform(counts).astype(np.float32).tocsr()  # [n, F] unit rows
+            self._prefix[key] = [self._prefix_lists(full, key) for full in self._full]
+        q = self._unit(self.hasher.transform(texts)) if unit is None else unit  # [n, F] unit rows
         best = np.full(len(texts), -1.0, dtype=np.float32)
         dense = np.zeros(q.shape[1], dtype=np.float32)  # one query at a time, as a dense vector
+        slack = 1e-4  # the bound is taken in float64 from float32 weights; keep every borderline candidate
         for i in range(len(texts)):
             feats, weights = q.indices[q.indptr[i] : q.indptr[i + 1]], q.data[q.indptr[i] : q.indptr[i + 1]]
+            order, ranks, mass, k = self._split(feats, weights, key)
+            if k == len(order):  # no prefix (an empty text): no cosine can reach the threshold
+                continue
+            lookup, lookup_w = feats[order[k:]], weights[order[k:]].astype(np.float64)
+            q_start, q_suffix_sq = ranks[k], mass[k]
             dense[feats] = weights
-            lookup = self._prefix_features(feats, weights, key)
             for full, prefix in zip(self._full, self._prefix[key]):
-                # candidates: the union of the bank's prefix lists of the query's prefix features (gathered)
-                starts, lens = prefix.indptr[lookup], prefix.indptr[lookup + 1] - prefix.indptr[lookup]
+                indptr = prefix.lists.indptr
+                starts, lens = indptr[lookup], indptr[lookup + 1] - indptr[lookup]
                 total = int(lens.sum())
                 if not total:
                     continue
+                # the lists of the query's prefix features, gathered: bank rows and their weights
                 offsets = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(total)
-                cands = np.unique(prefix.indices[offsets])
-                top = float((full[cands] @ dense).max())  # the exact cosine of every candidate
+                rows, b_w = prefix.lists.indices[offsets], prefix.lists.data[offsets].astype(np.float64)
+                cands, where = np.unique(rows, return_inverse=True)
+                shared = np.bincount(where, weights=np.repeat(lookup_w, lens) * b_w, minlength=len(cands))
+                b_seen_sq = np.bincount(where, weights=b_w * b_w, minlength=len(cands))
+                b_start = prefix.start[cands]
+                q_before_sq = mass[np.searchsorted(ranks, b_start, side="left")]  # q's weight ranked before b_start
+                rest = np.where(b_start >= q_start, np.sqrt(q_before_sq * prefix.suffix_sq[cands]),
+                                np.sqrt(q_suffix_sq * np.maximum(1.0 - b_seen_sq, 0.0)))  # fmt: skip
+                cands = cands[shared + rest >= key - slack]
+                if not len(cands):
+                    continue
+                top = float((full[cands] @ dense).max())  # the exact cosine of every remaining candidate
                 if top >= threshold and top > best[i]:
                     best[i] = top
             dense[feats] = 0.0
@@ -233,10 +306,10 @@ class NoveltyIndex:
         fast index's estimate capped at ``threshold`` (the pruned index can overshoot the exact cosine), so no
         reported similarity above the threshold goes without the near-copy decision, and no near-copy is missed.
         """
-        counts = self.hasher.transform(texts)  # hashed once for both paths
-        exact = self.exact_similarity_above(texts, threshold, counts)
+        unit = self._unit(self.hasher.transform(texts))  # hashed and weighed once for both paths
+        exact = self.exact_similarity_above(texts, threshold, unit)
         near = exact > threshold
-        approx = np.minimum(self._max_pruned(self._weigh(counts)), threshold)
+        approx = np.minimum(self._max_pruned(self._prune(unit)), threshold)
         return np.where(near, exact, approx).astype(np.float32), near
 
     def max_similarity(self, texts: list[str]) -> np.ndarray:
@@ -248,9 +321,7 @@ class NoveltyIndex:
     def _max_pruned(self, q: sp.csr_matrix) -> np.ndarray:
         best = np.zeros(q.shape[0], dtype=np.float32)
         for block in self._blocks:
-            sims = (q @ block).tocsr()  # [n, bank_block], sparse
-            if sims.nnz:
-                best = np.maximum(best, sims.max(axis=1).toarray().ravel())
+            best = np.maximum(best, _row_max((q @ block).tocsr()))  # [n, bank_block] sparse, no duplicates
         return best
 
     def nearest(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

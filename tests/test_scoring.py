@@ -9,7 +9,14 @@ from conftest import ROOT, SHARED, needs_shared
 
 from qgen.formatting import parse_question, render_target
 from qgen.records import Question, read_source
-from qgen.scoring import DifficultyModel, NoveltyIndex, group_diversity, heuristic_difficulty, rigor_score
+from qgen.scoring import (
+    DifficultyModel,
+    NoveltyIndex,
+    group_diversity,
+    heuristic_difficulty,
+    normalize_for_similarity,
+    rigor_score,
+)
 
 
 def renumber(text: str) -> str:
@@ -161,6 +168,32 @@ def test_exact_similarity_above_equals_brute_force_at_any_threshold(bundled_bank
     assert above.any()
     np.testing.assert_allclose(got[above], exact[above], atol=1e-5)
     assert (got[exact < threshold - 1e-6] == -1).all()
+
+
+def test_a_chunked_fast_index_with_merged_additions_answers_as_one_block(bundled_bank, monkeypatch):
+    """The fast index is split every ``CHUNK`` questions and additions are merged after 8 of them: the
+    similarities, the nearest positions and the near-copy decisions must not change.
+    """
+    bank, extra = bundled_bank[:300], bundled_bank[300:400]
+    queries = bundled_bank[:40:4] + extra[::10] + ["A question about nothing in the bank at all?"]
+    one = NoveltyIndex(bank)
+    monkeypatch.setattr(NoveltyIndex, "CHUNK", 64)
+    chunked = NoveltyIndex(bank)
+    assert [b.shape[1] for b in chunked._blocks] == [64, 64, 64, 64, 44]
+    for i in range(0, len(extra), 10):
+        one.add(extra[i : i + 10])
+        chunked.add(extra[i : i + 10])
+    assert len(chunked._full) == 3  # merged once, after the 8th addition
+    np.testing.assert_array_equal(chunked.max_similarity(queries), one.max_similarity(queries))
+    sims, where = chunked.nearest(queries)
+    np.testing.assert_array_equal(sims, one.nearest(queries)[0])
+    assert where.tolist() == one.nearest(queries)[1].tolist()
+    texts = bank + extra  # positions count the bank, then the added questions in order
+    found = [normalize_for_similarity(texts[w]) for w in where[10:20]]
+    assert found == [normalize_for_similarity(q) for q in extra[::10]]
+    assert (where[10:20] >= 300).any()  # some are found only among the additions
+    for a, b in zip(chunked.near_copy_similarity(queries, 0.85), one.near_copy_similarity(queries, 0.85)):
+        np.testing.assert_array_equal(a, b)
 
 
 @needs_shared
