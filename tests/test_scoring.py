@@ -149,10 +149,15 @@ def test_the_near_copy_decision_is_exact_where_the_pruned_index_is_not(bundled_b
     assert near_new.tolist() == [True]
 
 
-@pytest.mark.parametrize("threshold", [0.5, 0.7, 0.85, 0.95])
-def test_exact_similarity_above_equals_brute_force_at_any_threshold(bundled_bank, threshold):
-    """Candidates come only from the query's prefix features: no pair at or above the threshold is missed."""
+@pytest.mark.parametrize(("threshold", "margin"), [(0.5, 0.05), (0.7, 0.05), (0.85, 0.05), (0.95, 0.05),
+                                                   (0.85, 0.0), (0.85, 0.4)])  # fmt: skip
+def test_exact_similarity_above_equals_brute_force_at_any_threshold(bundled_bank, threshold, margin, monkeypatch):
+    """Candidates come only from the query's prefix features and are dropped by the bound before their exact
+    cosine: no pair at or above the threshold is missed, whatever the query's prefix margin.
+    """
     import random
+
+    monkeypatch.setattr(NoveltyIndex, "QUERY_MARGIN", margin)
 
     rng = random.Random(1)
     bank = bundled_bank[:400]
