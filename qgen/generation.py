@@ -177,7 +177,7 @@ class QuestionWriterMixin:
             hp = self.hparams
             name = hp.get("backend", "hf")
             device = self.trainer.strategy.root_device if self._trainer is not None else self.device
-            backend = build_backend(name, self.vllm_spec(), hp.get("dtype", "float32"), device)
+            backend = build_backend(name, self.vllm_spec(), hp.get("dtype", "float32"), device, hp.get("quantization"))
             self._generation_backend = backend
         return backend
 

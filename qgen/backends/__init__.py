@@ -24,7 +24,7 @@ from typing import Literal, Protocol
 
 from torch import nn
 
-from qgen.backends.spec import VLLMSpec
+from qgen.backends.spec import VLLMSpec, resolve_weight_sync
 from qgen.sampling import Rollout, generate_group
 
 BACKENDS = ("hf", "vllm")
@@ -80,21 +80,23 @@ def backend_problems(name: str, spec: VLLMSpec, quantization: str | None) -> lis
     if name != "vllm":
         return []
     out = spec.problems()
-    if quantization is not None:
-        out.append(f"model.backend: vllm needs a full-precision base; with model.quantization {quantization} "
-                   "(QLoRA) use backend: hf")  # fmt: skip
+    if quantization is not None and resolve_weight_sync(spec.weight_sync, quantization) == "merged":
+        out.append(f"model.vllm.weight_sync merged cannot push into a {quantization} base (packed weights take no "
+                   "merge): use weight_sync adapter (or auto)")  # fmt: skip
     return out
 
 
-def build_backend(name: str, spec: VLLMSpec | None = None, dtype: str = "float32",
-                  device=None) -> GenerationBackend:  # fmt: skip
-    """The backend called ``name``; ``vllm`` checks that vLLM is importable (one line naming the extra if not)."""
+def build_backend(name: str, spec: VLLMSpec | None = None, dtype: str = "float32", device=None,
+                  quantization: str | None = None) -> GenerationBackend:  # fmt: skip
+    """The backend called ``name``; ``vllm`` checks that vLLM is importable (one line naming the extra if not).
+    ``quantization``: the policy's base (``model.quantization``), which decides the vLLM weight sync.
+    """
     if name == "hf":
         return HFBackend()
     if name == "vllm":
         from qgen.backends.vllm import VLLMBackend
 
-        return VLLMBackend(spec or VLLMSpec(), dtype=dtype, device=device)
+        return VLLMBackend(spec or VLLMSpec(), dtype=dtype, device=device, quantization=quantization)
     raise ValueError(f"model.backend: unknown generation backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 

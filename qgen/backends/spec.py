@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+WEIGHT_SYNCS = ("auto", "merged", "adapter")
+
+
+def resolve_weight_sync(weight_sync: str, quantization: str | None) -> str:
+    """``merged`` or ``adapter`` (see :attr:`VLLMSpec.weight_sync`)."""
+    if weight_sync == "auto":
+        return "adapter" if quantization else "merged"
+    return weight_sync
+
 
 @dataclass
 class VLLMSpec:
@@ -29,6 +38,10 @@ class VLLMSpec:
         predict_wave: ``predict`` / ``test``: prompts handed to the engine at once (continuous batching inside a
             wave; the writer flushes after every Lightning batch, so a killed run loses at most one wave).
         swap_space_gib: CPU memory for swapped-out requests (GPU engines).
+        weight_sync: how the engine gets the policy: ``merged`` (every LoRA layer pushed as ``W + scale * B A``,
+            computed in a copy), ``adapter`` (the engine keeps the base weights and samples through vLLM's own
+            LoRA support, the adapter saved and handed over as a new LoRA request at every sync), or ``auto``:
+            ``adapter`` for a 4-bit / 8-bit base (its packed weights cannot take a merge), ``merged`` otherwise.
     """
 
     gpu_memory_utilization: float = 0.3
@@ -42,6 +55,7 @@ class VLLMSpec:
     seed: int | None = None
     predict_wave: int = 1024
     swap_space_gib: float = 0.0
+    weight_sync: str = "auto"
 
     def problems(self) -> list[str]:
         """What is wrong with these settings, one phrase each (empty when they are valid)."""
@@ -60,4 +74,6 @@ class VLLMSpec:
             out.append("model.vllm.predict_wave must be >= 1")
         if self.swap_space_gib < 0:
             out.append("model.vllm.swap_space_gib must be >= 0")
+        if self.weight_sync not in WEIGHT_SYNCS:
+            out.append(f"model.vllm.weight_sync must be one of {', '.join(WEIGHT_SYNCS)}, got {self.weight_sync!r}")
         return out

