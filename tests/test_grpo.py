@@ -245,6 +245,46 @@ def test_shared_prompt_forward_equals_full_forward(checkpointing):
             torch.testing.assert_close(got[mask], want[mask], atol=1e-4, rtol=1e-4)
 
 
+def test_generation_prefills_each_prompt_once_and_samples_the_same_tokens():
+    """``generate_group`` prefills each prompt once and repeats its cache for the group: the same tokens as the
+    repeated prefill for the same seed (sampled at T = 0.9 with top-p, and greedy), with left-padded prompts
+    of different lengths; and the prompt pass really is one row per prompt.
+    """
+    from qgen.models import load_tokenizer
+    from qgen.sampling import generate_group
+
+    module = small_module()
+    module.configure_model()
+    model, tok = module.model, load_tokenizer(None)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    chat = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    asks = ("Write a hard problem about primes and divisors.", "请命制一道数学填空题。")
+    prompts = [tok(chat.format(t))["input_ids"] for t in asks]
+    assert len(prompts[0]) != len(prompts[1])
+    rows = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda mod, args, kwargs: rows.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        for temperature, top_p in ((0.9, 0.95), (0.0, 1.0)):
+            runs = []
+            for share in (False, True):
+                rows.clear()
+                torch.manual_seed(3)
+                runs.append(generate_group(model, tok, prompts, 4, 24, temperature, top_p, share_prompt=share))
+                width = max(map(len, prompts))
+                assert rows[0] == ((2, width - 1) if share else (8, width)), rows[:2]  # the prompt pass
+            assert runs[0].completion_ids.tolist() == runs[1].completion_ids.tolist(), temperature
+            assert torch.equal(runs[0].sequences, runs[1].sequences)
+            if temperature:
+                assert len(set(runs[1].texts[:4])) > 1  # sampled: the group's rows differ
+    finally:
+        hook.remove()
+
+
 def _sft_checkpoint(root, lora):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
