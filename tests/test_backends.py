@@ -5,6 +5,7 @@ errors; the vLLM engine itself is tested in tests/test_vllm_backend.py.
 import importlib.util
 
 import pytest
+import torch
 
 from qgen.backends import HFBackend, VLLMSpec, backend_problems, build_backend, request_seed
 from qgen.grpo import GRPOModule
@@ -63,3 +64,27 @@ def test_the_adapter_sync_takes_lora_matrices_only_at_a_rank_vllm_accepts():
     model.get_output_embeddings().weight.requires_grad_(True)
     with pytest.raises(ValueError, match="1 other tensors are trained"):
         adapter_rank(model)
+
+
+def test_engine_weights_are_written_one_block_per_file_with_an_index(tmp_path):
+    """The vLLM build writes the policy block by block (one decoder layer in memory at a time): every tensor
+    lands once, in its block's file, and reads back equal.
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    from qgen.backends.vllm import _block, policy_weights, save_weights
+    from qgen.models import load_causal_lm
+
+    model = load_causal_lm(None)
+    files = save_weights(policy_weights(model), str(tmp_path))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    expected = dict(policy_weights(model))
+    blocks = {_block(n) for n in expected}  # every decoder layer, the embedding, the final norm (head tied)
+    assert files == len(set(index.values())) == len(blocks) == model.config.num_hidden_layers + 2
+    assert sorted(index) == sorted(expected)
+    for name, file in index.items():
+        assert torch.equal(load_file(tmp_path / file)[name], expected[name])
+        assert all(n.startswith(f"model.layers.{name.split('.')[2]}.") for n, f in index.items()
+                   if f == file and name.startswith("model.layers."))  # fmt: skip

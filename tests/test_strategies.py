@@ -42,7 +42,7 @@ LORA = {"lora": {"r": 8}}
     (FSDP2, "gpu", {**LORA, "quantization": "nf4"}, "model.quantization nf4: FSDP2 cannot shard"),
     (FSDP2, "gpu", {**LORA, "teacher_quantization": "int8"}, "teacher_quantization null"),
     (FSDP2, "cpu", {"lora": None}, "model.lora null"),
-    (FSDP2, "gpu", {**LORA, "backend": "vllm"}, "weight push reads full parameters"),
+    (FSDP2, "gpu", {**LORA, "backend": "vllm", "vllm": {"weight_sync": "adapter"}}, "would be saved from shards"),
 ])  # fmt: skip
 def test_each_refused_combination_says_why(strategy, accelerator, args, message):
     with pytest.raises(StrategyError, match=message):
@@ -54,6 +54,7 @@ def test_allowed_combinations_pass():
     check_strategy(None, "cpu", {"lora": None})
     check_strategy(FSDP2, "cpu", LORA)  # FSDP2 has a CPU path (gloo): tested in test_sharding.py
     check_strategy(FSDP2, "gpu", {**LORA, "dtype": "bfloat16", "teacher_quantization": None})
+    check_strategy(FSDP2, "cpu", {**LORA, "backend": "vllm"})  # the merged push, gathered parameter by parameter
 
 
 def test_the_cli_refuses_before_creating_anything(tmp_path):

@@ -306,6 +306,36 @@ def test_two_ddp_ranks_sample_what_one_process_samples(tmp_path):
     assert all(len(set(texts)) > 1 for texts in runs["one"]["0"].values())
 
 
+def test_grpo_with_vllm_under_fsdp2_samples_what_ddp_samples(tmp_path):
+    """GRPO with vLLM over FSDP2 shards (2 CPU processes, one engine per rank): the engine is built and synced
+    from parameters gathered one at a time on every rank; its samples at step 0 (the built weights) and step
+    1 (after the first push of the trained weights) and the losses equal DDP's.
+    """
+    from conftest import ROOT, run_qgen
+
+    runs, losses = {}, {}
+    fsdp2 = ["--config", os.path.join(CONFIGS, "strategy", "fsdp2-lora.yaml"), "--model.init_args.dtype=float32",
+             "--trainer.callbacks+=helpers_ddp.ShardDump"]  # fmt: skip
+    layouts = (("ddp", ["--trainer.strategy=ddp"]), ("fsdp2", fsdp2))
+    for name, layout in layouts:
+        dump = tmp_path / name
+        dump.mkdir()
+        args = [a for a in _grpo(dump, 2) if a != "--data.batch_size=2"]
+        proc = run_qgen([*args, "--data.batch_size=1", "--trainer.devices=2", "--trainer.accelerator=cpu",
+                         "--trainer.callbacks+=helpers_ddp.RolloutDump", *layout],
+                        env={"PYTHONPATH": os.path.join(ROOT, "tests"), "QGEN_TEST_DUMP": str(dump)},
+                        timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = [json.loads((dump / f"rollouts_rank{r}.json").read_text(encoding="utf-8")) for r in (0, 1)]
+        losses[name] = scalars(dump / "lightning_logs/version_0", "train/loss")
+    shards = [json.loads((tmp_path / "fsdp2" / f"shard_rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(info["sharded"] > 0 and info["frozen_unchanged"] for info in shards)  # the engine read shards
+    assert all(sorted(rank) == ["0", "1"] for rank in runs["fsdp2"])
+    assert runs["fsdp2"] == runs["ddp"]
+    assert sorted(losses["fsdp2"]) == [0, 1]
+    assert losses["fsdp2"] == pytest.approx(losses["ddp"], abs=1e-5, rel=1e-5)
+
+
 def test_on_policy_distillation_samples_with_vllm(tmp_path):
     """Every step on-policy (lmbda 1): the student (full fine-tune of embedded:mini) writes its sequences with
     the vLLM engine, whose weights follow the student after each step; the run trains and logs as with hf.

@@ -29,8 +29,9 @@ is loaded by the engine from the model's own source with vLLM's bitsandbytes loa
 
 Limits (each refused with one line): ``VLLM_ENABLE_V1_MULTIPROCESSING=1`` (the weight sync hands tensors over
 in-process); the adapter sync with trainable tensors outside the LoRA matrices (``modules_to_save``) or
-without LoRA; a quantized base on CPU. Sharded strategies (FSDP, DeepSpeed) are not handled: the push reads
-full parameters from the trainer's module.
+without LoRA; a quantized base on CPU. FSDP2: every parameter is gathered when its turn comes, in the build
+(written block by block) and in each push, never the whole model at once; FSDP1 and DeepSpeed are not
+shipped (:mod:`qgen.strategies.checks`).
 """
 
 from __future__ import annotations
@@ -104,6 +105,31 @@ def _checkpoint_name(name: str) -> str | None:
     return name
 
 
+def _gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole: an FSDP2 shard (DTensor) is all-gathered (a collective: every rank calls it, in the
+    same order); anything else is returned as it is.
+    """
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _delta_weight(layer, adapter: str) -> torch.Tensor:
+    """``scale * B A`` of one LoRA layer in float32. Over FSDP2 shards the two matrices are gathered first and
+    the product taken as peft's ``get_delta_weight`` takes it for a plain linear layer (what qgen's FSDP2 path
+    trains; DoRA and transposed layers are refused there).
+    """
+    from torch.distributed.tensor import DTensor
+
+    a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    if not (isinstance(a, DTensor) or isinstance(b, DTensor)):
+        return layer.get_delta_weight(adapter).float()
+    if layer.use_dora.get(adapter, False) or getattr(layer, "fan_in_fan_out", False):
+        raise ValueError("model.backend: vllm over FSDP2 shards merges plain LoRA linear layers only (no DoRA, no "
+                         "fan_in_fan_out)")  # fmt: skip
+    return ((_gathered(b) @ _gathered(a)) * layer.scaling[adapter]).float()
+
+
 @torch.no_grad()
 def policy_weights(model: nn.Module, blocks: set[str] | None = None,
                    merge: bool = True) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
@@ -111,7 +137,8 @@ def policy_weights(model: nn.Module, blocks: set[str] | None = None,
 
     ``blocks``: only the parameters of these blocks (``None``: all). A LoRA layer yields
     ``W + sum over active adapters of scale * B A`` (peft's ``get_delta_weight``, added in float32), computed
-    in a new tensor: the trainer's ``W`` is never written. ``merge=False``: the base weights alone.
+    in a new tensor: the trainer's ``W`` is never written. ``merge=False``: the base weights alone. Over FSDP2
+    shards each parameter is gathered when its turn comes (never the whole model), on every rank alike.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -123,14 +150,45 @@ def policy_weights(model: nn.Module, blocks: set[str] | None = None,
             continue
         owner = modules.get(name.rsplit(".base_layer.", 1)[0]) if ".base_layer." in name else None
         if merge and isinstance(owner, LoraLayer) and name.endswith(".base_layer.weight") and not owner.merged:
-            weight = param.detach().float()
+            weight = _gathered(param.detach())
+            merged = weight.float()
             if not owner.disable_adapters:
                 for adapter in owner.active_adapters:
                     if adapter in owner.lora_A:
-                        weight = weight + owner.get_delta_weight(adapter).float()
-            yield target, weight.to(param.dtype)
+                        merged = merged + _delta_weight(owner, adapter)
+            yield target, merged.to(weight.dtype)
         else:
-            yield target, param.detach()
+            yield target, _gathered(param.detach())
+
+
+def save_weights(weights: Iterator[tuple[str, torch.Tensor]], folder: str) -> int:
+    """Write ``weights`` as a sharded safetensors checkpoint, one file per block (:func:`_block`) and an index,
+    holding one block in host memory at a time; returns the number of files.
+    """
+    import json
+
+    weight_map: dict[str, str] = {}
+    block, current, files, total = None, {}, 0, 0
+
+    def flush() -> None:
+        nonlocal files, total
+        if current:
+            files += 1
+            name = f"model-{files:05d}.safetensors"
+            save_file(current, os.path.join(folder, name))
+            weight_map.update(dict.fromkeys(current, name))
+            total += sum(t.numel() * t.element_size() for t in current.values())
+            current.clear()
+
+    for name, tensor in weights:
+        if _block(name) != block:
+            flush()
+            block = _block(name)
+        current[name] = tensor.detach().to("cpu").contiguous()
+    flush()
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+    return files
 
 
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM's max_lora_rank accepts
@@ -246,8 +304,7 @@ class VLLMBackend:
             # the policy as it is now, LoRA merged in copies (the trainer's weights are untouched), or the base
             # alone for the adapter sync; vLLM's dummy load followed by an in-place reload leaves its
             # CPU-repacked linear layers at their random values
-            save_file({name: t.contiguous() for name, t in policy_weights(model, merge=not adapter)},
-                      os.path.join(self._folder, "model.safetensors"))  # fmt: skip
+            save_weights(policy_weights(model, merge=not adapter), self._folder)
         max_len = self.spec.max_model_len or min(int(getattr(config, "max_position_embeddings", 4096)), 4096)
         eager = self.on_cpu if self.spec.enforce_eager is None else self.spec.enforce_eager
         kwargs = dict(model=source, tokenizer=self._folder, dtype=self.dtype, seed=0,

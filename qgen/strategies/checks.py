@@ -91,6 +91,9 @@ def check_strategy(strategy: Any, accelerator: Any, model_args: Any) -> None:
         raise StrategyError(f"{where} with model.lora null: qgen's FSDP2 path trains LoRA adapters (the output "
                             "layer stays replicated and frozen); set model.lora, or use ddp for full "
                             "fine-tuning")  # fmt: skip
-    if model_args.get("backend") == "vllm":
-        raise StrategyError(f"{where} with model.backend vllm: the engine's weight push reads full parameters, "
-                            "which sharding splits; use backend: hf or ddp")  # fmt: skip
+    vllm = model_args.get("vllm") or {}
+    weight_sync = vllm.get("weight_sync", "auto") if isinstance(vllm, dict) else getattr(vllm, "weight_sync", "auto")
+    if model_args.get("backend") == "vllm" and weight_sync == "adapter":
+        raise StrategyError(f"{where} with model.vllm.weight_sync adapter: the adapter would be saved from shards; "
+                            "under FSDP2 the engine takes the merged push, gathered one parameter at a time "
+                            "(weight_sync merged or auto)")  # fmt: skip
