@@ -153,7 +153,6 @@ class NoveltyIndex:
         self.initial_size = len(bank) if keep_bank else 0
         # the exact side (near-copy decisions): full unit TF-IDF rows, and per threshold their prefix lists.
         # One global feature order for prefix filtering: most common in the bank first (ties by feature id).
-        self.df = df
         self._rank = np.empty(n_features, dtype=np.int64)
         self._rank[np.lexsort((np.arange(n_features), -df))] = np.arange(n_features)
         self._full = [full] if keep_bank else []  # [bank, F]

@@ -258,7 +258,7 @@ class VLLMBackend:
         problems = backend_problems("vllm", spec, quantization)
         if problems:
             raise ValueError("; ".join(problems))
-        self.spec, self.dtype, self.quantization = spec, dtype, quantization
+        self.spec, self.dtype = spec, dtype
         self.weight_sync = resolve_weight_sync(spec.weight_sync, quantization)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.on_cpu = self.device.type == "cpu"
