@@ -97,13 +97,13 @@ class SolverDifficulty(RewardCallback):
         self.stats: dict[str, float] = {}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        from qgen.strategies import FSDP2Strategy, StrategyError
+        from qgen.strategies import StrategyError, shards_weights
 
-        if isinstance(trainer.strategy, FSDP2Strategy) and self.solver is None:
+        if shards_weights(trainer.strategy) and self.solver is None:
             # each rank solves a different number of its own new questions: over sharded layers (a collective
             # per forward) the ranks would fall out of step and hang
             raise StrategyError("SolverDifficulty samples a data-dependent number of solutions per rank, which "
-                                "sharded layers cannot do; under FSDP2 use the difficulty model "
+                                "sharded layers cannot do; under FSDP use the difficulty model "
                                 "(callbacks.DifficultyReward)")
         super().setup(trainer, pl_module, stage)
         if self.solver is None:

@@ -115,9 +115,21 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter's name without the module levels that FSDP1 units (and checkpoint wrappers) insert: the
+    name the same parameter has in an unwrapped model, as checkpoints store it.
+    """
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 def slim_checkpoint(module: nn.Module, checkpoint: dict[str, Any]) -> None:
     """``on_save_checkpoint`` of every stage: keep the trainable weights only, add the RNG states."""
-    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    names = {clean_name(n) for n, p in module.named_parameters() if p.requires_grad}
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
     checkpoint["rng_states"] = get_rng_states()
 

@@ -444,9 +444,9 @@ class QuestionDataModule(L.LightningDataModule):
         items = build_prompt_items(self.tokenizer, rows, counts, self.skip_prediction_keys)
         dataset, sampler = PromptDataset(items), None
         trainer = self.trainer
-        from qgen.strategies import FSDP2Strategy
+        from qgen.strategies import shards_weights
 
-        if trainer is not None and isinstance(trainer.strategy, FSDP2Strategy) and trainer.world_size > 1:
+        if trainer is not None and shards_weights(trainer.strategy) and trainer.world_size > 1:
             # over sharded layers every rank must take the same number of generate calls: Lightning's predict
             # sampler gives ranks unequal shares (5 prompts: 3 and 2), so pad as training does, by repeating
             # prompts; the writer keeps one row per key

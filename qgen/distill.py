@@ -194,12 +194,14 @@ class DistillModule(StageModule):
 
             teacher_backbone = checkpoint_backbone(name)["model_name_or_path"]
             teacher = load_from_checkpoint(name, merge=True, quantization=hp.teacher_quantization,
-                                           dtype=hp.teacher_dtype or hp.dtype, device=device)  # fmt: skip
+                                           dtype=hp.teacher_dtype or hp.dtype, device=device,
+                                           quant_storage=self.quant_storage(hp.teacher_dtype or hp.dtype))  # fmt: skip
         else:
             teacher_backbone = name
             teacher = load_causal_lm(name, None, hp.teacher_quantization, hp.teacher_dtype or hp.dtype, device=device,
                                      frozen=True, attn_implementation=hp.attn_implementation,
-                                     empty=self.builds_empty()).eval()  # fmt: skip
+                                     empty=self.builds_empty(),
+                                     quant_storage=self.quant_storage(hp.teacher_dtype or hp.dtype)).eval()  # fmt: skip
             teacher.requires_grad_(False)
         if resolve(teacher_backbone) != resolve(hp.model_name_or_path):
             check_same_tokenizer(load_tokenizer(hp.model_name_or_path), load_tokenizer(teacher_backbone), name)

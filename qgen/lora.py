@@ -109,6 +109,7 @@ class FastLoraLinear(PeftLoraLinear):
             name not in self.lora_A
             or name in getattr(self, "lora_variant", {})  # DoRA and friends
             or type(base) is not nn.Linear
+            or type(self.lora_A[name]) is not nn.Linear  # e.g. an FSDP1 unit: its weight is a shard outside forward
             or base.weight.requires_grad
             or (base.bias is not None and base.bias.requires_grad)
             or self.lora_B[name].bias is not None

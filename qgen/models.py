@@ -234,11 +234,14 @@ def load_causal_lm(
     attn_implementation: str = "sdpa",
     liger_kernels: bool = False,
     empty: bool = False,
+    quant_storage: torch.dtype | None = None,
 ) -> nn.Module:
     """Load a causal LM, optionally quantized (bitsandbytes) and wrapped with a LoRA adapter (peft).
     ``liger_kernels``: Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (CUDA; :func:`check_liger`).
     ``empty``: the same model on the meta device, no weight read (ranks > 0 under FSDP2, which receive their
     shards from rank 0: host memory holds one copy of the weights per node, not one per rank).
+    ``quant_storage``: the dtype 4-bit weights are packed into (``bnb_4bit_quant_storage``; FSDP1 needs its
+    ``param_dtype`` there, :meth:`qgen.strategies.FSDP1Strategy.quant_storage`); ``None``: bitsandbytes' uint8.
 
     Quantized weights are loaded straight onto ``device`` (bitsandbytes quantizes on load); everything
     else is loaded on CPU and moved by Lightning. ``frozen`` models (teachers) may be quantized without
@@ -256,6 +259,7 @@ def load_causal_lm(
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=_DTYPES[dtype],
+            **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
         )
         kwargs["device_map"] = {"": str(device or "cpu")}
     if empty:
@@ -534,6 +538,7 @@ def load_from_checkpoint(
     quantization: Literal["nf4", "int8"] | None = None,
     dtype: Literal["float32", "bfloat16", "float16"] | None = None,
     device: torch.device | str | None = None,
+    quant_storage: torch.dtype | None = None,
 ) -> nn.Module:
     """The model a qgen ``.ckpt`` describes, frozen and in eval mode: its backbone (or, for a GRPO run started
     from SFT, the SFT model it was built on), its LoRA adapter (if any) and its trained weights.
@@ -550,7 +555,8 @@ def load_from_checkpoint(
         model = load_policy(base_from, info["model_name_or_path"], dtype, device)
         model = add_lora(model, lora) if lora is not None else model
     else:
-        model = load_causal_lm(info["model_name_or_path"], lora, quantization, dtype, device=device, frozen=True)
+        model = load_causal_lm(info["model_name_or_path"], lora, quantization, dtype, device=device, frozen=True,
+                               quant_storage=quant_storage)  # fmt: skip
     load_trainable_weights(model, ckpt_path)
     if lora is not None and merge and quantization is None:
         model = model.merge_and_unload()

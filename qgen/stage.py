@@ -49,12 +49,22 @@ class StageModule(QuestionWriterMixin, L.LightningModule):
         """
         return self._trainer is not None and getattr(self.trainer.strategy, "builds_empty", False)
 
+    def quant_storage(self, dtype: str) -> torch.dtype | None:
+        """The dtype 4-bit weights are stored in under this run's strategy (FSDP1: its param dtype, as it
+        flattens no integers); ``None``: bitsandbytes' default.
+        """
+        from qgen.models import _DTYPES
+
+        storage = getattr(self.trainer.strategy, "quant_storage", None) if self._trainer is not None else None
+        return storage(_DTYPES[dtype]) if storage is not None else None
+
     def load_backbone(self) -> torch.nn.Module:
         hp = self.hparams
         return load_causal_lm(hp.model_name_or_path, self.lora, hp.quantization, hp.dtype, hp.gradient_checkpointing,
                               device=self.target_device(),
                               attn_implementation=hp.get("attn_implementation", "sdpa"),
-                              liger_kernels=hp.get("liger_kernels", False), empty=self.builds_empty())  # fmt: skip
+                              liger_kernels=hp.get("liger_kernels", False), empty=self.builds_empty(),
+                              quant_storage=self.quant_storage(hp.dtype))  # fmt: skip
 
     def configure_optimizers(self):
         return configure_optimizers(

@@ -52,7 +52,7 @@ class ShardDump(Callback):
         self.info = {
             "full_numel": sum(p.numel() for _, p in params),
             "local_numel": sum(local(p).numel() for _, p in params),
-            "sharded": sum(isinstance(p, DTensor) for _, p in params),
+            "sharded": sum(isinstance(p, DTensor) or "_fsdp_wrapped_module." in n for n, p in params),  # FSDP2 or 1
             "optimizer_tensors": len(optimized),
             "trainable_tensors": sum(p.requires_grad for _, p in params),
             "optimizer_all_trainable": all(p.requires_grad for _, p in params if id(p) in optimized),
@@ -68,8 +68,9 @@ class ShardDump(Callback):
         from torch.distributed.tensor import DTensor
 
         local = lambda p: p.to_local() if isinstance(p, DTensor) else p  # noqa: E731
+        bits = lambda t: t.detach().contiguous().flatten().view(torch.uint8)  # noqa: E731 - 4-bit storage holds NaN bit patterns
         self.info["frozen_unchanged"] = all(
-            torch.equal(local(p).detach(), self.frozen[n]) for n, p in pl_module.named_parameters() if n in self.frozen
+            torch.equal(bits(local(p)), bits(self.frozen[n])) for n, p in pl_module.named_parameters() if n in self.frozen
         )
         model = pl_module.model
         was_training = model.training

@@ -1,8 +1,10 @@
-"""Past one process on this CPU machine: FSDP2 (qgen.strategies.FSDP2Strategy) and DDP with 2 gloo processes,
-and a two-node torchrun launch simulated with one process per "node".
+"""Past one process on this CPU machine: FSDP2 (qgen.strategies.FSDP2Strategy), FSDP1 (qgen.strategies.
+FSDP1Strategy, torch's CPU path) and DDP with 2 gloo processes, and a two-node torchrun launch simulated with
+one process per "node".
 
-Every run is the embedded default with a LoRA adapter in float32, 3 steps, so that 1 process, DDP x 2 and
-FSDP2 x 2 see the same 4 examples per step and must produce the same losses.
+Every run is the embedded default with a LoRA adapter in float32, 3 steps, so that 1 process, DDP x 2,
+FSDP2 x 2 and FSDP1 x 2 see the same 4 examples per step and must produce the same losses; the FSDP1 QLoRA
+overlay also runs as shipped (4-bit weights stored in bf16, bitsandbytes' CPU kernels).
 """
 
 import json
@@ -19,6 +21,8 @@ from helpers_ddp import ShardDump
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 TWO_CPUS = ["--trainer.devices=2", "--trainer.accelerator=cpu"]
 FSDP2 = ["--config", os.path.join(CONFIGS, "strategy", "fsdp2-lora.yaml"), "--model.init_args.dtype=float32"]
+FSDP1_QLORA = ["--config", os.path.join(CONFIGS, "strategy", "fsdp-qlora.yaml")]
+FSDP1 = [*FSDP1_QLORA, "--model.init_args.quantization=null", "--model.init_args.dtype=float32"]
 DDP = ["--config", os.path.join(CONFIGS, "strategy", "ddp.yaml")]
 LORA = ["--model.init_args.lora.r=8", "--model.init_args.lora.dropout=0.0"]
 
@@ -52,18 +56,30 @@ def _losses(run):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config, extra, fsdp_extra", [
-    # FSDP2 with activation checkpointing inside its units (as the Qwen3-14B configs run): same losses
-    ("sft.yaml", [], ["--model.init_args.gradient_checkpointing=true"]),
+    # FSDP with activation checkpointing inside its units (as the Qwen3-14B configs run); plain SGD with
+    # gradients clipped on every step, so that the update is the clip's (AdamW would cancel a clip's scale):
+    # the norm must be the global one, over shards and ranks
+    ("sft.yaml", ["--trainer.gradient_clip_val=0.05", "--model.init_args.optimizer=torch.optim.SGD",
+                  "--model.init_args.optimizer.init_args.lr=20.0"], ["--model.init_args.gradient_checkpointing=true"]),
     ("distill.yaml", ["--model.init_args.lmbda=0.0", "--model.init_args.teacher=embedded:default"], []),  # off-policy
 ], ids=["sft", "distill"])  # fmt: skip
-def test_one_process_ddp_and_fsdp2_train_the_same(tmp_path, config, extra, fsdp_extra):
+def test_one_process_ddp_fsdp2_and_fsdp1_train_the_same(tmp_path, config, extra, fsdp_extra):
     one, (single,), _ = _fit(tmp_path, "one", config, 3, 4, *extra)
     ddp, _, _ = _fit(tmp_path, "ddp", config, 3, 2, *TWO_CPUS, *DDP, *extra)
     fsdp, ranks, _ = _fit(tmp_path, "fsdp2", config, 3, 2, *TWO_CPUS, *FSDP2, *extra, *fsdp_extra)
+    fsdp1, ranks1, _ = _fit(tmp_path, "fsdp1", config, 3, 2, *TWO_CPUS, *FSDP1, *extra, *fsdp_extra)
     reference = _losses(one)
     assert len(reference) == 3
     assert _losses(ddp) == pytest.approx(reference, abs=1e-5, rel=1e-5)
     assert _losses(fsdp) == pytest.approx(reference, abs=1e-5, rel=1e-5)
+    assert _losses(fsdp1) == pytest.approx(reference, abs=1e-5, rel=1e-5)
+
+    # FSDP1: each rank holds about half of the weights (its shards of every unit, plus the replicated output
+    # layer), only the adapter reaches the optimizer, the frozen base is bit-identical after 3 steps
+    for info in ranks1:
+        assert 0.45 * single["full_numel"] < info["local_numel"] < 0.62 * single["full_numel"]
+        assert info["optimizer_tensors"] == info["trainable_tensors"] == single["trainable_tensors"] > 0
+        assert info["optimizer_all_trainable"] and info["frozen_unchanged"]
 
     # FSDP2 shards the policy (and the teacher): each rank holds about half of the sharded weights; rank 1
     # built its models on the meta device and received rank 0's weights (one host copy, not one per rank)
@@ -119,6 +135,29 @@ def _resumes_exactly(tmp_path, layout):
     return straight / "checkpoints" / "last.ckpt", ckpt, torch.load(straight_dir / "logits.pt")
 
 
+def _predicts_as_one_process(tmp_path, ckpt, layout):
+    """Greedy ``predict`` with ``ckpt`` on 2 ranks of ``layout`` writes the same text for every prompt as one
+    process, each prompt once.
+    """
+    from conftest import write_jsonl
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"p{i}", "subject": "Algebra"} for i in range(5)])
+    written = {}
+    for name, args in (("one", []), ("sharded", [*TWO_CPUS, *layout])):
+        output = tmp_path / f"pred-{name}.jsonl"
+        proc = run_qgen(["predict", "--config", os.path.join(CONFIGS, "sft.yaml"), *LORA, *args,
+                         f"--ckpt_path={ckpt}", "--data.predict_prompts", prompts,
+                         "--data.batch_size=2", "--trainer.logger=false", *QUIET,
+                         "--trainer.callbacks+=callbacks.PredictionWriter", f"--trainer.callbacks.output={output}",
+                         "--model.init_args.generation.max_new_tokens=16",
+                         "--model.init_args.generation.temperature=0"], cwd=tmp_path)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        rows = [json.loads(line) for line in output.read_text().splitlines()]
+        written[name] = {row["key"]: row["text"] for row in rows}
+        assert len(rows) == 5
+    assert sorted(written["one"]) == [f"p{i}#0" for i in range(5)] and written["sharded"] == written["one"]
+
+
 @pytest.mark.slow
 def test_fsdp2_checkpoint_resumes_exactly_and_loads_in_one_process(tmp_path):
     from qgen.models import load_from_checkpoint
@@ -138,23 +177,7 @@ def test_fsdp2_checkpoint_resumes_exactly_and_loads_in_one_process(tmp_path):
 
     # predict with the 2-rank checkpoint on 2 FSDP2 ranks (greedy, over sharded layers with synced_gpus) and in
     # one process: the same text for every prompt, each written once
-    from conftest import write_jsonl
-
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": f"p{i}", "subject": "Algebra"} for i in range(5)])
-    written = {}
-    for name, layout in (("one", []), ("fsdp2", [*TWO_CPUS, *FSDP2])):
-        output = tmp_path / f"pred-{name}.jsonl"
-        proc = run_qgen(["predict", "--config", os.path.join(CONFIGS, "sft.yaml"), *LORA, *layout,
-                         f"--ckpt_path={last}", "--data.predict_prompts", prompts,
-                         "--data.batch_size=2", "--trainer.logger=false", *QUIET,
-                         "--trainer.callbacks+=callbacks.PredictionWriter", f"--trainer.callbacks.output={output}",
-                         "--model.init_args.generation.max_new_tokens=16",
-                         "--model.init_args.generation.temperature=0"], cwd=tmp_path)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        rows = [json.loads(line) for line in output.read_text().splitlines()]
-        written[name] = {row["key"]: row["text"] for row in rows}
-        assert len(rows) == 5
-    assert sorted(written["one"]) == [f"p{i}#0" for i in range(5)] and written["fsdp2"] == written["one"]
+    _predicts_as_one_process(tmp_path, last, FSDP2)
 
     # exported as a PEFT adapter folder, it loads in plain transformers + peft with the same logits
     from peft import PeftModel
@@ -170,6 +193,47 @@ def test_fsdp2_checkpoint_resumes_exactly_and_loads_in_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp1_checkpoint_resumes_exactly_and_loads_in_one_process(tmp_path):
+    """FSDP1 gathers the adapter one unit at a time into one file (and the optimizer state by name): it resumes
+    exactly at 2 ranks, gives the trained logits in one process, and predicts on 2 ranks as one process does.
+    """
+    from qgen.models import load_from_checkpoint
+
+    last, ckpt, trained = _resumes_exactly(tmp_path, FSDP1)
+    state = torch.load(ckpt, weights_only=True)
+    # every adapter tensor whole and under its unwrapped name; the optimizer's moments whole beside it
+    from qgen.models import LoraSpec, load_causal_lm
+
+    unwrapped = load_causal_lm(None, LoraSpec(r=8, dropout=0.0), device="cpu")
+    assert {n: tuple(v.shape) for n, v in state["state_dict"].items()} == {
+        f"model.{n}": tuple(p.shape) for n, p in unwrapped.named_parameters() if p.requires_grad
+    }
+    moments = state["optimizer_states"][0]["state"]
+    assert all(moments[n]["exp_avg"].shape == v.shape for n, v in state["state_dict"].items())
+    assert torch.allclose(_logits(load_from_checkpoint(str(last), merge=False)), trained, atol=1e-5)
+    _predicts_as_one_process(tmp_path, last, FSDP1)  # greedy generation over FSDP1 units (synced_gpus)
+
+
+@pytest.mark.slow
+def test_fsdp1_qlora_overlay_trains_as_shipped(tmp_path):
+    """configs/strategy/fsdp-qlora.yaml as shipped (NF4 weights stored in bf16, bf16 compute) on 2 CPU ranks:
+    the 4-bit base is sharded and bit-identical after training, only the adapter is optimised and saved, and
+    the losses follow one process's QLoRA run (to 1e-3: under FSDP1 the norms, embeddings and output layer
+    compute in bf16, where peft's k-bit preparation keeps them in float32).
+    """
+    qlora = ["--model.init_args.quantization=nf4", "--model.init_args.dtype=bfloat16"]
+    one, (single,), _ = _fit(tmp_path, "one", "sft.yaml", 3, 4, *qlora)
+    run, ranks, _ = _fit(tmp_path, "fsdp1", "sft.yaml", 3, 2, *TWO_CPUS, *FSDP1_QLORA)
+    assert _losses(run) == pytest.approx(_losses(one), rel=1e-3)
+    for info in ranks:
+        assert info["sharded"] > 0 and info["frozen_unchanged"] and info["optimizer_all_trainable"]
+        assert info["local_numel"] < 0.5 * single["full_numel"]
+        assert info["optimizer_tensors"] == info["trainable_tensors"] == single["trainable_tensors"]
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert len(state) == single["trainable_tensors"] and all(v.dtype == torch.float32 for v in state.values())
+
+
+@pytest.mark.slow
 def test_ddp_checkpoint_resumes_exactly_at_two_ranks_and_loads_in_one_process(tmp_path):
     from qgen.models import load_from_checkpoint
 
@@ -178,20 +242,21 @@ def test_ddp_checkpoint_resumes_exactly_at_two_ranks_and_loads_in_one_process(tm
 
 
 @pytest.mark.slow
-def test_grpo_under_fsdp2_samples_and_trains_as_under_ddp(tmp_path):
+def test_grpo_under_fsdp2_and_fsdp1_samples_and_trains_as_under_ddp(tmp_path):
     """Rollouts over sharded layers: every rank decodes until all are done (synced_gpus), nothing hangs; each
-    rank draws from the same RNG state under both strategies, so the samples and losses equal DDP's.
+    rank draws from the same RNG state under every strategy, so the samples and losses equal DDP's.
     """
     grpo = ["--model.init_args.group_size=4", "--model.init_args.max_new_tokens=24",
             "--trainer.callbacks+=helpers_ddp.RolloutDump"]  # fmt: skip
     ddp, _, ddp_dir = _fit(tmp_path, "ddp", "grpo.yaml", 2, 1, *TWO_CPUS, *DDP, *grpo)
-    run, ranks, fsdp_dir = _fit(tmp_path, "fsdp2", "grpo.yaml", 2, 1, *TWO_CPUS, *FSDP2, *grpo)
-    assert all(info["frozen_unchanged"] and info["sharded"] > 0 for info in ranks)
-    rollouts = [json.loads((fsdp_dir / f"rollouts_rank{r}.json").read_text()) for r in (0, 1)]
-    assert all(len(texts) == 4 for rank in rollouts for step in rank.values() for texts in step.values())
-    assert rollouts == [json.loads((ddp_dir / f"rollouts_rank{r}.json").read_text()) for r in (0, 1)]
-    assert len(_losses(run)) == 2
-    assert _losses(run) == pytest.approx(_losses(ddp), abs=1e-5, rel=1e-5)
+    for layout, sharded in (("fsdp2", FSDP2), ("fsdp1", FSDP1)):
+        run, ranks, fsdp_dir = _fit(tmp_path, layout, "grpo.yaml", 2, 1, *TWO_CPUS, *sharded, *grpo)
+        assert all(info["frozen_unchanged"] and info["sharded"] > 0 for info in ranks), layout
+        rollouts = [json.loads((fsdp_dir / f"rollouts_rank{r}.json").read_text()) for r in (0, 1)]
+        assert all(len(texts) == 4 for rank in rollouts for step in rank.values() for texts in step.values())
+        assert rollouts == [json.loads((ddp_dir / f"rollouts_rank{r}.json").read_text()) for r in (0, 1)], layout
+        assert len(_losses(run)) == 2
+        assert _losses(run) == pytest.approx(_losses(ddp), abs=1e-5, rel=1e-5), layout
 
 
 @pytest.mark.slow
@@ -258,7 +323,7 @@ def test_the_slurm_template_runs_the_fit_that_its_comments_describe(capsys):
         re.search(r"^#SBATCH --gpus-per-node=(\d+)$", text, re.M).group(1)  # fmt: skip
     command = text[text.index("srun python -m qgen fit") :].replace("\\\n", " ").split()
     for stage in ("qwen3-14b-sft.yaml", "qwen3-14b-grpo.yaml"):
-        for strategy in ("ddp", "fsdp2-lora"):
+        for strategy in ("ddp", "fsdp2-lora", "fsdp-qlora"):
             values = {"$CONFIG": os.path.join(CONFIGS, stage), "$STRATEGY": strategy, "$SLURM_NNODES": "2",
                       "$SLURM_NTASKS_PER_NODE": "8", "$@": ""}  # fmt: skip
             args = [a.replace('"', "") for a in command[5:]]

@@ -6,8 +6,8 @@
 #   NNODES=2 GPUS_PER_NODE=8 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash configs/launch/torchrun.sh   # on node 0
 #   NNODES=2 GPUS_PER_NODE=8 NODE_RANK=1 MASTER_ADDR=10.0.0.1 bash configs/launch/torchrun.sh   # on node 1
 #
-# Settings (environment): CONFIG (a stage config), STRATEGY (an overlay in configs/strategy/: ddp or
-# fsdp2-lora), MASTER_PORT, PYTHON; extra arguments go to `qgen fit` (e.g. --ckpt_path last to resume).
+# Settings (environment): CONFIG (a stage config), STRATEGY (an overlay in configs/strategy/: ddp,
+# fsdp-qlora or fsdp2-lora), MASTER_PORT, PYTHON; extra arguments go to `qgen fit` (e.g. --ckpt_path last to resume).
 # Every node must see the same repository, data and (for resuming) lightning_logs/ folder, e.g. on shared
 # storage. tests/test_sharding.py runs this script as two one-process "nodes" on one machine.
 set -euo pipefail

@@ -36,6 +36,26 @@ def compute_dtype(model: nn.Module) -> torch.dtype:
     return (frozen or floating)[0].dtype
 
 
+def decoder_parts(model: nn.Module, engine: str) -> tuple[nn.Module, nn.ModuleList, list[nn.Parameter]]:
+    """The decoder, its layers and the decoder weights tied to the output layer (kept replicated), of a model
+    to shard with ``engine``; :class:`StrategyError` for a model without decoder layers or with a trainable
+    output layer.
+    """
+    from qgen.strategies.checks import StrategyError
+
+    decoder = model.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise StrategyError(f"{engine}: {type(decoder).__name__} has no decoder layers to shard (get_decoder().layers)")
+    head = model.get_output_embeddings()
+    head_params = {id(p) for p in head.parameters()} if head is not None else set()
+    trainable_head = [n for n, p in model.named_parameters() if p.requires_grad and id(p) in head_params]
+    if trainable_head:
+        raise StrategyError(f"{engine}: the output layer is trainable ({trainable_head[0]}); qgen's sharded path "
+                            "trains LoRA adapters on a frozen base (model.lora; not on lm_head)")  # fmt: skip
+    return decoder, layers, [p for p in decoder.parameters() if id(p) in head_params]
+
+
 def shard_model(model: nn.Module, mesh: Any, param_dtype: Literal["auto", "bfloat16", "float32"] = "auto") -> nn.Module:
     """Shard a (PEFT) causal LM in place with FSDP2: one unit per decoder layer, the decoder as root; the
     output layer (and a tied embedding) replicated. Raises :class:`StrategyError` for a model whose trainable
@@ -49,23 +69,13 @@ def shard_model(model: nn.Module, mesh: Any, param_dtype: Literal["auto", "bfloa
 
     from qgen.strategies.checks import StrategyError
 
-    decoder = model.get_decoder()
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise StrategyError(f"FSDP2: {type(decoder).__name__} has no decoder layers to shard (get_decoder().layers)")
-    head = model.get_output_embeddings()
-    head_params = {id(p) for p in head.parameters()} if head is not None else set()
-    trainable_head = [n for n, p in model.named_parameters() if p.requires_grad and id(p) in head_params]
-    if trainable_head:
-        raise StrategyError(f"FSDP2: the output layer is trainable ({trainable_head[0]}); qgen's FSDP2 path trains "
-                            "LoRA adapters on a frozen base (model.lora; not on lm_head)")  # fmt: skip
+    decoder, layers, tied = decoder_parts(model, "FSDP2")
     dtype = compute_dtype(model) if param_dtype == "auto" else getattr(torch, param_dtype)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
-    tied = {p for p in decoder.parameters() if id(p) in head_params}
     # the root too frees its gathered weights after forward: a frozen teacher runs no backward that would
-    fully_shard(decoder, mesh=mesh, mp_policy=policy, ignored_params=tied or None, reshard_after_forward=True)
+    fully_shard(decoder, mesh=mesh, mp_policy=policy, ignored_params=set(tied) or None, reshard_after_forward=True)
     stray = [n for n, p in model.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
     if stray:
         raise StrategyError(f"FSDP2: trainable weights outside the decoder's layers would not be synchronised "
