@@ -8,15 +8,16 @@ the architecture comes from ``qgen/arch/<name>.json`` for the hub models the shi
 0.6B, 4B, 14B, 32B), from a local folder's ``config.json``, or from the embedded default.
 
 What is counted, per GPU, for each shipped strategy (``configs/strategy/``) that can run the config (columns):
-``ddp`` (the config as written) and ``fsdp2-lora`` (the config with the FSDP2 overlay: bf16 base weights,
-never quantized, sharded; LoRA only):
+``ddp`` (the config as written), ``fsdp-qlora`` (the config with the FSDP1 overlay: NF4 linear weights
+stored in bf16, the other frozen weights in bf16, all sharded; LoRA only) and ``fsdp2-lora`` (the config with
+the FSDP2 overlay: bf16 base weights, never quantized, sharded; LoRA only):
 
 - **base weights**: linear layers at 0.5 byte/parameter + one fp32 absmax per 64 weights (NF4) or 1 byte (int8)
-  under quantization, else the dtype's size; embeddings, norms and head at the dtype's size. FSDP2 shards
+  under quantization, else the dtype's size; embeddings, norms and head at the dtype's size. FSDP shards
   all but the output layer (and a tied embedding), which stay replicated, plus the one decoder layer
   gathered at a time (twice with prefetching);
 - **trainable state**: LoRA weights (fp32, as peft keeps adapters), their gradients and AdamW's two moments,
-  16 bytes a parameter; FSDP2 shards all of it;
+  16 bytes a parameter; FSDP shards all of it;
 - **activations**: what autograd keeps for backward, per token and decoder layer ``4 H + 5 Hq + 4 Hkv + 4 I``
   elements (the norms' inputs and outputs, q / k / v before and after their norms and RoPE, attention
   output, the MLP's gate, up, SiLU and product), plus the LoRA dropout copies when dropout > 0; with
@@ -27,8 +28,9 @@ never quantized, sharded; LoRA only):
   whole ``[tokens, vocab]`` logits);
 - **KV cache** (GRPO, on-policy distillation): ``2 x layers x Hkv`` values a token for ``prompts x G``
   sequences of ``P + C`` tokens, at the dtype's size;
-- **teacher** (distillation): its weights (replicated under DDP; under FSDP2 in bf16 and sharded like the
-  student, :func:`qgen.strategies.shard_stage_models`) and one chunk of its logits;
+- **teacher** (distillation): its weights (replicated under DDP; sharded like the student under FSDP, in
+  bf16 under FSDP2 and as configured, NF4 or bf16, under FSDP1: :func:`qgen.strategies.shard_stage_models`)
+  and one chunk of its logits;
 - **reserve**: 0.75 GB CUDA context + 10% allocator fragmentation of the rest.
 
 ``H`` hidden size, ``Hq`` / ``Hkv`` query / key-value width, ``I`` MLP width. The activation and logits terms
@@ -48,7 +50,7 @@ from dataclasses import dataclass, replace
 GB = 1e9
 ARCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "arch")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-STRATEGIES = ("ddp", "fsdp2-lora")  # the overlays in configs/strategy/
+STRATEGIES = ("ddp", "fsdp-qlora", "fsdp2-lora")  # the overlays in configs/strategy/
 
 
 class PlanError(ValueError):
@@ -196,12 +198,12 @@ def kv_cache_bytes(w: Workload) -> float:
 
 
 def applicable(w: Workload) -> list[str]:
-    """The shipped strategies that can run ``w``: FSDP2 trains LoRA only (see :mod:`qgen.strategies.checks`)."""
-    return ["ddp", "fsdp2-lora"] if w.lora_r else ["ddp"]
+    """The shipped strategies that can run ``w``: FSDP trains LoRA only (see :mod:`qgen.strategies.checks`)."""
+    return list(STRATEGIES) if w.lora_r else ["ddp"]
 
 
 def _head_bytes(arch: Arch, dtype: str) -> float:
-    """The output layer (the embedding when tied), which FSDP2 keeps replicated."""
+    """The output layer (the embedding when tied), which FSDP keeps replicated."""
     return arch.vocab * arch.hidden * DTYPE_BYTES[dtype]
 
 
@@ -209,9 +211,12 @@ def plan(w: Workload, gpus: int) -> dict[str, dict[str, float]]:
     """Per-GPU bytes of every component, for each strategy that can run ``w`` (see the module docstring)."""
     out = {}
     for strategy in applicable(w):
-        sharded, run = strategy == "fsdp2-lora", w
-        if sharded:  # what the overlay runs: bf16 base and teacher, nothing quantized
+        sharded, run = strategy != "ddp", w
+        if strategy == "fsdp2-lora":  # what the overlay runs: bf16 base and teacher, nothing quantized
             run = replace(w, quantization=None, dtype="bfloat16", teacher_quantization=None, teacher_dtype="bfloat16")
+        elif strategy == "fsdp-qlora":  # NF4 stored in bf16, every other frozen weight in bf16; the teacher as set
+            run = replace(w, quantization="nf4", dtype="bfloat16", teacher_dtype="bfloat16",
+                          teacher_quantization="nf4" if w.teacher_quantization else None)  # fmt: skip
         a = run.arch
         weights = _weight_bytes(a, run.quantization, run.dtype)
         layer = a.layer_linear_params() * _linear_bytes(run.quantization, run.dtype)  # one decoder layer, gathered
@@ -233,8 +238,8 @@ def plan(w: Workload, gpus: int) -> dict[str, dict[str, float]]:
             t_weights = _weight_bytes(t, run.teacher_quantization, run.teacher_dtype or run.dtype)
             if sharded:
                 t_head = _head_bytes(t, run.teacher_dtype)
-                t_weights = (t_weights - t_head) / gpus + t_head + \
-                    (2 * t.layer_linear_params() * DTYPE_BYTES[run.teacher_dtype] if gpus > 1 else 0.0)  # fmt: skip
+                t_layer = t.layer_linear_params() * _linear_bytes(run.teacher_quantization, run.teacher_dtype)
+                t_weights = (t_weights - t_head) / gpus + t_head + (2 * t_layer if gpus > 1 else 0.0)
             rows["teacher"] = t_weights + logits_bytes(t, run.chunk_size, tokens) / 2
         rows["reserve"] = 0.75 * GB + 0.1 * sum(rows.values())
         rows["total"] = sum(rows.values())
@@ -309,6 +314,9 @@ def render(w: Workload, gpus: int, gpu_memory_gb: float) -> str:
     if "fsdp2-lora" in names and (w.quantization or w.dtype != "bfloat16" or w.teacher_quantization):
         lines.append("(fsdp2-lora: bf16 base and teacher, unquantized and sharded, as configs/strategy/fsdp2-lora.yaml "
                      "runs this config)")  # fmt: skip
+    if "fsdp-qlora" in names and (w.quantization != "nf4" or w.dtype != "bfloat16"):
+        lines.append("(fsdp-qlora: NF4 base stored in bf16, sharded, as configs/strategy/fsdp-qlora.yaml runs this "
+                     "config)")  # fmt: skip
     lines.append(f"{'':<24}" + "".join(f"{n:>24}" for n in names))
     for row in table[names[0]]:
         lines.append(f"{row:<24}" + "".join(f"{table[n][row] / GB:>24.2f}" for n in names))

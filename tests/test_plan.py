@@ -51,7 +51,7 @@ def test_sharding_divides_what_each_strategy_shards():
     w = Workload("sft", load_arch("Qwen/Qwen3-14B"), 32, 0.05, None, "bfloat16", True, batch=2, seq_len=2048,
                  chunk_size=1024, mixed_precision=True)  # fmt: skip
     one, eight = plan(w, 1), plan(w, 8)
-    assert list(one) == ["ddp", "fsdp2-lora"]
+    assert list(one) == ["ddp", "fsdp-qlora", "fsdp2-lora"]
     assert eight["ddp"]["base weights"] == one["ddp"]["base weights"]  # replicated
     layer = w.arch.layer_linear_params() * 2
     head = 151_936 * 5120 * 2  # the untied output layer stays whole on every GPU under FSDP2
@@ -64,12 +64,21 @@ def test_sharding_divides_what_each_strategy_shards():
     nf4 = plan(Workload(**{**w.__dict__, "quantization": "nf4"}), 2)
     assert nf4["ddp"]["base weights"] < one["ddp"]["base weights"] / 2.5  # 10.5 vs 29.5 GB
     assert nf4["fsdp2-lora"]["base weights"] == pytest.approx(plan(w, 2)["fsdp2-lora"]["base weights"])
-    assert list(plan(Workload(**{**w.__dict__, "lora_r": None}), 2)) == ["ddp"]  # FSDP2 trains LoRA only
+    assert list(plan(Workload(**{**w.__dict__, "lora_r": None}), 2)) == ["ddp"]  # FSDP trains LoRA only
+    # FSDP1 QLoRA shards the NF4 base: on 8 GPUs an eighth of DDP's NF4 weights (bar the bf16 output layer)
+    # plus two gathered NF4 layers in flight; the adapter's state sharded like FSDP2's
+    nf4_layer = w.arch.layer_linear_params() * (0.5 + 4 / 64)
+    nf4_1 = plan(Workload(**{**w.__dict__, "quantization": "nf4"}), 1)
+    assert eight["fsdp-qlora"]["base weights"] == pytest.approx((nf4_1["ddp"]["base weights"] - head) / 8 + head
+                                                                + 2 * nf4_layer)  # fmt: skip
+    assert eight["fsdp-qlora"]["trainable state"] == pytest.approx(eight["fsdp2-lora"]["trainable state"])
+    assert eight["fsdp-qlora"]["total"] < eight["fsdp2-lora"]["total"] < one["fsdp2-lora"]["total"]
     # a distillation teacher is sharded with the student under FSDP2, whole (and as configured) under DDP
     d = Workload(**{**w.__dict__, "stage": "distill", "teacher": load_arch("Qwen/Qwen3-32B")})
     d1, d8 = plan(d, 1), plan(d, 8)
     assert d8["ddp"]["teacher"] == d1["ddp"]["teacher"]
     assert d8["fsdp2-lora"]["teacher"] < d1["fsdp2-lora"]["teacher"] / 4
+    assert d8["fsdp-qlora"]["teacher"] < d1["fsdp-qlora"]["teacher"] / 4
 
 
 def test_plan_cli_reads_the_fit_configs_and_names_what_is_missing(capsys, tmp_path):
