@@ -211,8 +211,10 @@ class FSDP1Strategy(FSDPStrategy):
     def optimizer_state(self, optimizer) -> dict[str, Any]:
         """The full optimizer state, keyed (and ordered in ``param_groups``) by the weights' names: one process
         loads it positionally, as torch's optimizers do. Each per-element state (Adam's moments) is gathered
-        through its weight's own unit (:func:`gather_like`); torch's FSDP1 optimizer-state helpers gave
-        swapped moments on this torch version.
+        through its weight's own unit (:func:`gather_like`): torch's FSDP1 optimizer-state helpers
+        (``FSDP.optim_state_dict`` / ``optim_state_dict_to_load``, and ``get`` / ``set_optimizer_state_dict``)
+        loaded ``exp_avg`` with ``exp_avg_sq``'s values in a round trip on torch 2.13 (nested units,
+        ``use_orig_params``).
         """
         from lightning.pytorch.core.optimizer import LightningOptimizer
 
