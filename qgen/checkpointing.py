@@ -29,6 +29,9 @@ def load_checkpoint_file(path: str, mmap: bool = False, map_location: Any = "cpu
     """The one way qgen reads a ``.ckpt``: ``torch.load(weights_only=True)``, so nothing in it can run code
     (a pickled object, a ``__reduce__`` payload, is refused); every failure names the file.
     """
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a folder (a sharded checkpoint?); qgen reads single-file "
+                              "checkpoints only (a distributed checkpoint's metadata is a pickle)")  # fmt: skip
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if os.path.getsize(path) == 0:

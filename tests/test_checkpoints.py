@@ -29,6 +29,13 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
+def test_a_checkpoint_folder_is_refused_by_name(tmp_path):
+    """Sharded (distributed-checkpoint) folders carry pickled metadata: every strategy's load refuses them."""
+    (tmp_path / "last.ckpt").mkdir()
+    with pytest.raises(CheckpointError, match="last.ckpt is a folder"):
+        load_checkpoint_file(str(tmp_path / "last.ckpt"))
+
+
 def test_a_checkpoint_with_a_pickle_payload_is_refused_and_runs_nothing(tmp_path, capsys):
     import pickle
 

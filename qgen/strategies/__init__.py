@@ -33,7 +33,8 @@ def sharded_parameters(model: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters()) or any(
-        isinstance(m, FullyShardedDataParallel) for m in model.modules())
+        isinstance(m, FullyShardedDataParallel) for m in model.modules()
+    )
 
 
 def shards_weights(strategy: Any) -> bool:

@@ -36,6 +36,17 @@ class StrategyError(ValueError):
     """A strategy that cannot run this configuration (the message says why and what to use)."""
 
 
+def _name_and_args(strategy: Any) -> tuple[str, Any]:
+    """The lower-cased class (or registered) name of a ``trainer.strategy`` value and its arguments: YAML's
+    ``class_path`` + ``init_args``, a registered name (no arguments) or a strategy object (its attributes).
+    """
+    if isinstance(strategy, str):
+        return strategy.lower(), {}
+    if hasattr(strategy, "get"):
+        return str(strategy.get("class_path", "")).lower(), strategy.get("init_args") or {}
+    return type(strategy).__name__.lower(), vars(strategy)
+
+
 def strategy_kind(strategy: Any) -> str:
     """``ddp``, ``fsdp`` (Lightning's FSDP1 as is), ``fsdp1`` and ``fsdp2`` (qgen's), ``modelparallel`` (Lightning's, as is), ``deepspeed2``
     (stages 1-2), ``deepspeed3`` or ``single`` for a
@@ -44,11 +55,7 @@ def strategy_kind(strategy: Any) -> str:
     """
     if strategy is None:
         return "single"
-    if isinstance(strategy, str):
-        name, args = strategy.lower(), {}
-    else:
-        getter = strategy.get if hasattr(strategy, "get") else lambda k, d=None: getattr(strategy, k, d)
-        name, args = str(getter("class_path", "") or type(strategy).__name__).lower(), getter("init_args") or {}
+    name, args = _name_and_args(strategy)
     if name.endswith("fsdp2strategy"):
         return "fsdp2"
     if name.endswith("fsdp1strategy"):
@@ -122,13 +129,7 @@ def check_strategy(strategy: Any, accelerator: Any, model_args: Any) -> None:
 
 def _check_fsdp1(where: str, strategy: Any, model_args: Any) -> None:
     """QLoRA under FSDP1: 4-bit weights stored in FSDP's param dtype, bfloat16 (FSDP flattens no integers)."""
-    args = {}
-    if not isinstance(strategy, str):
-        getter = strategy.get if hasattr(strategy, "get") else lambda k, d=None: getattr(strategy, k, d)
-        args = getter("init_args") or {}
-        if not hasattr(args, "get"):
-            args = {"param_dtype": getattr(strategy, "param_dtype", "auto")}
-    param_dtype = args.get("param_dtype", "auto") or "auto"
+    param_dtype = _name_and_args(strategy)[1].get("param_dtype", "auto") or "auto"
     for option, dtype_option in (("quantization", "dtype"), ("teacher_quantization", "teacher_dtype")):
         value = model_args.get(option)
         if not value:

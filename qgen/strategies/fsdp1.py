@@ -52,6 +52,7 @@ def wrap_model(model: nn.Module, param_dtype: Literal["auto", "bfloat16", "float
     """
     from torch.distributed.fsdp import CPUOffload, MixedPrecision, ShardingStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp._runtime_utils import _lazy_init  # private: makes the decoder the root now
     from torch.distributed.fsdp.wrap import CustomPolicy
 
     from qgen.strategies.checks import StrategyError
@@ -89,8 +90,6 @@ def wrap_model(model: nn.Module, param_dtype: Literal["auto", "bfloat16", "float
     # transformers' get_decoder() looks through the wrapper to the module inside, whose weights are shards
     # outside the unit's forward; qgen's losses call the decoder through get_decoder(): hand them the unit
     parent.get_decoder = lambda: root
-    from torch.distributed.fsdp._runtime_utils import _lazy_init
-
     _lazy_init(root, root)  # the decoder is the root: nested units may then be gathered on their own (checkpoints)
     stray = [n for n, p in model.named_parameters() if p.requires_grad and "_fsdp_wrapped_module." not in n]
     if stray:
@@ -191,9 +190,6 @@ class FSDP1Strategy(FSDPStrategy):
     def _names(self) -> dict[int, str]:
         return {id(p): clean_name(n) for n, p in self.lightning_module.named_parameters()}
 
-    def _owners(self) -> dict[int, nn.Module]:
-        return {id(p): unit for unit, params in trainable_units(self.lightning_module) for p in params}
-
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The full trainable weights on rank 0, gathered one unit at a time (every rank takes part); the
         frozen base never leaves its shards.
@@ -220,7 +216,8 @@ class FSDP1Strategy(FSDPStrategy):
 
         if isinstance(optimizer, LightningOptimizer):
             optimizer = optimizer._optimizer
-        names, owners, state = self._names(), self._owners(), {}
+        owners = {id(p): unit for unit, params in trainable_units(self.lightning_module) for p in params}
+        names, state = self._names(), {}
         for group in optimizer.param_groups:
             for param in group["params"]:
                 entry = {}
@@ -241,12 +238,10 @@ class FSDP1Strategy(FSDPStrategy):
         from qgen.checkpointing import CheckpointError, load_checkpoint_file
 
         path = self.broadcast(os.fspath(checkpoint_path))
-        if os.path.isdir(path):
-            raise CheckpointError(f"{path} is a sharded checkpoint folder; qgen reads single-file checkpoints only "
-                                  "(a distributed checkpoint's metadata is a pickle)")  # fmt: skip
-        checkpoint = load_checkpoint_file(path, mmap=True)
-        weights, names, owners = checkpoint.pop("state_dict", {}), self._names(), self._owners()
+        checkpoint = load_checkpoint_file(path, mmap=True)  # refuses folders, truncated and unsafe files
         units = trainable_units(self.lightning_module)
+        weights, names = checkpoint.pop("state_dict", {}), self._names()
+        owners = {id(p): unit for unit, params in units for p in params}
         wanted = [names[id(p)] for _, params in units for p in params]
         missing = [n for n in wanted if n not in weights]
         if missing:

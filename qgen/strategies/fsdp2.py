@@ -161,11 +161,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         return state
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        from qgen.checkpointing import CheckpointError, load_checkpoint_file
+        from qgen.checkpointing import load_checkpoint_file
 
         path = self.broadcast(os.fspath(checkpoint_path))
-        if os.path.isdir(path):
-            raise CheckpointError(f"{path} is a sharded checkpoint folder; qgen reads single-file checkpoints only "
-                                  "(a distributed checkpoint's metadata is a pickle)")  # fmt: skip
-        load_checkpoint_file(path, mmap=True)  # one clear error for a missing, truncated or unsafe file
+        load_checkpoint_file(path, mmap=True)  # one clear error for a folder, a missing, truncated or unsafe file
         return super().load_checkpoint(path, weights_only=True)
