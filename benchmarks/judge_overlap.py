@@ -6,19 +6,26 @@ qgen against itself (same model, prompts, seed, settings; EOS suppressed so ever
 on a local server (127.0.0.1, a separate process, as a real judge is) that answers every request after
 ``--latency`` seconds.
 
+Two step shapes (``--shape``): ``small`` (above) and ``14b``, the step of ``configs/qwen3-14b-grpo.yaml``
+(4 prompts x G = 8 per micro-batch, 4 micro-batches, gradient checkpointing) on the embedded default with
+completions of ``--max-new-tokens`` instead of 768. How much of a fixed latency a step can hide depends on how
+much work it has after its questions exist: the reference passes and the first micro-batch's forward run
+inside the wait, the rest of the step cannot start before the scores it needs.
+
 Variants, alternated for ``--rounds`` rounds, every round printed:
 - ``no judge``: the reference step time T0;
 - ``judge, whole step`` (the default, ``generation_batch_size: null``): the step's rollouts in one
   ``generate`` call; the judge's requests go out at once and are answered while the first micro-batch
   runs its forward passes;
-- ``judge, per micro-batch``: ``generation_batch_size=2``, one call per micro-batch; its judge requests
-  are answered while the next micro-batch generates (smaller generate batches cost more on CPU).
+- ``judge, per micro-batch``: ``generation_batch_size`` = a micro-batch's prompts, one call per micro-batch;
+  its judge requests are answered while the next micro-batch generates (smaller generate batches cost more
+  on CPU).
 
 The target of the correctness issue is ``T <= max(latency, T0) x 1.1``; the summary line prints each
 variant's ratio to that bound (<= 1 meets it), the median over rounds of each round's ratio (a round's
 judged and no-judge runs are adjacent in time, so drift of the machine cancels).
 
-    python benchmarks/judge_overlap.py [--steps 6] [--rounds 2] [--latency 1.0]
+    python benchmarks/judge_overlap.py [--shape small|14b] [--steps 6] [--rounds 2] [--latency 1.0]
 """
 
 from __future__ import annotations
@@ -93,21 +100,29 @@ class StepTimer(Callback):
             self.start = None
 
 
+SHAPES = {  # prompts per micro-batch, micro-batches per step, gradient checkpointing
+    "small": (2, 2, False),
+    "14b": (4, 4, True),  # configs/qwen3-14b-grpo.yaml: data.batch_size 4, accumulate_grad_batches 4
+}
+
+
 def run(args, judge_url: str | None, generation_batch_size: int | None) -> tuple[list[float], list[int], list]:
+    prompts, micro_batches, checkpointing = SHAPES[args.shape]
     L.seed_everything(0)
     rewards = [DifficultyReward(), NoveltyReward(), RigorReward(), DiversityReward()]
     if judge_url:  # no cache: every step asks the server
         rewards.append(OpenAIJudge(judge_url, "judge", weight=0.25, api_key_env=None, cache_dir=None, concurrency=32,
                                    timeout=args.latency + 10))  # fmt: skip
     module = GRPOModule(lora=LoraSpec(r=32, alpha=64, dropout=0.0), group_size=8, max_new_tokens=args.max_new_tokens,
-                        min_new_tokens=args.max_new_tokens, beta=0.04, generation_batch_size=generation_batch_size)  # fmt: skip
+                        min_new_tokens=args.max_new_tokens, beta=0.04, generation_batch_size=generation_batch_size,
+                        gradient_checkpointing=checkpointing)  # fmt: skip
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         L.Trainer(default_root_dir=root, max_steps=args.steps, accelerator="cpu", logger=False,
                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  limit_val_batches=0, accumulate_grad_batches=2, callbacks=[*rewards, timer],
-                  ).fit(module, QuestionDataModule(batch_size=2, max_length=256, seed=0))  # fmt: skip
+                  limit_val_batches=0, accumulate_grad_batches=micro_batches, callbacks=[*rewards, timer],
+                  ).fit(module, QuestionDataModule(batch_size=prompts, max_length=256, seed=0))  # fmt: skip
     if judge_url:
         assert rewards[-1].failures == 0, "the judge failed ratings: the judged runs would not do the same work"
     return timer.times[1:], timer.tokens[1:], timer.windows  # the first step warms up
@@ -115,6 +130,7 @@ def run(args, judge_url: str | None, generation_batch_size: int | None) -> tuple
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--latency", type=float, default=1.0)
@@ -128,9 +144,14 @@ def main() -> None:
     judge = subprocess.Popen([sys.executable, __file__, "--serve", "--latency", str(args.latency)],
                              stdout=subprocess.PIPE, text=True)  # fmt: skip
     url = f"http://127.0.0.1:{int(judge.stdout.readline())}/v1"
-    variants = {"no judge": (None, None), "judge, whole step": (url, None), "judge, per micro-batch": (url, 2)}
+    prompts, micro_batches, checkpointing = SHAPES[args.shape]
+    variants = {"no judge": (None, None), "judge, whole step": (url, None), "judge, per micro-batch": (url, prompts)}
     results: dict[str, list[float]] = {name: [] for name in variants}
     reference_windows = None
+    print(
+        f"shape {args.shape}: {prompts} prompts x G=8 per micro-batch, {micro_batches} micro-batches, "
+        f"{args.max_new_tokens} tokens each, gradient checkpointing {'on' if checkpointing else 'off'}"
+    )
     print(f"{'round':>5}  {'variant':<26} {'s/step':>8} {'tokens/step':>12}")
     for r in range(args.rounds):
         for name, (judge_url, chunk) in variants.items():
@@ -139,7 +160,7 @@ def main() -> None:
             # tokens per prompt (EOS suppressed)
             reference_windows = reference_windows if r or name != "no judge" else windows
             assert windows == reference_windows, f"{name}: other prompts than the reference run"
-            assert all(t == 2 * 2 * 8 * args.max_new_tokens for t in tokens), f"{name}: generated {tokens}"
+            assert all(t == prompts * micro_batches * 8 * args.max_new_tokens for t in tokens), f"{name}: {tokens}"
             results[name].append(statistics.mean(times))
             print(f"{r:>5}  {name:<26} {statistics.mean(times):>8.3f} {statistics.mean(tokens):>12.0f}")
     t0 = statistics.mean(results["no judge"])
@@ -154,7 +175,8 @@ def main() -> None:
               f"{', '.join(f'{q:.2f}' for q in ratios)} (median {statistics.median(ratios):.2f})")  # fmt: skip
         summary.append(f"{name.replace(', ', '_').replace(' ', '_')}_vs_bound={statistics.median(ratios):.2f}")
     judge.terminate()
-    print(" ".join([f"judge_latency_s={args.latency:g}", f"no_judge_s_per_step={t0:.3f}", *summary]))
+    print(" ".join([f"shape={args.shape}", f"judge_latency_s={args.latency:g}", f"no_judge_s_per_step={t0:.3f}",
+                    *summary]))  # fmt: skip
 
 
 if __name__ == "__main__":

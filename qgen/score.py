@@ -67,7 +67,8 @@ def summarize(rows: list[dict]) -> dict:
     from scipy.stats import spearmanr
 
     labelled = [(r["difficulty"], r["label_difficulty"]) for r in rows if r["label_difficulty"] is not None]
-    rho = float(spearmanr(*zip(*labelled))[0]) if len(labelled) >= 3 else None
+    varied = len({label for _, label in labelled}) > 1  # one label everywhere: no correlation is defined
+    rho = float(spearmanr(*zip(*labelled))[0]) if len(labelled) >= 3 and varied else None
     return {
         "questions": len(rows),
         "mean_difficulty": float(np.mean([r["difficulty"] for r in rows])),
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(rows)
     print(f"{'metric':<32} value")
     for key, value in summary.items():
+        if key == "difficulty_spearman_vs_labels" and value is None and summary["labelled"]:
+            value = "n/a (the labels are all equal)" if summary["labelled"] >= 3 else "n/a (fewer than 3 labels)"
         print(f"{key:<32} {value if not isinstance(value, float) else f'{value:.3f}'}")
     for r in [r for r in rows if r["contaminated"]][:50]:
         print(f"contaminated: {r['id']} ~ {r['reference_match']['id']} (similarity {r['reference_similarity']:.3f})")

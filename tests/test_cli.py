@@ -149,32 +149,6 @@ def test_broken_jsonl_fails_with_file_and_line_and_keeps_earlier_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes(tmp_path):
-    proc = run_qgen(
-        _sft_args(
-            tmp_path,
-            3,
-            "--trainer.strategy=ddp",
-            "--trainer.devices=2",
-            "--trainer.accelerator=cpu",
-            "--data.batch_size=2",
-        )
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "lightning_logs" / "version_0"
-    assert sorted(scalars(run, "train/loss")) == [0, 1, 2]
-    assert (run / "checkpoints" / "last.ckpt").is_file()
-    # the logged loss is the global one: step 0 (same weights, same 4 examples) equals one process with batch 4
-    # (rank 0's share alone differed: 8.28 vs 6.91 in the issue's run)
-    single = run_qgen(_sft_args(tmp_path / "single", 1, "--data.batch_size=4"))
-    assert single.returncode == 0, single.stderr[-3000:]
-    one = scalars(tmp_path / "single" / "lightning_logs" / "version_0", "train/loss")[0]
-    assert scalars(run, "train/loss")[0] == pytest.approx(one, rel=1e-4)
-    assert scalars(run, "train/token_nll")[0] == pytest.approx(
-        scalars(tmp_path / "single" / "lightning_logs" / "version_0", "train/token_nll")[0], rel=1e-4)
-
-
-@pytest.mark.slow
 @needs_shared
 def test_shared_overlay_summary_reports_exact_record_counts(tmp_path):
     proc = run_qgen(_sft_args(tmp_path, 1, "--config", os.path.join(CONFIGS, "data", "shared.yaml")))

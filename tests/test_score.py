@@ -52,10 +52,16 @@ def test_score_cli_reports_difficulty_spearman_on_math_and_runs_on_gaokao(tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     rho = float(re.search(r"difficulty_spearman_vs_labels\s+([0-9.]+)", proc.stdout).group(1))
     assert rho >= 0.7
+    # GAOKAO-Bench points follow the question type, not difficulty: one score per file, no Spearman to report
     gaokao = os.path.join(SHARED, "gaokao_bench/Objective_Questions/2010-2022_Math_I_MCQs.json")
-    proc = run_qgen(["score", "--input", f"gaokao_bench:{gaokao}", "--difficulty-train", train])
+    with open(os.path.join(SHARED, "math/train.jsonl"), encoding="utf-8") as fh:  # a smaller fit: this run is not timed
+        (tmp_path / "train-600.jsonl").write_text("".join(line for _, line in zip(range(600), fh)), encoding="utf-8")
+    proc = run_qgen(["score", "--input", f"gaokao_bench:{gaokao}", "--difficulty-train",
+                     f"math:{tmp_path / 'train-600.jsonl'}"])  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert re.search(r"questions\s+186", proc.stdout)
+    assert re.search(r"questions\s+186", proc.stdout) and re.search(r"labelled\s+186", proc.stdout)
+    assert re.search(r"difficulty_spearman_vs_labels\s+n/a \(the labels are all equal\)", proc.stdout)
+    assert "ConstantInputWarning" not in proc.stderr
 
 
 def test_score_bad_input_is_a_clear_error(tmp_path, capsys):
