@@ -8,11 +8,15 @@ processes). Both are known only once the whole step has generated. So at the ste
 (the sampler hands each micro-batch the indices of the step's micro-batches), counts the completion tokens
 over all ranks, and starts scoring; the later micro-batches take their share from it.
 
-Scoring (reward callbacks, possibly an LLM judge over HTTP) runs in a background thread: each chunk of
-the step's generation (by default one micro-batch) is scored while the next chunk generates and while the
-earlier micro-batches run their forward and backward passes; :meth:`StepRollouts.micro` waits for a
-micro-batch's own scores just before its loss, so rewards are never stale (they are always of this step's
-samples, from the policy being updated).
+Scoring (reward callbacks, possibly an LLM judge over HTTP) runs in a background thread, one micro-batch
+at a time: as soon as a chunk of the step's generation exists (by default the whole step, in one call) its
+micro-batches are queued for scoring, in order, and they are scored while the next chunk generates and while
+the earlier micro-batches run their forward and backward passes; :meth:`StepRollouts.micro` waits for a
+micro-batch's own scores just before its loss (not for the whole step's: a judge that answers a step's
+requests in several waves holds the first micro-batch only for the first wave), so rewards are never stale
+(they are always of this step's samples, from the policy being updated). Every scorer is row- or
+group-wise (the repetition bank grows only after the optimizer step), so scoring a micro-batch alone gives
+what scoring the whole chunk would.
 
 This is also the seam for a generation backend: ``generate`` is any callable from token-id prompts to a
 :class:`qgen.sampling.Rollout`.
@@ -87,8 +91,9 @@ class StepRollouts:
         group_size: completions per prompt.
         generate: ``prompts -> iterable of Rollout``: the step's prompts in chunks of whole prompts, in order;
             each chunk is scored as soon as it is generated, while the next one generates.
-        score: ``(rollout, records per completion) -> (rewards [n], components)``, called once per chunk (in
-            order, from one background thread).
+        score: ``(rollout, records per completion) -> (rewards [n], components)``, called once per scoring
+            unit, in order, from one background thread: a unit is the part of a chunk that falls in one
+            micro-batch (the whole micro-batch unless a chunk boundary cuts it).
         advantage: the advantage mode (:func:`qgen.losses.group_advantages`).
         micro_batches: the step's number of micro-batches (``accumulate_grad_batches``); with the world size
             it turns the step's token count into the per-micro-batch normaliser.
@@ -114,30 +119,33 @@ class StepRollouts:
         self.micro_prompts = micro_prompts
         prompts = [p for mp in micro_prompts for p in mp]
         records = [r for mr in micro_records for r in mr for _ in range(group_size)]
-        # each chunk is scored as soon as it exists (in the background), while the next chunk generates
+        # each micro-batch is scored as soon as its rows exist (in the background), while the next chunk generates
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qgen-score") if background else None
-        self._scores: list[Future | tuple] = []
-        self._chunk_rows: list[tuple[int, int]] = []
-        chunks, done, started = [], 0, time.perf_counter()
-        self.started = started  # when the step's first micro-batch began generating
-        for chunk in generate(prompts):
-            rows = (done, done + len(chunk.texts))
-            done += len(chunk.texts)
-            chunks.append(chunk)
-            self._chunk_rows.append(rows)
-            if prefetch is not None:  # e.g. an LLM judge sends its requests now, before this chunk's scoring
-                prefetch(chunk)
-            if self._pool is not None:
-                self._scores.append(self._pool.submit(score, chunk, records[rows[0] : rows[1]]))
-            else:
-                self._scores.append(score(chunk, records[rows[0] : rows[1]]))
-        self.gen_seconds = time.perf_counter() - started
-        self.rollout = concat_rollouts(chunks, pad_id)
         bounds, start = [], 0
         for mp in micro_prompts:
             bounds.append((start, start + len(mp) * group_size))
             start += len(mp) * group_size
         self.bounds = bounds
+        cuts = {b for bound in bounds for b in bound}
+        self._scores: list[Future | tuple] = []  # per scoring unit
+        self._unit_rows: list[tuple[int, int]] = []
+        chunks, done, started = [], 0, time.perf_counter()
+        self.started = started  # when the step's first micro-batch began generating
+        for chunk in generate(prompts):
+            first, done = done, done + len(chunk.texts)
+            chunks.append(chunk)
+            if prefetch is not None:  # e.g. an LLM judge sends all of the chunk's requests now, in row order
+                prefetch(chunk)
+            edges = sorted({first, done} | {c for c in cuts if first < c < done})
+            for a, b in zip(edges, edges[1:]):  # the chunk cut at micro-batch boundaries
+                unit = chunk if (a, b) == (first, done) else chunk.select(a - first, b - first)
+                self._unit_rows.append((a, b))
+                if self._pool is not None:
+                    self._scores.append(self._pool.submit(score, unit, records[a:b]))
+                else:
+                    self._scores.append(score(unit, records[a:b]))
+        self.gen_seconds = time.perf_counter() - started
+        self.rollout = concat_rollouts(chunks, pad_id)
         self.rollouts = [self.rollout.select(s, e) for s, e in bounds]
         local_tokens = float(self.rollout.completion_mask.sum())
         self.step_tokens = _all_reduce_sum(local_tokens)  # every rank generates its step: same call count
@@ -146,7 +154,7 @@ class StepRollouts:
             raise ValueError("reward_aggregation must be sum_then_normalize or normalize_then_sum, "
                              f"got {reward_aggregation!r}")
         self.reward_aggregation, self.weights = reward_aggregation, dict(weights or {})
-        self._joined: dict[int, tuple] = {}  # chunk -> (rewards, components)
+        self._joined: dict[int, tuple] = {}  # scoring unit -> (rewards, components)
         self._batch_advantages: torch.Tensor | None = None
         # per micro-batch, the reference log-probs computed early (while waiting for an earlier micro-batch's
         # scores): the frozen reference does not change within the step, so they are exact when used later
@@ -159,26 +167,26 @@ class StepRollouts:
         """The rollout of micro-batch ``micro`` (its position in the step), without waiting for its scores."""
         return self.rollouts[micro - self.first]
 
-    def _row_chunks(self, micro: int) -> list[int]:
-        """The chunks that hold micro-batch ``micro``'s rows."""
+    def _row_units(self, micro: int) -> list[int]:
+        """The scoring units that hold micro-batch ``micro``'s rows."""
         start, end = self.bounds[micro - self.first]
-        return [c for c, (a, b) in enumerate(self._chunk_rows) if a < end and b > start]
+        return [u for u, (a, b) in enumerate(self._unit_rows) if a < end and b > start]
 
     def ready(self, micro: int) -> bool:
         """Whether micro-batch ``micro``'s scores are in, so that :meth:`micro` would not wait (with
-        ``batch_std`` every chunk counts: the std is over the whole step).
+        ``batch_std`` every micro-batch counts: the std is over the whole step).
         """
-        chunks = range(len(self._scores)) if self.advantage == "batch_std" else self._row_chunks(micro)
-        return all(c in self._joined or not isinstance(self._scores[c], Future) or self._scores[c].done()
-                   for c in chunks)  # fmt: skip
+        units = range(len(self._scores)) if self.advantage == "batch_std" else self._row_units(micro)
+        return all(u in self._joined or not isinstance(self._scores[u], Future) or self._scores[u].done()
+                   for u in units)  # fmt: skip
 
-    def _chunk_scores(self, chunks: list[int]) -> tuple[torch.Tensor, dict[str, RewardOutput]]:
-        """Rewards and components of the rows of ``chunks`` (consecutive), waiting for their scoring."""
-        for c in chunks:
-            if c not in self._joined:
-                s = self._scores[c]
-                self._joined[c] = s.result() if isinstance(s, Future) else s
-        parts = [self._joined[c] for c in chunks]
+    def _unit_scores(self, units: list[int]) -> tuple[torch.Tensor, dict[str, RewardOutput]]:
+        """Rewards and components of the rows of ``units`` (consecutive), waiting for their scoring."""
+        for u in units:
+            if u not in self._joined:
+                s = self._scores[u]
+                self._joined[u] = s.result() if isinstance(s, Future) else s
+        parts = [self._joined[u] for u in units]
         rewards = torch.cat([torch.as_tensor(r, dtype=torch.float32).reshape(-1) for r, _ in parts]).detach()
         return rewards, {name: _concat_outputs([c[name] for _, c in parts]) for name in parts[0][1]}
 
@@ -196,22 +204,22 @@ class StepRollouts:
         return total
 
     def micro(self, micro: int) -> MicroRollout:
-        """Micro-batch ``micro``'s share with its scores: waits only for the chunks that hold its rows (every
-        chunk with ``advantage: batch_std``, whose std is over the whole step), so the later micro-batches'
-        scoring keeps overlapping this one's forward and backward passes.
+        """Micro-batch ``micro``'s share with its scores: waits only for its own rows' scoring (every
+        micro-batch's with ``advantage: batch_std``, whose std is over the whole step), so the later
+        micro-batches' scoring keeps overlapping this one's forward and backward passes.
         """
         i = micro - self.first
         start, end = self.bounds[i]
         g = self.group_size
         if self.advantage == "batch_std":
             if self._batch_advantages is None:  # every rank joins here at its first micro-batch (a collective)
-                rewards, _ = self._chunk_scores(list(range(len(self._scores))))
+                rewards, _ = self._unit_scores(list(range(len(self._scores))))
                 self._batch_advantages = group_advantages(rewards.view(-1, g), self.advantage).view(-1)
             advantages = self._batch_advantages[start:end]
-        chunks = self._row_chunks(micro)
+        units = self._row_units(micro)
         self.ref_logprobs.pop(micro, None)
-        rewards, components = self._chunk_scores(chunks)
-        offset = start - self._chunk_rows[chunks[0]][0]
+        rewards, components = self._unit_scores(units)
+        offset = start - self._unit_rows[units[0]][0]
         rewards = rewards[offset : offset + end - start]
         components = {k: _slice_output(v, offset, offset + end - start) for k, v in components.items()}
         if self.reward_aggregation == "normalize_then_sum":

@@ -1,6 +1,7 @@
 """The GRPO step's rollout buffer: one generation for all micro-batches, step-level normalisers, ranks."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -42,14 +43,21 @@ def test_one_generation_per_step_and_step_level_token_normaliser():
         calls.append(prompts)
         yield fake_rollout(prompts, g, lengths)
 
+    scored = []
+
     def score(rollout, records):
-        assert records == ["a", "a", "b", "b", "c", "c", "d", "d"]
-        rewards = torch.tensor([0.0, 1.0, 2.0, 2.0, 1.0, 3.0, 0.5, 0.5])
+        scored.append(records)
+        table = {"a": [0.0, 1.0], "b": [2.0, 2.0], "c": [1.0, 3.0], "d": [0.5, 0.5]}
+        rewards = torch.tensor([v for r in records[::g] for v in table[r]])
+        first = 0 if records[0] == "a" else 4
+        assert rollout.texts == [f"q{i}" for i in range(first, first + 4)]  # the micro-batch's own rows
         return rewards, {"r": RewardOutput(rewards.numpy())}
 
     prompts = [[[1, 2], [3]], [[4, 5, 6], [7]]]
     step = StepRollouts("k", prompts, [["a", "b"], ["c", "d"]], 0, g, generate, score, "no_std", micro_batches=2)
     assert len(calls) == 1 and len(calls[0]) == 4  # the whole step in one call
+    step.micro(1)
+    assert scored == [["a", "a", "b", "b"], ["c", "c", "d", "d"]]  # scored one micro-batch at a time, in order
     assert step.step_tokens == 21 and step.token_normalizer == 21 / 2
     m0, m1 = step.micro(0), step.micro(1)
     assert_close(m0.advantages, torch.tensor([-0.5, 0.5, 0.0, 0.0]))
@@ -147,6 +155,30 @@ def test_chunks_are_scored_as_they_are_generated_and_joined_in_order():
     assert step.micro(0).rewards.tolist() == [97.0, 0.0, 98.0, 0.0]
     assert step.micro(1).components["r"].factor.tolist() == [1.0, 0.5]
     assert step.step_tokens == (1 + 2) + (2 + 2) + (3 + 2)
+
+
+def test_a_micro_batch_waits_for_its_own_scores_not_the_whole_steps():
+    """The whole step generated in one call (the default), micro-batch 1's scoring held back (a judge's second
+    wave of answers): micro-batch 0 gets its rewards without waiting for it.
+    """
+    import threading
+
+    release = threading.Event()
+
+    def score(rollout, records):
+        if records[0] == "c":
+            assert release.wait(10)
+        values = torch.tensor([float(ord(r)) for r in records])
+        return values, {"r": RewardOutput(values.numpy())}
+
+    generate = lambda prompts: [fake_rollout(prompts, 2, [1, 2, 3, 4, 5, 2])]  # noqa: E731
+    step = StepRollouts("k", [[[1], [2]], [[3]]], [["a", "b"], ["c"]], 0, 2, generate, score, "no_std", 2)
+    started = time.perf_counter()
+    assert step.micro(0).rewards.tolist() == [97.0, 97.0, 98.0, 98.0]
+    assert time.perf_counter() - started < 5 and not step.ready(1)
+    release.set()
+    assert step.micro(1).rewards.tolist() == [99.0, 99.0]
+    assert step.micro(1).rollout.texts == ["q4", "q5"]
 
 
 def test_normalize_then_sum_lets_a_narrow_component_count_by_its_weight():
