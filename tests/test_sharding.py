@@ -126,12 +126,16 @@ def _logits(model):
 
 
 @pytest.fixture(scope="module")
-def straight_losses(tmp_path_factory):
-    """The losses of 4 SFT steps straight in one process (4 examples per step): what every 2-rank layout's
-    2 steps + 2 resumed steps must reproduce.
-    """
+def straight_run(tmp_path_factory):
+    """4 SFT steps straight in one process (4 examples per step); its run folder."""
     run, _, _ = _fit(tmp_path_factory.mktemp("one-process"), "straight", "sft.yaml", 4, 4)
-    losses = _losses(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def straight_losses(straight_run):
+    """The losses of :func:`straight_run`: what every 2-rank layout's 2 steps + 2 resumed steps must reproduce."""
+    losses = _losses(straight_run)
     assert len(losses) == 4 and len(set(losses)) == 4
     return losses
 
@@ -208,7 +212,7 @@ def test_fsdp2_checkpoint_resumes_exactly_and_loads_in_one_process(tmp_path, str
 
 
 @pytest.mark.slow
-def test_fsdp1_checkpoint_resumes_exactly_and_loads_in_one_process(tmp_path, straight_losses):
+def test_fsdp1_checkpoint_resumes_exactly_and_loads_in_one_process(tmp_path, straight_losses, straight_run):
     """FSDP1 gathers the adapter one unit at a time into one file (and the optimizer state by name): it resumes
     exactly at 2 ranks, gives the trained logits in one process, and predicts on 2 ranks as one process does.
     """
@@ -227,6 +231,17 @@ def test_fsdp1_checkpoint_resumes_exactly_and_loads_in_one_process(tmp_path, str
     assert all(moments[n]["exp_avg"].shape == v.shape for n, v in state["state_dict"].items())
     assert torch.allclose(_logits(load_from_checkpoint(str(last), merge=False)), trained, atol=1e-5)
     _predicts_as_one_process(tmp_path, last, FSDP1)  # greedy generation over FSDP1 units (synced_gpus)
+
+    # a checkpoint of another strategy (one process: its optimizer state is keyed by position, not by name) is
+    # refused when resuming under FSDP1, with one line that says so, and nothing is trained
+    other = straight_run / "checkpoints" / "last.ckpt"
+    refused = tmp_path / "refused"
+    refused.mkdir()
+    proc = run_qgen(_stage_args("sft.yaml", refused, 6, "--data.batch_size=2", *TWO_CPUS, *FSDP1,
+                                f"--ckpt_path={other}"), env=_env(refused))  # fmt: skip
+    assert proc.returncode != 0
+    assert "its optimizer state is not keyed by this run's trainable weights" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not list(refused.glob("shard_rank*.json"))
 
 
 @pytest.mark.slow
