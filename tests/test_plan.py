@@ -130,10 +130,11 @@ def _profiled_step_bytes(arch: Arch, seq: int, batch: int, checkpointing: bool) 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 def test_activation_and_logits_terms_within_25_percent_of_the_profiler(checkpointing):
-    """Hidden 1,024, 8 layers, sequence 1,024, fp32, LoRA r=16 on every linear layer (measured here: planner
-    within 2% plain and 1% checkpointed; a hidden-768 / 6-layer / 2 x 512 variant within 9%).
+    """Hidden 1,024, 4 layers, sequence 1,024, fp32, LoRA r=16 on every linear layer (measured here: planned /
+    profiled 0.92 plain and 0.98 checkpointed; with 8 layers 0.98 and 0.99, twice the test time; a hidden-768 /
+    6-layer / 2 x 512 variant within 9%).
     """
-    arch = Arch(vocab=32_000, hidden=1024, intermediate=3072, layers=8, heads=8, kv_heads=4, head_dim=128, tied=False)
+    arch = Arch(vocab=32_000, hidden=1024, intermediate=3072, layers=4, heads=8, kv_heads=4, head_dim=128, tied=False)
     w = Workload("sft", arch, 16, 0.0, None, "float32", checkpointing, batch=1, seq_len=1024, chunk_size=1024)
     planned = activation_bytes(w) + logits_bytes(arch, 1024, 1024) + lora_params(arch, 16) * 4  # + LoRA gradients
     measured = _profiled_step_bytes(arch, 1024, 1, checkpointing)
