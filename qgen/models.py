@@ -272,6 +272,8 @@ def load_causal_lm(
     else:
         model = AutoModelForCausalLM.from_pretrained(resolve(model_name_or_path), **kwargs)
     check_final_logits(model, model_name_or_path)
+    if quantization == "nf4":
+        keep_4bit_layout(model)
     if liger_kernels:
         apply_liger(model)
     if quantization is not None and not frozen:
@@ -286,6 +288,24 @@ def load_causal_lm(
     if lora is not None:
         model = add_lora(model, lora, gradient_checkpointing, device)
     return model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as it finds them
+
+
+def keep_4bit_layout(model: nn.Module) -> int:
+    """Keep every bitsandbytes 4-bit layer in its stored layout on every CPU; returns how many it set.
+
+    On a CPU with AVX512-BF16, bitsandbytes' ``Linear4bit`` rewrites its weight in place into a packed layout
+    at its first eval / no-grad forward (``_convert_weight_packed_for_cpu``). That rewrite asserts the output
+    size is a multiple of 32, replaces ``weight.data`` (under FSDP1 a view into the flat parameter, which FSDP
+    sets back at the next unshard while the quant state still says "packed") and computes through another
+    kernel, so the same run would give other numbers, or fail, depending on the CPU. qgen keeps the one
+    layout on every CPU: the dequantize-then-matmul path every other x86-64 CPU takes. GPUs are unaffected.
+    """
+    count = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count
 
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")

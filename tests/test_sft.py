@@ -91,6 +91,30 @@ def test_qlora_nf4_trains_a_step_on_cpu(tmp_path):
     assert all(torch.isfinite(g).all() for g in grads.grads.values())
 
 
+def test_nf4_layers_compute_the_same_on_every_cpu(monkeypatch):
+    """bitsandbytes repacks a 4-bit weight in place at its first eval / no-grad forward on a CPU with
+    AVX512-BF16 (asserting out_features % 32 == 0, breaking FSDP1's flat-parameter views). The check is made
+    true here whatever this CPU has, so the test fails wherever qgen would take that path: the layers keep
+    their stored layout, and eval / no-grad logits equal the training-mode forward's.
+    """
+    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.nn.modules as bnb_modules
+
+    from qgen.models import load_causal_lm
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)  # as on such a CPU
+    model = load_causal_lm(None, LoraSpec(r=4, alpha=8, dropout=0.0), "nf4", "bfloat16")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    ids = torch.arange(3, 19).reshape(2, 8)
+    train_logits = model(input_ids=ids).logits.detach()
+    model.eval()
+    with torch.no_grad():
+        eval_logits = model(input_ids=ids).logits
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    torch.testing.assert_close(eval_logits, train_logits, rtol=0, atol=0)
+
+
 def test_quantization_without_lora_is_rejected():
     with pytest.raises(ValueError, match="model.quantization needs model.lora"):
         SFTModule(lora=None, quantization="nf4")
