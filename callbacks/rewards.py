@@ -225,10 +225,12 @@ class RepetitionReward(NoveltyReward):
 
 
 class RigorReward(RewardCallback):
-    """Logical rigor: parseable sections, a verified answer, reasoning connectives, no truncation.
+    """Logical rigor: a verified answer first, then parseable sections, reasoning connectives, no truncation.
 
     With ``check_answers`` the answer part is verifiable: the stated answer must equal the final answer of
-    the question's own solution, compared mathematically (:mod:`qgen.answers`, math-verify). With ``gated``
+    the question's own solution, compared mathematically (:mod:`qgen.answers`, math-verify). It leads the
+    score (:func:`qgen.scoring.rigor_score`): a question whose answer is verified inconsistent scores below
+    every question whose answer is verified consistent; an unverifiable one falls between. With ``gated``
     rigor becomes gates first (sections, not truncated, answer consistent): a question that fails one scores
     0 rigor and gets no credit at all (its total reward is multiplied by 0, so no difficulty or novelty for a
     question whose answer is wrong). Logs ``train/<prefix>_rigor_answer_consistent`` (the verified share).
@@ -257,10 +259,10 @@ class RigorReward(RewardCallback):
                   for p, lang, cut, ok in zip(batch.parsed, batch.languages, batch.truncated, consistent)]  # fmt: skip
         extra = {}
         factor = None
-        if self.check_answers:
-            extra["answer_consistent"] = np.array(consistent, dtype=np.float32)
+        if self.check_answers:  # the verified share: an unverifiable answer counts as not consistent
+            extra["answer_consistent"] = np.array([ok is True for ok in consistent], dtype=np.float32)
         if self.gated:
-            factor = np.array([0.0 if rigor_gates(p, cut, bool(ok)) else 1.0
+            factor = np.array([0.0 if rigor_gates(p, cut, ok) else 1.0
                                for p, cut, ok in zip(batch.parsed, batch.truncated, consistent)], dtype=np.float32)  # fmt: skip
         return RewardOutput(np.array(values, dtype=np.float32), factor, extra)
 

@@ -116,7 +116,7 @@ class SolverDifficulty(RewardCallback):
         checks = check_answers([ParsedQuestion(parsed.question, parsed.answer, s, parsed.options, True)
                                 for s in solutions])  # fmt: skip
         finals = [normalize_answer(solution_answer(s) or "") for s in solutions]
-        return [c.consistent for c in checks], finals
+        return [c.consistent is True for c in checks], finals
 
     def prefetch(self, texts: list[str], languages: list[str] | None = None) -> None:
         """Solve the new questions now (main thread); :meth:`score` reads the results."""

@@ -45,34 +45,83 @@ _UNICODE = {
     "∪": "\\cup ", "∩": "\\cap ", "°": "^\\circ", "　": " ",
 }  # fmt: skip
 _SQRT = re.compile(r"√\s*(\d+(?:\.\d+)?|[A-Za-z]|\([^()]*\)|\{[^{}]*\})")
-_ALTERNATIVES = re.compile(r"\s*(?:或|和|\bor\b|\band\b)\s*", re.IGNORECASE)
-_BLANKS = re.compile(r"\s*[;；]\s*")
-_CHOICE = re.compile(
-    r"(?:故选|所以选|因此选|应选|答案(?:为|是|应选)?\s*[:：]?|the (?:correct )?(?:answer|choice|option) is|answer\s*[:：])"
-    r"\s*[:：]?\s*[\(（]?\s*\$?\s*(?:\\(?:text|mathrm|textbf)\{)?([A-H])\b",
-    re.IGNORECASE,
-)
+_CONNECTIVE = re.compile(r"\s*(?:或|和|且|及|\bor\b|\band\b)\s*", re.IGNORECASE)
+_TEXT_CONNECTIVE = re.compile(r"\\(?:text|textrm|mathrm|mbox)\s*\{\s*(或|和|且|及|or|and)\s*\}", re.IGNORECASE)
+_SPACING = re.compile(r"\\(?:qquad|quad)\b|\\[,;: ]")
 _CONCLUSION = re.compile(
     r"(?:答案(?:为|是)|故答案为|所以答案为|the (?:final )?answer is|final answer\s*[:：]?)\s*[:：]?\s*(.+?)\s*(?:[。]|\.\s|\.?$|\n)",
     re.IGNORECASE,
 )
 
+# ------------------------------------------------------------------------------------ option letters
+_FULLWIDTH_LETTERS = str.maketrans("ＡＢＣＤＥＦＧＨ（）：，、．", "ABCDEFGH():,、.")
+_WRAPPED = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|boxed|fbox|operatorname)\s*\{([^{}]*)\}")
+_STATED_PREFIX = re.compile(
+    r"^\s*(?:(?:正确)?(?:答案|选项)(?:为|是|应选|选)?|故选|应选|选|(?i:the )?(?i:correct )?(?i:answer|choice|option)"
+    r"(?i:\s+is)?)\s*[:：]?\s*"
+)
+_LETTER = r"[\(（]?\s*[A-H]\s*[\)）]?"
+_LETTER_LIST = re.compile(rf"{_LETTER}(?:\s*(?:[,，、/&]|和|与|及|\band\b)?\s*{_LETTER})*\s*[.。．]?")
+_LETTER_LEAD = re.compile(r"[\(（]\s*([A-H])\s*[\)）]|([A-H])\s*[.．、:：]\s*\S")
+# a choice in a solution: its letters, upper case, never followed by more of a word, a digit or "="
+_LETTERS_AT = (r"[\(（]?\s*\$?\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{\s*)?[\(（]?\s*"
+               r"([A-H](?:\s*[、,，和与及]?\s*[A-H])*)(?![A-Za-z0-9_])(?!\s*[=<>])")  # fmt: skip
+_DECISIVE = re.compile(
+    r"(?:故选|所以选|因此选|从而选|应选|(?<!可)选择?|(?:正确)?答案(?:为|是|应选|选)?|"
+    r"(?i:the (?:correct |right |final )?(?:answer|choice|option) is|answer\s*[:：]|answer is|we choose|choose))"
+    r"\s*[:：]?\s*" + _LETTERS_AT
+)
+_NAMED = re.compile(r"(?:(?i:option|choice)s?|选项)\s*" + _LETTERS_AT + r"|[\(（]\s*([A-H])\s*[\)）]")
+
+
+def _unwrap(text: str) -> str:
+    r"""``text`` without ``$``, full-width letters and LaTeX wrappers (``\text{B}``, ``\textbf{(B)}``, ``\boxed{B}``)."""
+    s = text.translate(_FULLWIDTH_LETTERS).replace("$", "")
+    while True:
+        t = _WRAPPED.sub(r"\1", s)
+        if t == s:
+            return s.strip()
+        s = t
+
+
+def letters_of(group: str) -> tuple[str, ...]:
+    return tuple(sorted(set(re.findall(r"[A-H]", group))))
+
+
+def stated_choice(answer: str) -> tuple[str, ...] | None:
+    r"""The option letters a stated answer names, sorted, or ``None`` when it is not written as a choice.
+
+    Read as a choice, not as a bag of letters: ``B``, ``B.``, ``(B)``, ``B. <option text>``, ``\text{B}``,
+    ``\textbf{(B)}``, ``\boxed{B}``, ``选B``, ``答案：B``; several letters for multi-select (``AB``, ``A, C``,
+    ``ACD``, ``A和C``). Letters inside the option text (``B. $\frac{1}{2}$``) are not choices.
+    """
+    s = _STATED_PREFIX.sub("", _unwrap(answer), count=1).strip()
+    if not s:
+        return None
+    if _LETTER_LIST.fullmatch(s):
+        return letters_of(s)
+    lead = _LETTER_LEAD.match(s)
+    return (lead.group(1) or lead.group(2),) if lead else None
+
+
+def boxed_contents(text: str) -> list[tuple[int, str]]:
+    r"""``(position, content)`` of every ``\\boxed{...}`` / ``\\fbox{...}``, braces balanced, in order."""
+    out = []
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        depth = 0
+        for i in range(m.end() - 1, len(text)):
+            depth += text[i] == "{"
+            depth -= text[i] == "}"
+            if depth == 0:
+                out.append((m.start(), text[m.end() : i]))
+                break
+    return out
+
 
 def last_boxed_content(text: str) -> str | None:
     r"""The content of the last ``\\boxed{...}`` (or ``\\fbox``), braces balanced; ``None`` without one."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    brace = text.find("{", start)
-    if brace < 0:
-        return None
-    depth = 0
-    for i in range(brace, len(text)):
-        depth += text[i] == "{"
-        depth -= text[i] == "}"
-        if depth == 0:
-            return text[brace + 1 : i]
-    return None
+    found = boxed_contents(text)
+    return found[-1][1] if found else None
 
 
 def normalize_answer(text: str) -> str:
@@ -89,14 +138,32 @@ def normalize_answer(text: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"[。.,，\s]+$", "", s))
 
 
-def split_answer(text: str) -> tuple[list[list[str]], bool]:
-    """``(blanks, is_set)``: the answer cut into blanks (``;``), each blank into alternatives (或 / or / and)."""
+def _top_level_split(text: str, pattern: re.Pattern) -> list[str]:
+    """``text`` cut where ``pattern`` matches outside every ``{}``, ``()`` and ``[]`` group."""
+    depth, last, parts = 0, 0, []
+    depth_at = []
+    for ch in text:
+        depth_at.append(depth)
+        depth += ch in "{(["
+        depth -= ch in "})]" and depth > 0
+    for m in pattern.finditer(text):
+        if depth_at[m.start()] == 0:
+            parts.append(text[last : m.start()])
+            last = m.end()
+    parts.append(text[last:])
+    return [p for p in parts if p.strip()]
+
+
+def split_answer(text: str) -> list[list[str]]:
+    r"""The answer cut into blanks (``;`` / ``；``, in order), each blank into its parts (或 / 和 / or / and,
+    ``\text{ and }``), never inside a ``{...}`` / ``(...)`` / ``[...]`` group. Each part is normalised.
+    """
     s = text.strip()
     boxed = last_boxed_content(s)
     s = _PREFIX.sub("", boxed if boxed is not None else s)
-    blanks = [b for b in _BLANKS.split(s) if b.strip()]
-    parts = [[normalize_answer(a) for a in _ALTERNATIVES.split(b) if a.strip()] for b in blanks]
-    return parts, any(len(p) > 1 for p in parts)
+    s = _SPACING.sub(" ", _TEXT_CONNECTIVE.sub(r" \1 ", s))
+    blanks = _top_level_split(s, re.compile(r"\s*[;；]\s*"))
+    return [[normalize_answer(a) for a in _top_level_split(b, _CONNECTIVE)] for b in blanks]
 
 
 def solution_answer(analysis: str) -> str | None:
@@ -108,13 +175,25 @@ def solution_answer(analysis: str) -> str | None:
     return found[-1].strip() if found else None
 
 
-def solution_choice(analysis: str) -> str | None:
-    r"""The option letter a solution picks ("故选 B", "the answer is (C)", ``\\boxed{D}``), if it names one."""
-    boxed = last_boxed_content(analysis)
-    if boxed is not None and re.fullmatch(r"\s*(?:\\text\{)?\(?([A-H])\)?\}?\s*", boxed):
-        return re.search(r"[A-H]", boxed).group(0)
-    found = _CHOICE.findall(analysis)
-    return found[-1].upper() if found else None
+def solution_choice(analysis: str) -> tuple[str, ...] | None:
+    r"""The option letters a solution picks, sorted, or ``None`` when it names no choice.
+
+    Letters are upper case and read in context, never from a variable (``a = 2``, ``e^0``, "c is the
+    hypotenuse"): a *decisive* phrase (故选 / 选 / 答案为 / "the answer is" / "answer:" / ``\\boxed{B}``) or,
+    failing any, a *named* option ("option B", "choice (B)", 选项B, a bare ``(B)``). When the solution names
+    several, the **last decisive one wins** ("A is wrong ... so the answer is C. Option D fails" picks C);
+    without a decisive phrase the last named option wins ("we get a = 2, i.e. option B" picks B).
+    """
+    text = analysis.translate(_FULLWIDTH_LETTERS)
+    decisive = [(m.start(), letters_of(m.group(1))) for m in _DECISIVE.finditer(text)]
+    for start, content in boxed_contents(text):
+        letters = stated_choice(content)
+        if letters:
+            decisive.append((start, letters))
+    if decisive:
+        return max(decisive)[1]
+    named = [(m.start(), letters_of(m.group(1) or m.group(2))) for m in _NAMED.finditer(text)]
+    return max(named)[1] if named else None
 
 
 # ------------------------------------------------------------------------------------- worker process
@@ -205,8 +284,20 @@ def default_verifier() -> Verifier:
 # -------------------------------------------------------------------------------------------- checks
 @dataclass
 class AnswerCheck:
-    consistent: bool  # the stated answer is the one the solution reaches
+    """The verdict on one question's stated answer.
+
+    ``consistent``: ``True`` when the stated answer is verified to be the one the solution reaches, ``False``
+    when verified not to be (or the question cannot carry a right answer: an option letter that is not an
+    option, fewer than four options, two equal options), ``None`` when it cannot be verified (no stated
+    answer, no solution, or a solution with no final answer or choice to compare).
+    """
+
+    consistent: bool | None
     reason: str  # why not ("" when consistent)
+
+    @property
+    def verified(self) -> bool:
+        return self.consistent is not None
 
 
 _INTERVAL = re.compile(r"^\s*(?:\\left)?([\(\[])[^\[\]\(\)]*,[^\[\]\(\)]*(?:\\right)?([\)\]])\s*$")
@@ -217,8 +308,12 @@ def _same(a: str, b: str, verdict: bool | None) -> bool:
     if ia and ib and ia.groups() != ib.groups():  # math-verify may equate (1, 2] with [1, 2]; the ends differ
         return False
     if verdict is None:  # neither side is maths to math-verify: compare the normalised text
-        return re.sub(r"\s+", "", a).lower() == re.sub(r"\s+", "", b).lower() and bool(a.strip())
+        return _text_key(a) == _text_key(b) and bool(a.strip())
     return verdict
+
+
+def _text_key(text: str) -> str:
+    return re.sub(r"\s+", "", text).lower()
 
 
 def check_answers(questions: list[ParsedQuestion], verifier: Verifier | None = None) -> list[AnswerCheck]:
@@ -232,9 +327,9 @@ def check_answers(questions: list[ParsedQuestion], verifier: Verifier | None = N
 
     for q in questions:
         if not q.answer.strip():
-            plans.append(("fail", "no stated answer"))
+            plans.append(("unverifiable", "no stated answer"))
         elif not q.analysis.strip():
-            plans.append(("fail", "no solution"))
+            plans.append(("unverifiable", "no solution"))
         elif q.options:
             plans.append(_plan_choice(q, ask))
         else:
@@ -244,74 +339,67 @@ def check_answers(questions: list[ParsedQuestion], verifier: Verifier | None = N
 
 
 def _plan_free(q: ParsedQuestion, ask) -> tuple:
+    """Blank by blank, in order; a blank of several parts (或 / and / ``\\text{ and }``) is compared as one
+    whole with math-verify (parts joined by commas: a set of values, or of ``name = value`` equations matched by
+    name), so ``x=2, y=1`` equals ``y=1 and x=2`` and never ``x=1, y=2``; tuples stay ordered, intervals and
+    unions are intervals. Parts that are no maths to math-verify are compared as a set of texts.
+    """
     final = solution_answer(q.analysis)
     if final is None:
-        return ("fail", "the solution states no final answer")
-    stated, stated_set = split_answer(q.answer)
-    reached, reached_set = split_answer(final)
+        return ("unverifiable", "the solution states no final answer")
+    stated, reached = split_answer(q.answer), split_answer(final)
     if not stated or not reached:
-        return ("fail", "empty answer")
+        return ("unverifiable", "empty answer")
     if len(stated) != len(reached):
         return ("fail", f"{len(stated)} blanks stated, {len(reached)} in the solution")
     blanks = []
-    for s_alts, r_alts in zip(stated, reached):
-        if len(s_alts) != len(r_alts):
-            return ("fail", "a different number of alternatives")
-        blanks.append([[ask(s, r) for r in r_alts] for s in s_alts])  # every stated alternative x every reached one
+    for s_parts, r_parts in zip(stated, reached):
+        a, b = ", ".join(s_parts), ", ".join(r_parts)
+        same_texts = len(s_parts) > 1 and sorted(map(_text_key, s_parts)) == sorted(map(_text_key, r_parts))
+        blanks.append((a, b, ask(a, b), same_texts))
     return ("free", blanks)
 
 
 def _plan_choice(q: ParsedQuestion, ask) -> tuple:
-    letters = sorted(set(re.findall(r"[A-H]", q.answer.upper())))
     options = {k: normalize_answer(v) for k, v in q.options.items()}
     if len(options) < 4:
         return ("fail", f"{len(options)} options (at least 4 expected)")
     if len(set(options.values())) < len(options):
         return ("fail", "two options are the same")
-    if len(letters) != 1 or letters[0] not in options:
-        return ("fail", f"stated answer {q.answer.strip()!r} is not one of the options")
+    letters = stated_choice(q.answer)
+    if letters is None:  # the option's text written out instead of its letter
+        value = _text_key(normalize_answer(q.answer))
+        letters = tuple(k for k, v in options.items() if _text_key(v) == value) or None
+    if letters is None or not set(letters) <= set(options):
+        return ("fail", f"stated answer {q.answer.strip()!r} is not read as one of the options")
     picked = solution_choice(q.analysis)
     if picked is not None:
-        return ("choice_letter", letters[0], picked)
+        return ("choice_letter", letters, picked)
     final = solution_answer(q.analysis)
     if final is None:
-        return ("fail", "the solution neither picks an option nor states a value")
+        return ("unverifiable", "the solution neither picks an option nor states a value")
     value = normalize_answer(final)
-    return ("choice_value", letters[0], {k: (v, value, ask(v, value)) for k, v in options.items()})
+    return ("choice_value", letters, {k: (v, value, ask(v, value)) for k, v in options.items()})
 
 
 def _decide(plan: tuple, verdicts: list, pairs: list) -> AnswerCheck:
     kind = plan[0]
+    if kind == "unverifiable":
+        return AnswerCheck(None, plan[1])
     if kind == "fail":
         return AnswerCheck(False, plan[1])
     if kind == "choice_letter":
         stated, picked = plan[1], plan[2]
-        reason = "" if stated == picked else f"stated {stated}, the solution picks {picked}"
+        reason = "" if stated == picked else f"stated {''.join(stated)}, the solution picks {''.join(picked)}"
         return AnswerCheck(stated == picked, reason)
     if kind == "choice_value":
         stated, table = plan[1], plan[2]
-        equal = [k for k, (a, b, i) in table.items() if _same(a, b, verdicts[i])]
-        if equal == [stated]:
+        equal = tuple(k for k, (a, b, i) in sorted(table.items()) if _same(a, b, verdicts[i]))
+        if equal == stated:
             return AnswerCheck(True, "")
-        return AnswerCheck(False, f"options equal to the solution's value: {equal or 'none'}; stated {stated}")
-    for blank in plan[1]:  # free response: a perfect matching of alternatives in every blank
-        matrix = [[_same(*pairs[i], verdicts[i]) for i in row] for row in blank]
-        if not _has_matching(matrix):
+        return AnswerCheck(False, f"options equal to the solution's value: {list(equal) or 'none'}; "
+                                  f"stated {''.join(stated)}")  # fmt: skip
+    for a, b, i, same_texts in plan[1]:  # free response: every blank, in order
+        if not (same_texts or _same(a, b, verdicts[i])):
             return AnswerCheck(False, "the stated answer differs from the solution's final answer")
     return AnswerCheck(True, "")
-
-
-def _has_matching(matrix: list[list[bool]]) -> bool:
-    """Every stated alternative equals a distinct reached one (small sets: plain augmenting paths)."""
-    match: dict[int, int] = {}
-
-    def augment(row: int, seen: set) -> bool:
-        for col, ok in enumerate(matrix[row]):
-            if ok and col not in seen:
-                seen.add(col)
-                if col not in match or augment(match[col], seen):
-                    match[col] = row
-                    return True
-        return False
-
-    return all(augment(r, set()) for r in range(len(matrix)))

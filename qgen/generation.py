@@ -329,7 +329,7 @@ def evaluate_generations(rows: list[dict[str, Any]], train_records: list[Questio
     out.update({
         "parse_valid_rate": float(np.mean([p.valid for p in parsed])),
         # valid questions: the stated answer is the one the question's own solution reaches (qgen.answers)
-        "answer_consistent_rate": float(np.mean([c.consistent for c in check_answers(parsed)])),
+        "answer_consistent_rate": float(np.mean([c.consistent is True for c in check_answers(parsed)])),
         "truncated_rate": float(np.mean([bool(r.get("truncated")) for r in rows])),
         "novelty_max_similarity_mean": float(np.mean(sims)),
         f"novelty_share_above_{threshold:g}": float(np.mean(sims > threshold)),

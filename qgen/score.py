@@ -73,7 +73,9 @@ def summarize(rows: list[dict]) -> dict:
         "questions": len(rows),
         "mean_difficulty": float(np.mean([r["difficulty"] for r in rows])),
         "mean_rigor": float(np.mean([r["rigor"] for r in rows])),
-        "answer_consistent": float(np.mean([r["answer_consistent"] for r in rows])),
+        # shares of all rows: verified consistent, verified inconsistent (the rest could not be verified)
+        "answer_consistent": float(np.mean([r["answer_consistent"] is True for r in rows])),
+        "answer_inconsistent": float(np.mean([r["answer_consistent"] is False for r in rows])),
         "mean_novelty": float(np.nanmean([r["novelty"] for r in rows])) if any(r["novelty"] == r["novelty"] for r in rows) else None,
         "difficulty_spearman_vs_labels": rho,
         "labelled": len(labelled),

@@ -381,41 +381,48 @@ CONNECTIVES = {
 }
 
 
-def rigor_gates(parsed: ParsedQuestion, truncated: bool, consistent: bool) -> str:
+def rigor_gates(parsed: ParsedQuestion, truncated: bool, consistent: bool | None) -> str:
     """The first rigor gate a question fails, ``""`` when it passes them all: every section present, not
-    truncated, a stated answer, and that answer verified equal to the solution's (:mod:`qgen.answers`).
+    truncated, a stated answer, and that answer verified equal to the solution's (:mod:`qgen.answers`;
+    an unverifiable answer fails this gate).
     """
     if not (parsed.question.strip() and parsed.answer.strip() and parsed.analysis.strip()):
         return "sections"
     if truncated:
         return "truncated"
-    if not consistent:
+    if consistent is not True:
         return "answer_consistent"
     return ""
 
 
-def rigor_score(parsed: ParsedQuestion, language: str, truncated: bool, consistent: bool | None = None,
-                gated: bool = False) -> float:  # fmt: skip
-    """Logical rigor of one generated question, in [0, 1].
-
-    0.3 x share of the sections present (question, answer, analysis) + 0.2 x answer consistent + 0.3 x
-    density of reasoning connectives in the analysis (one per 40 characters scores 1) + 0.2 x not truncated.
-    ``consistent`` is the verified answer check (the stated answer equals the solution's final answer);
-    ``None`` falls back to the unverified form (a non-empty answer; for multiple choice, letters among the
-    options). With ``gated`` a question that fails a gate (:func:`rigor_gates`) scores 0.
+def rigor_heuristics(parsed: ParsedQuestion, language: str, truncated: bool) -> float:
+    """The unverified part of rigor, in [0, 1]: 3/8 x share of the sections present (question, answer,
+    analysis) + 3/8 x density of reasoning connectives in the analysis (one per 40 characters scores 1) +
+    2/8 x not truncated.
     """
-    if gated and rigor_gates(parsed, truncated, bool(consistent)):
-        return 0.0
     sections = sum(bool(s.strip()) for s in (parsed.question, parsed.answer, parsed.analysis)) / 3
-    answer = parsed.answer.strip()
-    if consistent is None:  # unverified: a plausible-looking answer
-        letters = set(re.findall(r"[A-H]", answer.upper()))
-        consistent = (bool(letters) and letters <= set(parsed.options)) if parsed.options else bool(answer)
     analysis = parsed.analysis.lower()
     words = CONNECTIVES["zh" if language == "zh" else "en"]
     hits = sum(analysis.count(w) for w in words)
     density = min(1.0, hits / max(1.0, len(analysis) / 40)) if analysis else 0.0
-    return 0.3 * sections + 0.2 * consistent + 0.3 * density + 0.2 * (not truncated)
+    return (3 * sections + 3 * density + 2 * (not truncated)) / 8
+
+
+def rigor_score(parsed: ParsedQuestion, language: str, truncated: bool, consistent: bool | None = None,
+                gated: bool = False) -> float:  # fmt: skip
+    """Logical rigor of one generated question, in [0, 1]: the answer check first, the heuristics within.
+
+    ``(tier + h) / 3`` with ``h`` = :func:`rigor_heuristics` and ``tier`` 2 for an answer verified consistent
+    with the question's own solution, 1 when it cannot be verified (``consistent=None``: no stated answer, no
+    final answer or choice in the solution, or the check not run), 0 when verified inconsistent. So a question
+    whose answer is verified wrong scores at most 1/3 and one verified right at least 2/3: no density of
+    connectives lifts a wrong answer above a right one. With ``gated`` a question that fails a gate
+    (:func:`rigor_gates`, which an unverifiable answer fails too) scores 0.
+    """
+    if gated and rigor_gates(parsed, truncated, consistent):
+        return 0.0
+    tier = {True: 2, None: 1, False: 0}[consistent]
+    return (tier + rigor_heuristics(parsed, language, truncated)) / 3
 
 
 _HARD_WORDS = ("证明", "求证", "取值范围", "最大值", "最小值", "恒成立", "存在", "数列", "导数", "prove", "show that",
