@@ -6,12 +6,17 @@ behind qgen's own normaliser for what math-verify does not read:
 
 - prefixes (``答案：``, ``Answer:``, ``the answer is``), ``$`` delimiters, ``\\boxed{}``, a final full stop;
 - full-width punctuation and colons, Unicode ``√ ∞ ≤ ≥ ≠ − × ÷ π``, bare answers written without ``$``;
-- several answers joined by 或 / 和 / or / and (compared as sets) and several blanks separated by ``;``
-  / ``；`` (compared blank by blank, in order).
+- several answers joined by 或 / 和 / or / and (also ``\\text{ and }``) compared as one whole by math-verify:
+  ``name = value`` pairs matched by name, alternatives and solution sets as sets, tuples in order, intervals
+  and unions as intervals, never split inside a ``{...}`` / ``(...)`` group; several blanks separated by
+  ``;`` / ``；`` compared blank by blank, in order.
 
-Multiple choice: at least four distinct options; the stated letter must be the one the solution picks
-("故选 B", "the answer is (B)"), or, when the solution computes a value instead, the stated option must equal
-that value and no other option may.
+Multiple choice: at least four distinct options; the stated letters, read as a choice (:func:`stated_choice`),
+must be the ones the solution picks (:func:`solution_choice`: "故选 B", "the answer is (B)", ``\\boxed{B}``),
+or, when the solution computes a value instead, exactly the options equal to that value.
+
+A verdict is consistent, inconsistent, or unverifiable (``None``: no stated answer, no solution, or a
+solution with no final answer or choice to compare).
 
 math-verify's own timeout uses ``signal.alarm``, which only works in a main thread and which a
 pathological expression can outrun. So every comparison runs in a separate worker process (its main

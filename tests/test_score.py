@@ -77,3 +77,21 @@ def test_score_bad_input_is_a_clear_error(tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}, "{broken"])
     assert score_main(["--input", f"jsonl:{bad}"]) == 2
     assert "bad.jsonl, line 2" in capsys.readouterr().err
+
+
+def test_answer_consistent_is_true_false_or_null_and_rigor_follows_it(tmp_path):
+    """The column stays a boolean, null where the answer cannot be verified; rigor ranks the verdicts."""
+    rows = [
+        {"id": "right", "question": "Compute 3*4.", "answer": "12", "analysis": "3*4 = 12, so the answer is 12."},
+        {"id": "wrong", "question": "Compute 3*4.", "answer": "13",
+         "analysis": "Since 3*4 = 12, therefore, hence, thus, so the answer is 12."},  # more connectives
+        {"id": "open", "question": "Compute 3*4.", "answer": "12", "analysis": "Multiply the two numbers."},
+    ]  # fmt: skip
+    path = write_jsonl(tmp_path / "q.jsonl", rows)
+    out = tmp_path / "scored.jsonl"
+    assert score_main(["--input", f"jsonl:{path}", "--output", str(out)]) == 0
+    raw = out.read_text(encoding="utf-8").splitlines()
+    scored = {r["id"]: r for r in map(json.loads, raw)}
+    assert [scored[k]["answer_consistent"] for k in ("right", "wrong", "open")] == [True, False, None]
+    assert '"answer_consistent": null' in raw[2]
+    assert scored["wrong"]["rigor"] < scored["open"]["rigor"] < scored["right"]["rigor"]
