@@ -194,7 +194,7 @@ class QGenCLI(LightningCLI):
         return super().instantiate_trainer(plugins=plugins, **kwargs)
 
 
-def cli_main(args: ArgsType = None, run: bool = True) -> QGenCLI:
+def cli_main(args: ArgsType = None, run: bool = True, prog: str | None = None) -> QGenCLI:
     try:
         return QGenCLI(
             LightningModule,
@@ -205,6 +205,7 @@ def cli_main(args: ArgsType = None, run: bool = True) -> QGenCLI:
             save_config_callback=RunConfigCallback,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
+            parser_kwargs={"prog": prog} if prog else {},
         )
     except BaseException:
         for folder in CLAIMED:  # a run that failed at start leaves no empty version_N behind
@@ -216,9 +217,10 @@ def cli_main(args: ArgsType = None, run: bool = True) -> QGenCLI:
         os.environ.pop(VERSION_ENV, None)  # the next run in this process claims its own folder
 
 
-def main() -> None:
+def main(args: list[str] | None = None, prog: str | None = None) -> None:
+    """The Lightning commands (``fit``, ``validate``, ``test``, ``predict``), bad input answered in one line."""
     try:
-        cli_main()
+        cli_main(args, prog=prog)
     except DataError as err:  # bad input: one clear line, not a traceback
         print(f"qgen: data error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -3,6 +3,9 @@
 import glob
 import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 from conftest import CONFIGS, SHARED, needs_shared, run_qgen, scalars, write_jsonl
@@ -206,3 +209,31 @@ def test_only_global_rank_zero_claims_a_run_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("QGEN_RUN_FOLDER", str(tmp_path / "lightning_logs" / "version_0"))
     cli_main(args)
     assert claimed[-1] == 0 and os.listdir(tmp_path / "lightning_logs") == ["version_0"]
+
+
+def test_both_entry_points_list_and_run_all_eight_commands(capsys):
+    """`python -m qgen --help`, the `qgen` console script and an unknown command name all eight commands; each
+    command answers `--help` under its own parser (Lightning's or argparse's) through the same dispatcher, and
+    the console script runs a plain command (`qgen score` was "invalid choice") and a Lightning one.
+    """
+    from qgen.commands import COMMANDS
+    from qgen.commands import main as qgen_main
+
+    script = os.path.join(os.path.dirname(sys.executable), "qgen")
+    assert len(COMMANDS) == 8 and os.path.exists(script)
+    module_help = run_qgen(["--help"])
+    assert module_help.returncode == 0 and "usage: python -m qgen COMMAND" in module_help.stdout
+    unknown = run_qgen(["frobnicate"])
+    assert unknown.returncode == 2 and "unknown command 'frobnicate'" in unknown.stderr
+    script_help = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert script_help.returncode == 0 and "usage: qgen COMMAND" in script_help.stdout
+    for listing in (module_help.stdout, unknown.stderr, script_help.stdout):
+        assert all(re.search(rf"^  {name} +\S", listing, re.M) for name in COMMANDS)
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as exit_:
+            qgen_main([name, "--help"], prog="qgen")
+        assert exit_.value.code in (0, None), name
+        assert re.search(rf"usage: (python -m )?qgen.* {name}", capsys.readouterr().out), name
+    for args, expect in ((["score", "--help"], "usage: python -m qgen score"), (["fit", "--help"], "--ckpt_path")):
+        proc = subprocess.run([script, *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and expect in proc.stdout, proc.stderr[-500:]
