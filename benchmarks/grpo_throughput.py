@@ -18,7 +18,7 @@ Same work on every side (asserted, not assumed):
 Sides (rounds alternate, every round printed):
 - ``qgen`` / ``trl``: no gradient checkpointing; qgen with peft's own LoRA layers (as a GPU user runs it);
   both sample with ``transformers`` ``generate``, qgen after prefilling each prompt once for its group
-  (``qgen.sampling.generate_group``), TRL with the prompt repeated ``G`` times (it has no such option);
+  (``qgen.backends.hf.generate_group``), TRL with the prompt repeated ``G`` times (it has no such option);
 - ``qgen-ckpt`` / ``trl-ckpt``: gradient checkpointing on both (non-reentrant), as configs/qwen3-14b-grpo.yaml
   runs; qgen still shares each prompt's forward pass across its group (the prompt pass is not checkpointed);
 - ``qgen-fused``: qgen's default on CPU, its fused LoRA layers: a **CPU-only** speed-up.

@@ -29,10 +29,10 @@ from collections import Counter
 from typing import Literal, Protocol
 
 import numpy as np
-import torch
 
 from callbacks.rewards import RewardCallback
 from qgen.answers import check_answers, normalize_answer, solution_answer
+from qgen.backends import REFERENCE_NEEDS_ADAPTER, BackendError, resolve_weight_sync
 from qgen.formatting import ParsedQuestion, parse_question
 from qgen.scoring import DifficultyModel, RewardOutput, ScoringBatch
 
@@ -48,22 +48,21 @@ class Solver(Protocol):
 
 
 class PolicySolver:
-    """The GRPO module's reference policy (the adapter disabled) as the solver, sampled like the rollouts."""
+    """The module's reference policy (the backbone without the trained adapter) as the solver, sampled through the
+    module's own generation backend like the rollouts: ``hf`` with the adapter disabled, ``vllm`` through the
+    engine's base with no adapter request (the adapter weight sync; a merged engine holds no reference policy).
+    """
 
     def __init__(self, module, max_new_tokens: int = 256, temperature: float = 1.0):
         self.module, self.max_new_tokens, self.temperature = module, max_new_tokens, temperature
 
     def solve(self, questions: list[str], languages: list[str], samples: int) -> list[list[str]]:
-        from qgen.sampling import generate_group
-
-        tok, model = self.module.tokenizer, self.module.model
+        tok = self.module.tokenizer
         texts = [tok.apply_chat_template([{"role": "user", "content": SOLVE_PROMPT.get(lang, SOLVE_PROMPT["en"])
                                            .format(question=q)}], add_generation_prompt=True, tokenize=False)
                  for q, lang in zip(questions, languages)]  # fmt: skip
         prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-        context = model.disable_adapter() if hasattr(model, "disable_adapter") else torch.no_grad()
-        with context:
-            rollout = generate_group(model, tok, prompts, samples, self.max_new_tokens, self.temperature)
+        rollout = self.module.sample(prompts, samples, self.max_new_tokens, self.temperature, 1.0, reference=True)
         texts = rollout.texts
         return [texts[i * samples : (i + 1) * samples] for i in range(len(questions))]
 
@@ -105,6 +104,10 @@ class SolverDifficulty(RewardCallback):
             raise StrategyError("SolverDifficulty samples a data-dependent number of solutions per rank, which "
                                 "sharded layers cannot do; under FSDP use the difficulty model "
                                 "(callbacks.DifficultyReward)")
+        hp = pl_module.hparams
+        if self.solver is None and hp.get("backend", "hf") == "vllm" and resolve_weight_sync(
+                (pl_module.vllm_spec()).weight_sync, hp.get("quantization")) == "merged":  # fmt: skip
+            raise BackendError(f"SolverDifficulty: {REFERENCE_NEEDS_ADAPTER}")
         super().setup(trainer, pl_module, stage)
         if self.solver is None:
             self.solver = PolicySolver(pl_module, self.max_new_tokens, self.temperature)

@@ -20,6 +20,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 
 import callbacks  # noqa: F401  (registers callback classes for `trainer.callbacks` in YAML)
+from qgen.backends import BackendError
 from qgen.backends.vllm import BackendUnavailableError
 from qgen.checkpointing import CheckpointError, SafeCheckpointIO, load_checkpoint_file, locate_source
 from qgen.data import QuestionDataModule
@@ -230,6 +231,6 @@ def main(args: list[str] | None = None, prog: str | None = None) -> None:
     except FileNotFoundError as err:
         print(f"qgen: error: {err}", file=sys.stderr)
         sys.exit(2)
-    except (BackendUnavailableError, StrategyError) as err:
+    except (BackendUnavailableError, BackendError, StrategyError) as err:
         print(f"qgen: error: {err}", file=sys.stderr)
         sys.exit(2)

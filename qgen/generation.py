@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from qgen.backends import VLLMSpec, build_backend, request_seed
 from qgen.formatting import parse_question
 from qgen.records import DataError, Question, detect_language, iter_jsonl
-from qgen.sampling import Rollout, left_pad
+from qgen.backends.rollout import Rollout, left_pad
 from qgen.tasks import TASKS, prompt_messages, target_text
 
 
@@ -181,19 +181,27 @@ class QuestionWriterMixin:
             self._generation_backend = backend
         return backend
 
+    def use_backend(self, backend) -> None:
+        """Sample with ``backend`` (a :class:`qgen.backends.GenerationBackend`) from now on, closing the current one."""
+        current = getattr(self, "_generation_backend", None)
+        if current is not None and current is not backend:
+            current.close()
+        self._generation_backend = backend
+
     def seed_base(self) -> int:
         spec = self.vllm_spec()
         return spec.seed if spec.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", "0") or 0)
 
     def sample(self, prompts: list[list[int]], group_size: int, max_new_tokens: int, temperature: float,
                top_p: float, min_new_tokens: int = 0, seed_keys: list | None = None,
-               seed_step: int | None = None) -> Rollout:  # fmt: skip
+               seed_step: int | None = None, reference: bool = False) -> Rollout:  # fmt: skip
         """``group_size`` completions of each prompt from the module's backend, whose weights are brought up to
         date first (the vLLM engine's schedule: ``model.vllm.sync_every``).
 
         ``seed_keys``: one key per prompt (its global index, or a prompt file's key); with ``seed_step`` (default:
         the global step) they seed each completion (:func:`qgen.backends.request_seed`) where the backend takes
-        per-request seeds.
+        per-request seeds. ``reference``: sample the frozen reference policy (the backbone without the trained
+        adapter; the solver's).
         """
         backend = self.generation_backend()
         step = self.global_step if self._trainer is not None else 0
@@ -203,7 +211,7 @@ class QuestionWriterMixin:
             base, at = self.seed_base(), step if seed_step is None else seed_step
             seeds = [request_seed(base, at, key, k) for key in seed_keys for k in range(group_size)]
         return backend.generate(self.model, self._tokenizer(), prompts, group_size, max_new_tokens, temperature,
-                                top_p, min_new_tokens, seeds)  # fmt: skip
+                                top_p, min_new_tokens, seeds, reference=reference)  # fmt: skip
 
     def _check_backend(self) -> None:
         self.generation_backend()  # a missing vLLM fails here, before any step, with one line
@@ -226,7 +234,7 @@ class QuestionWriterMixin:
         ``model.vllm.predict_wave`` prompts, the next ones this rank's loader will hand out, goes to the
         engine at once (continuous batching), and later batches take their rows from it.
         """
-        if self.hparams.get("backend", "hf") != "vllm":
+        if not self.generation_backend().wants_whole_waves:
             rollout = self._generate([prompt_of(p) for p in positions], [key_of(p) for p in positions])
             return list(zip(rollout.texts, rollout.truncated.tolist()))
         if self._wave_order[0] is not loader:  # this rank's positions in the order its sampler yields them

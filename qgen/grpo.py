@@ -13,7 +13,7 @@ One training step (DeepSeekMath, Shao et al. 2024, eq. 3-4):
    the same model with the LoRA adapter disabled (the policy GRPO started from, see ``init_from``), so no
    second copy of the model is held. Log-probs run
    each prompt through the decoder once per group and share its KV cache with the G completions
-   (:func:`qgen.sampling.completion_logprobs`), which cuts the cost of the training forward and backward.
+   (:func:`qgen.logprobs.completion_logprobs`), which cuts the cost of the training forward and backward.
 
 Departures from the paper: one policy update per rollout, so ``old_logp = logp.detach()`` (ratio 1 in
 value, the clipped gradient path is kept general); asymmetric clipping (``epsilon_high``, from DAPO) and
@@ -46,7 +46,8 @@ from qgen.models import (
     load_trainable_weights,
 )
 from qgen.rollouts import StepRollouts
-from qgen.sampling import Rollout, completion_logprobs
+from qgen.backends.rollout import Rollout
+from qgen.logprobs import completion_logprobs
 from qgen.scoring import RewardOutput, combine_scores
 from qgen.sft import default_optimizer, default_scheduler
 from qgen.stage import StageModule
@@ -360,9 +361,8 @@ class GRPOModule(StageModule):
         tokens_per_s = float(step.rollout.completion_mask.sum()) / max(gen_seconds, 1e-9)
         self.log("train/gen_tokens_per_s", torch.tensor(tokens_per_s), batch_size=n, sync_dist=True, reduce_fx="sum")
         self.log("train/gen_seconds", float(gen_seconds), batch_size=n, sync_dist=True, reduce_fx="max")
-        backend = getattr(self, "_generation_backend", None)
-        if backend is not None and backend.name == "vllm":
-            self.log("train/weight_sync_seconds", float(backend.sync_seconds), batch_size=n)
+        for key, value in self.generation_backend().stats().items():  # e.g. the engine's latest weight push
+            self.log(f"train/{key}", float(value), batch_size=n)
         self.log("train/lr", float(self.trainer.optimizers[0].param_groups[0]["lr"]), batch_size=n)
         self.log("reward", rewards.mean(), prog_bar=True, logger=False, batch_size=n, sync_dist=True)
 

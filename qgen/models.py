@@ -311,6 +311,11 @@ def keep_4bit_layout(model: nn.Module) -> int:
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
+def has_sliding_layers(model: nn.Module) -> bool:
+    """Whether any decoder layer attends through a sliding window (a prompt's cache cannot then be shared)."""
+    return any(kind != "full_attention" for kind in getattr(model.config, "layer_types", None) or [])
+
+
 def check_attn_implementation(name: str, option: str = "model.attn_implementation") -> str:
     """``name`` if this machine can run it, else a clear error naming ``option`` (before any model loads)."""
     import importlib.util

@@ -19,7 +19,7 @@ group-wise (the repetition bank grows only after the optimizer step), so scoring
 what scoring the whole chunk would.
 
 This is also the seam for a generation backend: ``generate`` is any callable from token-id prompts to a
-:class:`qgen.sampling.Rollout`.
+:class:`qgen.backends.rollout.Rollout`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from qgen.losses import group_advantages
-from qgen.sampling import Rollout, concat_rollouts
+from qgen.backends.rollout import Rollout, concat_rollouts
 from qgen.scoring import RewardOutput
 
 

@@ -91,18 +91,22 @@ class _ScriptedBackend:
     """
 
     name = "scripted"
+    wants_whole_waves = False
 
     def prepare(self, model, tokenizer, step):
         pass
+
+    def stats(self):
+        return {}
 
     def close(self):
         pass
 
     def generate(self, model, tokenizer, prompts, group_size, max_new_tokens, temperature, top_p, min_new_tokens=0,
-                 seeds=None):  # fmt: skip
+                 seeds=None, reference=False):  # fmt: skip
         import torch
 
-        from qgen.sampling import Rollout, completion_mask_from, left_pad
+        from qgen.backends.rollout import Rollout
 
         assert seeds is not None and len(seeds) == len(prompts) * group_size
         rows = []
@@ -111,20 +115,11 @@ class _ScriptedBackend:
             n = int(torch.randint(3, max_new_tokens + 1, (1,), generator=gen))
             rows.append(torch.randint(10, 400, (n,), generator=gen).tolist() + ([tokenizer.eos_token_id] * (
                 n < max_new_tokens)))  # fmt: skip
-        width = max(len(r) for r in rows)
-        completions = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
-        ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-        ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
-        cmask, truncated = completion_mask_from(completions, tokenizer.eos_token_id)
-        texts = tokenizer.batch_decode(completions * cmask + tokenizer.pad_token_id * (1 - cmask),
-                                       skip_special_tokens=True)  # fmt: skip
-        return Rollout(sequences=torch.cat([ids, completions], 1), attention_mask=torch.cat([mask, cmask], 1),
-                       prompt_length=ids.size(1), completion_ids=completions, completion_mask=cmask,
-                       truncated=truncated, texts=texts, group_size=group_size)  # fmt: skip
+        return Rollout.from_completions(prompts, rows, group_size, tokenizer)
 
 
 class ScriptedRollouts(Callback):
     """Swap the module's generation backend for :class:`_ScriptedBackend` before the run's first step."""
 
     def on_fit_start(self, trainer, pl_module):
-        pl_module._generation_backend = _ScriptedBackend()
+        pl_module.use_backend(_ScriptedBackend())

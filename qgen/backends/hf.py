@@ -1,0 +1,96 @@
+"""The ``transformers`` engine: ``generate`` on the trained model itself, each prompt prefilled once per group.
+
+It always samples from exactly the weights being trained (no copy, nothing to push); over sharded weights
+(FSDP) every rank decodes until all are done (``synced_gpus``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qgen.backends.rollout import Rollout, left_pad
+from qgen.models import has_sliding_layers
+
+
+class HFBackend:
+    """``transformers`` ``generate`` on the trained model (:func:`generate_group`)."""
+
+    name = "hf"
+    wants_whole_waves = False  # batches as the loader hands them out: the model is the trainer's
+
+    def prepare(self, model: nn.Module, tokenizer, step: int) -> bool:
+        return False  # samples from the trained module itself
+
+    def generate(self, model, tokenizer, prompts, group_size, max_new_tokens, temperature, top_p, min_new_tokens=0,
+                 seeds=None, reference: bool = False) -> Rollout:  # fmt: skip
+        """``reference``: sample the reference policy, the same backbone with its LoRA adapter disabled."""
+        if reference and hasattr(model, "disable_adapter"):
+            with model.disable_adapter():
+                return generate_group(model, tokenizer, prompts, group_size, max_new_tokens, temperature, top_p,
+                                      min_new_tokens)  # fmt: skip
+        return generate_group(model, tokenizer, prompts, group_size, max_new_tokens, temperature, top_p,
+                              min_new_tokens)  # fmt: skip
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def _shared_prompt_cache(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, group_size: int):
+    """The KV cache of every prompt but its last token, each prompt computed once and repeated for its
+    ``group_size`` completions (``[B, ...] -> [N, ...]``): ``generate`` then starts from it and runs only the
+    last prompt token and the completions. The prefill costs ``1 / group_size`` of the repeated one (a sixth
+    less generation time for 2 x 8 completions of 64 tokens after 150-token prompts, on CPU).
+    """
+    from transformers import DynamicCache
+
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
+          past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+    cache.batch_repeat_interleave(group_size)
+    return cache
+
+
+@torch.no_grad()
+def generate_group(model: nn.Module, tokenizer, prompts: list[list[int]], group_size: int, max_new_tokens: int,
+                   temperature: float = 1.0, top_p: float = 1.0, min_new_tokens: int = 0,
+                   share_prompt: bool = True) -> Rollout:  # fmt: skip
+    """One batched ``generate`` call: every prompt repeated ``group_size`` times, sampled with KV cache.
+
+    The model is put in eval mode for sampling (no dropout) and restored afterwards. ``temperature`` 0 is
+    greedy decoding. ``min_new_tokens`` suppresses EOS until that many tokens exist (benchmarks fix the
+    generated length this way). With ``share_prompt`` (and ``group_size > 1``, full-attention models) each
+    prompt is prefilled once, not ``group_size`` times (:func:`_shared_prompt_cache`); the samples are those
+    of the repeated prefill (the same tokens for the same seed, tested). Over sharded weights (FSDP2) every
+    rank keeps decoding until all ranks are done (``synced_gpus``): a layer's forward is a collective, and a
+    rank that stopped early would hang the rest.
+    """
+    from qgen.strategies import sharded_parameters
+
+    device = next(model.parameters()).device
+    synced = sharded_parameters(model) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    ids, mask = prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0)
+    was_training = model.training
+    model.eval()
+    try:
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {
+            "do_sample": False}
+        if share_prompt and group_size > 1 and ids.size(1) > 1 and not has_sliding_layers(model):
+            sampling["past_key_values"] = _shared_prompt_cache(model, prompt_ids, prompt_mask, group_size)
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, use_cache=True, min_new_tokens=min_new_tokens, synced_gpus=synced,
+            **sampling,
+        )  # fmt: skip
+    finally:
+        model.train(was_training)
+    completions = out[:, ids.size(1) :]  # [N, C]
+    if completions.size(1) == 0:
+        completions = torch.full((ids.size(0), 1), tokenizer.eos_token_id, device=device)
+    return Rollout.from_completions(prompts, completions, group_size, tokenizer)
