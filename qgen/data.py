@@ -29,7 +29,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from qgen.generation import (
+from qgen.models import BUNDLED_DATA, load_tokenizer
+from qgen.prompts import (
     PromptDataset,
     build_prompt_items,
     collate_prompts,
@@ -37,7 +38,6 @@ from qgen.generation import (
     read_prompts,
     split_prompt_rows,
 )
-from qgen.models import BUNDLED_DATA, load_tokenizer
 from qgen.records import DataError, Question, read_source
 from qgen.tasks import TASKS, Example, build_examples
 

@@ -32,8 +32,10 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from qgen.backends import VLLMSpec, backend_problems
+from qgen.backends.rollout import Rollout
 from qgen.checkpointing import describe_source
 from qgen.generation import GenerationSpec
+from qgen.logprobs import completion_logprobs
 from qgen.losses import gathered_std, grpo_loss, truncated_importance_weights
 from qgen.models import (
     LoraSpec,
@@ -46,8 +48,6 @@ from qgen.models import (
     load_trainable_weights,
 )
 from qgen.rollouts import StepRollouts
-from qgen.backends.rollout import Rollout
-from qgen.logprobs import completion_logprobs
 from qgen.scoring import RewardOutput, combine_scores
 from qgen.sft import default_optimizer, default_scheduler
 from qgen.stage import StageModule

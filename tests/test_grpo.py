@@ -199,9 +199,9 @@ def test_shared_prompt_forward_equals_full_forward(checkpointing):
     same log-probs and same LoRA gradients, with left-padded prompts of different lengths; under gradient
     checkpointing as well (the completion pass is checkpointed and reads the prompt's cache in the recompute).
     """
-    from qgen.models import load_tokenizer
     from qgen.backends.hf import generate_group
     from qgen.logprobs import _checkpointed_layers, completion_logprobs
+    from qgen.models import load_tokenizer
 
     module = small_module(gradient_checkpointing=checkpointing)
     module.configure_model()
@@ -251,8 +251,8 @@ def test_generation_prefills_each_prompt_once_and_samples_the_same_tokens():
     repeated prefill for the same seed (sampled at T = 0.9 with top-p, and greedy), with left-padded prompts
     of different lengths; and the prompt pass really is one row per prompt.
     """
-    from qgen.models import load_tokenizer
     from qgen.backends.hf import generate_group
+    from qgen.models import load_tokenizer
 
     module = small_module()
     module.configure_model()

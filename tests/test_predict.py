@@ -12,7 +12,7 @@ from conftest import CONFIGS, run_qgen, scalars, write_jsonl
 
 from callbacks.predictions import PredictionWriter, read_written
 from qgen.cli import cli_main
-from qgen.generation import read_prompts
+from qgen.prompts import read_prompts
 from qgen.metrics import bleu4, distinct_n, rouge_l, self_bleu
 from qgen.records import DataError
 

@@ -15,12 +15,12 @@ pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vll
 pytestmark = pytest.mark.vllm
 
 from qgen.backends import VLLMSpec, build_backend, request_seed  # noqa: E402
+from qgen.backends.hf import generate_group  # noqa: E402
 from qgen.backends.vllm import policy_weights  # noqa: E402
 from qgen.cli import cli_main  # noqa: E402
 from qgen.data import QuestionDataModule  # noqa: E402
-from qgen.models import LoraSpec, add_lora, causal_lm_nll, load_causal_lm, load_tokenizer  # noqa: E402
-from qgen.backends.hf import generate_group  # noqa: E402
 from qgen.logprobs import completion_logprobs  # noqa: E402
+from qgen.models import LoraSpec, add_lora, causal_lm_nll, load_causal_lm, load_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
