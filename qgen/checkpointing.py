@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import random
+import sys
 import tempfile
 from typing import Any
 
@@ -214,3 +216,31 @@ def locate_source(ckpt_path: str, recorded: str, info: dict | None) -> str:
             return candidate
     raise CheckpointError(f"{ckpt_path} was trained on top of {recorded}, which is gone (looked in: "
                           f"{', '.join(dict.fromkeys(c for c in candidates if c))})")  # fmt: skip
+
+
+def find_last_checkpoint(root: str = "lightning_logs", class_path: str | None = None) -> str:
+    """The newest ``version_N/checkpoints/last.ckpt`` under ``root`` written by a ``class_path`` module.
+
+    Filtering by the module class keeps ``--ckpt_path last`` of a GRPO run from picking up the SFT run
+    that it was started from (both live under ``lightning_logs/``). A ``last.ckpt`` that cannot be read (an
+    interrupted write, a foreign file) is skipped with a warning naming it, and the next newest is taken.
+    """
+    found = sorted(glob.glob(os.path.join(root, "**", "checkpoints", "last.ckpt"), recursive=True),
+                   key=os.path.getmtime, reverse=True)  # fmt: skip
+    for path in found:
+        try:
+            hparams = load_checkpoint_file(path, mmap=True).get("hyper_parameters") or {}
+        except CheckpointError as err:
+            print(f"qgen: warning: skipping {path}: {err}", file=sys.stderr)
+            continue
+        if class_path is None or same_class(hparams.get("_class_path"), class_path):
+            return path
+    which = f" from {class_path}" if class_path else ""
+    raise FileNotFoundError(f"--ckpt_path last: no last.ckpt{which} under {root}/; run `fit` first or give a path")
+
+
+def same_class(a: str | None, b: str | None) -> bool:
+    """``qgen.SFTModule`` and ``qgen.sft.SFTModule`` name one class."""
+    if not a or not b:
+        return False
+    return a.rsplit(".", 1)[-1] == b.rsplit(".", 1)[-1] and a.split(".", 1)[0] == b.split(".", 1)[0]

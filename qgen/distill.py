@@ -30,45 +30,27 @@ from __future__ import annotations
 import os
 import random
 import time
-from dataclasses import asdict
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import SumMetric
 
-from qgen.backends import VLLMSpec, backend_problems
+from qgen.backends import VLLMSpec
 from qgen.generation import GenerationSpec
 from qgen.losses import IGNORE_INDEX, distill_loss, token_nll
 from qgen.models import (
+    TEACHER_CLASSES,  # noqa: F401  (re-exported: the stages a teacher may come from)
     LoraSpec,
-    check_attn_implementation,
-    check_liger,
     load_causal_lm,
     load_from_checkpoint,
     load_tokenizer,
     resolve,
+    resolve_teacher,
 )
+from qgen.optim import default_optimizer, default_scheduler
 from qgen.scoring import combine_scores
-from qgen.sft import default_optimizer, default_scheduler
 from qgen.stage import StageModule
-
-TEACHER_CLASSES = ("qgen.GRPOModule", "qgen.grpo.GRPOModule", "qgen.SFTModule", "qgen.sft.SFTModule")
-
-
-def resolve_teacher(teacher: str, root: str = "lightning_logs") -> str:
-    """``last`` -> the newest GRPO ``last.ckpt`` under ``root``, else the newest SFT one; anything else as given."""
-    if teacher != "last":
-        return teacher
-    from qgen.cli import find_last_checkpoint
-
-    for classes in (TEACHER_CLASSES[:2], TEACHER_CLASSES[2:]):
-        for class_path in classes:
-            try:
-                return find_last_checkpoint(root, class_path)
-            except FileNotFoundError:
-                continue
-    raise FileNotFoundError(f"model.teacher=last: no GRPO or SFT last.ckpt under {root}/; train one first")
 
 
 def check_same_tokenizer(student, teacher, teacher_name: str) -> None:
@@ -151,26 +133,14 @@ class DistillModule(StageModule):
         scheduler: LRSchedulerCallable = default_scheduler,
     ):
         super().__init__()
-        check_attn_implementation(attn_implementation)
-        check_liger(liger_kernels)
-        vllm = VLLMSpec(**vllm) if isinstance(vllm, dict) else vllm
-        problems = backend_problems(backend, vllm, quantization)
+        problems = []
         if not 0 <= beta <= 1 or temperature <= 0:
             problems.append("need 0 <= model.beta <= 1 and model.temperature > 0")
         if not 0 <= lmbda <= 1 or sft_weight < 0 or on_policy_start < 0:
             problems.append("need 0 <= model.lmbda <= 1, model.sft_weight >= 0 and model.on_policy_start >= 0")
-        if quantization is not None and lora is None:
-            problems.append("model.quantization needs model.lora: quantized base weights cannot be fully fine-tuned")
-        if problems:
-            raise ValueError("; ".join(problems))
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.hparams["vllm"] = asdict(vllm)
-        self.lora = LoraSpec(**lora) if isinstance(lora, dict) else lora
-        self.hparams["lora"] = asdict(self.lora) if self.lora is not None else None
-        if isinstance(generation, GenerationSpec):
-            self.hparams["generation"] = asdict(generation)
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.model: torch.nn.Module | None = None
+        self.init_stage(lora=lora, quantization=quantization, attn_implementation=attn_implementation,
+                        liger_kernels=liger_kernels, backend=backend, vllm=vllm, optimizer=optimizer,
+                        scheduler=scheduler, generation=generation, problems=problems)  # fmt: skip
         self.teacher: torch.nn.Module | None = None  # frozen; excluded from checkpoints (not trainable)
         self.tokenizer = None
         self.rewards: dict[str, Any] = {}  # the teacher cluster: name -> judge callback
@@ -219,9 +189,6 @@ class DistillModule(StageModule):
 
     def register_reward(self, callback: Any) -> None:
         self.rewards[callback.name] = callback
-
-    def setup(self, stage: str) -> None:
-        self.tokenizer = self.trainer.datamodule.tokenizer if self.trainer.datamodule is not None else None
 
     # ------------------------------------------------------------------------------------------- judging
     def judge(self, texts: list[str], records: list, truncated: list[bool]) -> tuple[torch.Tensor, dict]:

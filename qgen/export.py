@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = args.ckpt_path
     try:
         if ckpt == "last":
-            from qgen.cli import find_last_checkpoint
+            from qgen.checkpointing import find_last_checkpoint
 
             ckpt = find_last_checkpoint("lightning_logs")
         summary = export(ckpt, args.output, args.merge)

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from qgen.backends import VLLMSpec, backend_problems
+from qgen.backends import VLLMSpec
 from qgen.backends.rollout import Rollout
 from qgen.checkpointing import describe_source
 from qgen.generation import GenerationSpec
@@ -42,14 +41,12 @@ from qgen.models import (
     add_lora,
     apply_liger,
     causal_lm_nll,
-    check_attn_implementation,
-    check_liger,
     load_policy,
     load_trainable_weights,
 )
+from qgen.optim import default_optimizer, default_scheduler
 from qgen.rollouts import StepRollouts
 from qgen.scoring import RewardOutput, combine_scores
-from qgen.sft import default_optimizer, default_scheduler
 from qgen.stage import StageModule
 
 VAL_SEED = 20_251_202  # base seed of the held-out samples (plus the batch index)
@@ -135,12 +132,9 @@ class GRPOModule(StageModule):
         scheduler: LRSchedulerCallable = default_scheduler,
     ):
         super().__init__()
-        check_attn_implementation(attn_implementation)
-        check_liger(liger_kernels)
         if init_from and os.path.exists(init_from):
             init_from = os.path.abspath(init_from)  # export and resume must find it from any working folder
-        vllm = VLLMSpec(**vllm) if isinstance(vllm, dict) else vllm
-        problems = backend_problems(backend, vllm, quantization)
+        problems = []
         if lora is None:
             problems.append("model.lora is required: the GRPO reference is the backbone with the adapter disabled")
         if generation_batch_size is not None and generation_batch_size < 1:
@@ -152,14 +146,9 @@ class GRPOModule(StageModule):
             problems.append("model.group_size must be >= 2 for group-relative advantages")
         if not (0 <= epsilon_low < 1 and epsilon_high >= 0 and beta >= 0 and temperature > 0 and 0 < top_p <= 1):
             problems.append("need 0 <= epsilon_low < 1, epsilon_high >= 0, beta >= 0, temperature > 0, 0 < top_p <= 1")
-        if problems:
-            raise ValueError("; ".join(problems))
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.hparams["vllm"] = asdict(vllm)
-        self.lora = LoraSpec(**lora) if isinstance(lora, dict) else lora
-        self.hparams["lora"] = asdict(self.lora)
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.model: torch.nn.Module | None = None
+        self.init_stage(lora=lora, quantization=quantization, attn_implementation=attn_implementation,
+                        liger_kernels=liger_kernels, backend=backend, vllm=vllm, optimizer=optimizer,
+                        scheduler=scheduler, problems=problems)  # fmt: skip
         self.tokenizer = None
         self.rewards: dict[str, Any] = {}  # name -> reward callback (registered in its setup)
         self.last: dict[str, Any] = {}  # the latest rollout and scores, read by callbacks after the step
@@ -196,9 +185,6 @@ class GRPOModule(StageModule):
 
     def register_reward(self, callback: Any) -> None:
         self.rewards[callback.name] = callback
-
-    def setup(self, stage: str) -> None:
-        self.tokenizer = self.trainer.datamodule.tokenizer if self.trainer.datamodule is not None else None
 
     def generation_spec(self) -> GenerationSpec:
         """``predict`` / ``test`` sample as training does."""

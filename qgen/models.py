@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from qgen.checkpointing import load_checkpoint_file, locate_source
+from qgen.checkpointing import find_last_checkpoint, load_checkpoint_file, locate_source
 
 BUNDLED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 EMBEDDED_VERSION = 2  # bump when the build below changes
@@ -526,6 +526,22 @@ def checkpoint_backbone(ckpt_path: str) -> dict:
             # GRPO started from a policy merged into its base (see GRPOModule.init_from): rebuild that first
             "base_from": hparams.get("init_from") if hparams.get("quantization") is None else None,
             "base_from_info": (data.get("qgen") or {}).get("init_from")}  # fmt: skip
+
+
+TEACHER_CLASSES = ("qgen.GRPOModule", "qgen.grpo.GRPOModule", "qgen.SFTModule", "qgen.sft.SFTModule")
+
+
+def resolve_teacher(teacher: str, root: str = "lightning_logs") -> str:
+    """``last`` -> the newest GRPO ``last.ckpt`` under ``root``, else the newest SFT one; anything else as given."""
+    if teacher != "last":
+        return teacher
+    for classes in (TEACHER_CLASSES[:2], TEACHER_CLASSES[2:]):
+        for class_path in classes:
+            try:
+                return find_last_checkpoint(root, class_path)
+            except FileNotFoundError:
+                continue
+    raise FileNotFoundError(f"model.teacher=last: no GRPO or SFT last.ckpt under {root}/; train one first")
 
 
 def load_policy(

@@ -1,9 +1,12 @@
-"""Learning-rate schedule shared by every stage: linear warmup, then cosine decay to a floor."""
+"""Optimisation shared by every stage: the default optimizer (AdamW) and schedule (linear warmup, then cosine
+decay to a floor), and the optimizer over the trainable parameters.
+"""
 
 from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -53,6 +56,16 @@ class WarmupCosineLR(LRScheduler):
 
     def get_lr(self) -> list[float]:
         return [base * self.factor(self.last_epoch) for base in self.base_lrs]
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    """AdamW at lr 2e-4, no weight decay: every stage's default ``model.optimizer``."""
+    return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+
+
+def default_scheduler(optimizer: torch.optim.Optimizer) -> WarmupCosineLR:
+    """Warmup + cosine with the horizon from the trainer: every stage's default ``model.scheduler``."""
+    return WarmupCosineLR(optimizer)
 
 
 def configure_optimizers(module: nn.Module, optimizer_factory, scheduler_factory, estimated_steps: int) -> dict:

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qgen.losses import group_advantages
 from qgen.backends.rollout import Rollout, concat_rollouts
+from qgen.losses import group_advantages
 from qgen.scoring import RewardOutput
 
 

@@ -12,26 +12,17 @@ scheduler state, the data position and the RNG states, so ``--ckpt_path last`` c
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import SumMetric
 
-from qgen.backends import VLLMSpec, backend_problems
+from qgen.backends import VLLMSpec
 from qgen.generation import GenerationSpec
-from qgen.models import LoraSpec, causal_lm_nll, check_attn_implementation, check_liger
-from qgen.optim import WarmupCosineLR
+from qgen.models import LoraSpec, causal_lm_nll
+from qgen.optim import default_optimizer, default_scheduler
 from qgen.stage import StageModule
-
-
-def default_optimizer(params) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
-
-
-def default_scheduler(optimizer: torch.optim.Optimizer) -> WarmupCosineLR:
-    return WarmupCosineLR(optimizer)
 
 
 class SFTModule(StageModule):
@@ -79,23 +70,9 @@ class SFTModule(StageModule):
         vllm: VLLMSpec = VLLMSpec(),
     ):
         super().__init__()
-        check_attn_implementation(attn_implementation)
-        check_liger(liger_kernels)
-        vllm = VLLMSpec(**vllm) if isinstance(vllm, dict) else vllm
-        problems = backend_problems(backend, vllm, quantization)
-        if quantization is not None and lora is None:
-            problems.append("model.quantization needs model.lora: quantized base weights cannot be fully fine-tuned")
-        if problems:
-            raise ValueError("; ".join(problems))
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.hparams["vllm"] = asdict(vllm)
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.lora = LoraSpec(**lora) if isinstance(lora, dict) else lora
-        self.hparams["lora"] = asdict(self.lora) if self.lora is not None else None  # plain values in checkpoints
-        if isinstance(generation, GenerationSpec):
-            self.hparams["generation"] = asdict(generation)
-        self.model: torch.nn.Module | None = None
-        self.strict_loading = False  # checkpoints hold trainable weights only
+        self.init_stage(lora=lora, quantization=quantization, attn_implementation=attn_implementation,
+                        liger_kernels=liger_kernels, backend=backend, vllm=vllm, optimizer=optimizer,
+                        scheduler=scheduler, generation=generation)  # fmt: skip
         self.val_nll, self.val_tokens = SumMetric(), SumMetric()
         self._step_started = 0.0
 

@@ -6,27 +6,67 @@
   ``gradient_checkpointing`` (:func:`qgen.models.load_causal_lm`);
 - the optimizer over the trainable parameters and a per-step scheduler, from the YAML factories;
 - slim checkpoints (trainable weights and RNG states only; :mod:`qgen.checkpointing`);
-- ``predict`` / ``test`` generation (:class:`qgen.generation.QuestionWriterMixin`).
+- ``predict`` / ``test`` generation (:class:`qgen.generation.QuestionWriterMixin`);
+- the hyper-parameter checks every stage shares (:meth:`StageModule.init_stage`: attention kernel, Liger, the
+  generation backend, quantization needs LoRA), and the strategy's start-up checks in :meth:`StageModule.setup`,
+  so a plain ``L.Trainer(strategy=...)`` in a notebook is refused as the command line refuses it.
 """
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
 import torch
 
+from qgen.backends import VLLMSpec, backend_problems
 from qgen.checkpointing import continue_unfinished_epoch, restore_rng, slim_checkpoint
-from qgen.generation import QuestionWriterMixin
-from qgen.models import load_causal_lm
+from qgen.generation import GenerationSpec, QuestionWriterMixin
+from qgen.models import LoraSpec, check_attn_implementation, check_liger, load_causal_lm
 from qgen.optim import configure_optimizers
-from qgen.strategies import shard_stage_models
+from qgen.strategies import check_strategy, shard_stage_models
 
 
 class StageModule(QuestionWriterMixin, L.LightningModule):
     """Base of every stage's LightningModule; subclasses set ``lora``, ``optimizer_factory`` and
     ``scheduler_factory`` and have the backbone arguments among their hyperparameters.
     """
+
+    def init_stage(self, *, lora, quantization, attn_implementation: str, liger_kernels: bool, backend: str,
+                   vllm, optimizer, scheduler, generation=None, problems: list[str] | tuple = ()) -> None:  # fmt: skip
+        """The checks and normalisation every stage's ``__init__`` shares; call it right after ``super().__init__()``
+        with the stage's own ``problems`` (one phrase each). Raises one ``ValueError`` naming every problem, then
+        saves the caller's arguments as hyper-parameters (the factories excepted) in plain values.
+        """
+        check_attn_implementation(attn_implementation)
+        check_liger(liger_kernels)
+        vllm = VLLMSpec(**vllm) if isinstance(vllm, dict) else vllm
+        found = backend_problems(backend, vllm, quantization) + list(problems)
+        if quantization is not None and lora is None:
+            found.append("model.quantization needs model.lora: quantized base weights cannot be fully fine-tuned")
+        if found:
+            raise ValueError("; ".join(found))
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"], frame=inspect.currentframe().f_back)
+        self.hparams["vllm"] = asdict(vllm)
+        self.lora = LoraSpec(**lora) if isinstance(lora, dict) else lora
+        self.hparams["lora"] = asdict(self.lora) if self.lora is not None else None  # plain values in checkpoints
+        if isinstance(generation, GenerationSpec):
+            self.hparams["generation"] = asdict(generation)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.model: torch.nn.Module | None = None
+        self.strict_loading = False  # checkpoints hold trainable weights only
+
+    def setup(self, stage: str) -> None:
+        """The strategy's start-up checks (:func:`qgen.strategies.check_strategy`), under any ``Trainer``, before
+        any model is built; then the tokenizer of the run's data.
+        """
+        if self._trainer is not None:
+            device = self.trainer.strategy.root_device.type
+            check_strategy(self.trainer.strategy, "gpu" if device == "cuda" else device, self.hparams)
+            if self.trainer.datamodule is not None and hasattr(self, "tokenizer"):
+                self.tokenizer = self.trainer.datamodule.tokenizer
 
     def build_models(self) -> None:
         """Load ``self.model`` (and any frozen model the stage needs beside it)."""

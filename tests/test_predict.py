@@ -12,8 +12,8 @@ from conftest import CONFIGS, run_qgen, scalars, write_jsonl
 
 from callbacks.predictions import PredictionWriter, read_written
 from qgen.cli import cli_main
-from qgen.prompts import read_prompts
 from qgen.metrics import bleu4, distinct_n, rouge_l, self_bleu
+from qgen.prompts import read_prompts
 from qgen.records import DataError
 
 ZH = "已知等差数列的首项为三，公差为二，求该数列的第十项。"

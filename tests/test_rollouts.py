@@ -9,9 +9,9 @@ import torch
 import torch.multiprocessing as mp
 from torch.testing import assert_close
 
+from qgen.backends.rollout import Rollout, concat_rollouts
 from qgen.losses import gathered_std, grpo_loss
 from qgen.rollouts import StepRollouts
-from qgen.backends.rollout import Rollout, concat_rollouts
 from qgen.scoring import RewardOutput
 
 

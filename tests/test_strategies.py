@@ -138,3 +138,30 @@ def test_the_solver_reward_is_refused_under_fsdp():
     for strategy in (FSDP2Strategy(), FSDP1Strategy()):
         with pytest.raises(StrategyError, match="under FSDP use the difficulty model"):
             SolverDifficulty().setup(SimpleNamespace(strategy=strategy), None, "fit")
+
+
+def test_a_plain_trainer_gets_the_same_refusal_as_the_command_line(tmp_path):
+    """The checks run from the stage's ``setup``, so a notebook's ``L.Trainer(strategy=...)`` is refused in one
+    line too, before any model is built.
+    """
+    import lightning as L
+
+    from qgen.data import QuestionDataModule
+    from qgen.sft import SFTModule
+    from qgen.strategies import FSDP2Strategy
+
+    import torch
+
+    module = SFTModule(lora=None)
+    environ = dict(os.environ)
+    try:
+        trainer = L.Trainer(strategy=FSDP2Strategy(), accelerator="cpu", devices=1, max_steps=1, logger=False,
+                            enable_checkpointing=False, default_root_dir=str(tmp_path))  # fmt: skip
+        with pytest.raises(StrategyError, match="fsdp2 with model.lora null") as refused:
+            trainer.fit(module, datamodule=QuestionDataModule(batch_size=2))
+    finally:  # the strategy's one-process group and its environment must not leak into later tests
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
+    assert "\n" not in str(refused.value) and module.model is None
