@@ -232,11 +232,12 @@ class GRPOModule(StageModule):
                 yield self.sample(flat[i : i + step], g, hp.max_new_tokens, hp.temperature, hp.top_p,
                                   hp.min_new_tokens, seed_keys=indices[i : i + step])  # fmt: skip
 
-        self._rollouts = StepRollouts(key, prompts, records, micro, g, generate, self.score, hp.advantage,
+        self._rollouts = StepRollouts(key, prompts, records, micro, g, self.score, hp.advantage,
                                       self.trainer.accumulate_grad_batches, self.trainer.world_size,
                                       pad_id=self.tokenizer.pad_token_id, prefetch=self._prefetch,
                                       reward_aggregation=hp.reward_aggregation,
                                       weights={n: cb.weight for n, cb in self.rewards.items()})  # fmt: skip
+        self._rollouts.generate_and_score(generate)
         return self._rollouts, micro
 
     def _prefetch(self, rollout: Rollout) -> None:

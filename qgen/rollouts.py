@@ -18,14 +18,14 @@ requests in several waves holds the first micro-batch only for the first wave), 
 group-wise (the repetition bank grows only after the optimizer step), so scoring a micro-batch alone gives
 what scoring the whole chunk would.
 
-This is also the seam for a generation backend: ``generate`` is any callable from token-id prompts to a
-:class:`qgen.backends.rollout.Rollout`.
+``generate`` (:meth:`StepRollouts.generate_and_score`) is any callable from token-id prompts to
+:class:`qgen.backends.rollout.Rollout` chunks; GRPO passes its module's :meth:`sample` (the generation seam).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -81,7 +81,8 @@ def _slice_output(out: RewardOutput, start: int, end: int) -> RewardOutput:
 
 
 class StepRollouts:
-    """The rollouts, rewards and normalisers of one optimizer step on this rank.
+    """The rollouts, rewards and normalisers of one optimizer step on this rank. Constructing it only sets the
+    step up; :meth:`generate_and_score` generates the rollouts and queues their scoring.
 
     Args:
         key: identifies the step (the trainer's global step and the micro-batches' indices).
@@ -89,8 +90,6 @@ class StepRollouts:
         micro_records: for each micro-batch, the records behind its prompts (one per prompt).
         first: position of the first generated micro-batch in the step (0 unless resumed mid-step).
         group_size: completions per prompt.
-        generate: ``prompts -> iterable of Rollout``: the step's prompts in chunks of whole prompts, in order;
-            each chunk is scored as soon as it is generated, while the next one generates.
         score: ``(rollout, records per completion) -> (rewards [n], components)``, called once per scoring
             unit, in order, from one background thread: a unit is the part of a chunk that falls in one
             micro-batch (the whole micro-batch unless a chunk boundary cuts it).
@@ -111,54 +110,67 @@ class StepRollouts:
     """
 
     def __init__(self, key, micro_prompts: list[list[list[int]]], micro_records: list[list], first: int,
-                 group_size: int, generate: Callable[[list[list[int]]], Rollout], score: Callable,
-                 advantage: str, micro_batches: int, world_size: int = 1, background: bool = True,
-                 pad_id: int = 0, prefetch: Callable[[Rollout], None] | None = None,
+                 group_size: int, score: Callable, advantage: str, micro_batches: int, world_size: int = 1,
+                 background: bool = True, pad_id: int = 0, prefetch: Callable[[Rollout], None] | None = None,
                  reward_aggregation: str = "sum_then_normalize", weights: dict[str, float] | None = None):  # fmt: skip
+        if reward_aggregation not in ("sum_then_normalize", "normalize_then_sum"):
+            raise ValueError("reward_aggregation must be sum_then_normalize or normalize_then_sum, "
+                             f"got {reward_aggregation!r}")
         self.key, self.first, self.group_size, self.advantage = key, first, group_size, advantage
         self.micro_prompts = micro_prompts
-        prompts = [p for mp in micro_prompts for p in mp]
-        records = [r for mr in micro_records for r in mr for _ in range(group_size)]
-        # each micro-batch is scored as soon as its rows exist (in the background), while the next chunk generates
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qgen-score") if background else None
+        self.records = [r for mr in micro_records for r in mr for _ in range(group_size)]  # one per completion
+        self.score, self.prefetch, self.pad_id = score, prefetch, pad_id
+        self.micro_batches, self.world_size, self.background = micro_batches, world_size, background
         bounds, start = [], 0
         for mp in micro_prompts:
             bounds.append((start, start + len(mp) * group_size))
             start += len(mp) * group_size
         self.bounds = bounds
-        cuts = {b for bound in bounds for b in bound}
+        self.reward_aggregation, self.weights = reward_aggregation, dict(weights or {})
+        self._pool: ThreadPoolExecutor | None = None
         self._scores: list[Future | tuple] = []  # per scoring unit
         self._unit_rows: list[tuple[int, int]] = []
-        chunks, done, started = [], 0, time.perf_counter()
-        self.started = started  # when the step's first micro-batch began generating
-        for chunk in generate(prompts):
-            first, done = done, done + len(chunk.texts)
-            chunks.append(chunk)
-            if prefetch is not None:  # e.g. an LLM judge sends all of the chunk's requests now, in row order
-                prefetch(chunk)
-            edges = sorted({first, done} | {c for c in cuts if first < c < done})
-            for a, b in zip(edges, edges[1:]):  # the chunk cut at micro-batch boundaries
-                unit = chunk if (a, b) == (first, done) else chunk.select(a - first, b - first)
-                self._unit_rows.append((a, b))
-                if self._pool is not None:
-                    self._scores.append(self._pool.submit(score, unit, records[a:b]))
-                else:
-                    self._scores.append(score(unit, records[a:b]))
-        self.gen_seconds = time.perf_counter() - started
-        self.rollout = concat_rollouts(chunks, pad_id)
-        self.rollouts = [self.rollout.select(s, e) for s, e in bounds]
-        local_tokens = float(self.rollout.completion_mask.sum())
-        self.step_tokens = _all_reduce_sum(local_tokens)  # every rank generates its step: same call count
-        self.token_normalizer = max(self.step_tokens, 1.0) / (world_size * micro_batches)
-        if reward_aggregation not in ("sum_then_normalize", "normalize_then_sum"):
-            raise ValueError("reward_aggregation must be sum_then_normalize or normalize_then_sum, "
-                             f"got {reward_aggregation!r}")
-        self.reward_aggregation, self.weights = reward_aggregation, dict(weights or {})
         self._joined: dict[int, tuple] = {}  # scoring unit -> (rewards, components)
         self._batch_advantages: torch.Tensor | None = None
         # per micro-batch, the reference log-probs computed early (while waiting for an earlier micro-batch's
         # scores): the frozen reference does not change within the step, so they are exact when used later
         self.ref_logprobs: dict[int, torch.Tensor] = {}
+        self.rollout: Rollout | None = None
+        self.rollouts: list[Rollout] = []
+
+    def generate_and_score(self, generate: Callable[[list[list[int]]], Iterable[Rollout]]) -> StepRollouts:
+        """Generate the step's rollouts with ``generate`` (``prompts -> iterable of Rollout``: the step's prompts in
+        chunks of whole prompts, in order) and queue each chunk's micro-batches for scoring as soon as it exists
+        (in the background thread, while the next chunk generates); then count the step's completion tokens over
+        all ranks (a collective: every rank calls this once per step). Returns ``self``.
+        """
+        prompts = [p for mp in self.micro_prompts for p in mp]
+        # each micro-batch is scored as soon as its rows exist (in the background), while the next chunk generates
+        if self.background:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qgen-score")
+        cuts = {b for bound in self.bounds for b in bound}
+        chunks, done, started = [], 0, time.perf_counter()
+        self.started = started  # when the step's first micro-batch began generating
+        for chunk in generate(prompts):
+            first, done = done, done + len(chunk.texts)
+            chunks.append(chunk)
+            if self.prefetch is not None:  # e.g. an LLM judge sends all of the chunk's requests now, in row order
+                self.prefetch(chunk)
+            edges = sorted({first, done} | {c for c in cuts if first < c < done})
+            for a, b in zip(edges, edges[1:]):  # the chunk cut at micro-batch boundaries
+                unit = chunk if (a, b) == (first, done) else chunk.select(a - first, b - first)
+                self._unit_rows.append((a, b))
+                if self._pool is not None:
+                    self._scores.append(self._pool.submit(self.score, unit, self.records[a:b]))
+                else:
+                    self._scores.append(self.score(unit, self.records[a:b]))
+        self.gen_seconds = time.perf_counter() - started
+        self.rollout = concat_rollouts(chunks, self.pad_id)
+        self.rollouts = [self.rollout.select(s, e) for s, e in self.bounds]
+        local_tokens = float(self.rollout.completion_mask.sum())
+        self.step_tokens = _all_reduce_sum(local_tokens)  # every rank generates its step: same call count
+        self.token_normalizer = max(self.step_tokens, 1.0) / (self.world_size * self.micro_batches)
+        return self
 
     def __len__(self) -> int:
         return len(self.rollouts)

@@ -54,7 +54,9 @@ def test_one_generation_per_step_and_step_level_token_normaliser():
         return rewards, {"r": RewardOutput(rewards.numpy())}
 
     prompts = [[[1, 2], [3]], [[4, 5, 6], [7]]]
-    step = StepRollouts("k", prompts, [["a", "b"], ["c", "d"]], 0, g, generate, score, "no_std", micro_batches=2)
+    step = StepRollouts("k", prompts, [["a", "b"], ["c", "d"]], 0, g, score, "no_std", micro_batches=2)
+    assert calls == [] and step.rollouts == []  # constructing it generates nothing
+    step.generate_and_score(generate)
     assert len(calls) == 1 and len(calls[0]) == 4  # the whole step in one call
     step.micro(1)
     assert scored == [["a", "a", "b", "b"], ["c", "c", "d", "d"]]  # scored one micro-batch at a time, in order
@@ -86,7 +88,8 @@ def test_scoring_runs_in_the_background_and_errors_surface_at_the_join():
     def score(rollout, records):
         raise RuntimeError("judge down")
 
-    step = StepRollouts("k", [[[1]]], [["a"]], 0, 2, lambda p: [fake_rollout(p, 2, [1, 2])], score, "group_std", 1)
+    step = StepRollouts("k", [[[1]]], [["a"]], 0, 2, score, "group_std", 1)
+    step.generate_and_score(lambda p: [fake_rollout(p, 2, [1, 2])])
     step.rollout_of(0)  # available before the scores
     with pytest.raises(RuntimeError, match="judge down"):
         step.micro(0)
@@ -108,8 +111,9 @@ def _two_ranks(rank, world, port, out):
         rewards = [torch.tensor([[0.0, 1.0], [2.0, 2.0]]), torch.tensor([[5.0, 7.0], [1.0, 1.0]])][rank]
         std = gathered_std(rewards)
         lengths = [[1, 2, 3, 4], [5, 5, 1, 1]][rank]
-        step = StepRollouts("k", [[[1], [2]]], [["a", "b"]], 0, 2, lambda p: [fake_rollout(p, 2, lengths)],
-                            lambda r, rec: (torch.zeros(4), {}), "group_std", micro_batches=1, world_size=world)  # fmt: skip
+        step = StepRollouts("k", [[[1], [2]]], [["a", "b"]], 0, 2, lambda r, rec: (torch.zeros(4), {}), "group_std",
+                            micro_batches=1, world_size=world)  # fmt: skip
+        step.generate_and_score(lambda p: [fake_rollout(p, 2, lengths)])
         torch.save({"std": std, "tokens": step.step_tokens, "norm": step.token_normalizer}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -150,7 +154,8 @@ def test_chunks_are_scored_as_they_are_generated_and_joined_in_order():
         values = torch.tensor([float(ord(records[0])), 0.0])
         return values, {"r": RewardOutput(values.numpy(), np.array([1.0, 0.5], np.float32))}
 
-    step = StepRollouts("k", [[[1], [2]], [[3]]], [["a", "b"], ["c"]], 0, 2, generate, score, "no_std", 2)
+    step = StepRollouts("k", [[[1], [2]], [[3]]], [["a", "b"], ["c"]], 0, 2, score, "no_std", 2)
+    step.generate_and_score(generate)
     assert events == ["gen0", "scorea", "gen1", "scoreb", "gen2", "scorec"]
     assert step.micro(0).rewards.tolist() == [97.0, 0.0, 98.0, 0.0]
     assert step.micro(1).components["r"].factor.tolist() == [1.0, 0.5]
@@ -172,7 +177,8 @@ def test_a_micro_batch_waits_for_its_own_scores_not_the_whole_steps():
         return values, {"r": RewardOutput(values.numpy())}
 
     generate = lambda prompts: [fake_rollout(prompts, 2, [1, 2, 3, 4, 5, 2])]  # noqa: E731
-    step = StepRollouts("k", [[[1], [2]], [[3]]], [["a", "b"], ["c"]], 0, 2, generate, score, "no_std", 2)
+    step = StepRollouts("k", [[[1], [2]], [[3]]], [["a", "b"], ["c"]], 0, 2, score, "no_std", 2)
+    step.generate_and_score(generate)
     started = time.perf_counter()
     assert step.micro(0).rewards.tolist() == [97.0, 97.0, 98.0, 98.0]
     assert time.perf_counter() - started < 5 and not step.ready(1)
@@ -192,8 +198,8 @@ def test_normalize_then_sum_lets_a_narrow_component_count_by_its_weight():
         return torch.as_tensor(0.5 * a + 0.5 * b), {"a": RewardOutput(a), "b": RewardOutput(b)}
 
     def make(aggregation):
-        return StepRollouts("k", [[[1]]], [["r"]], 0, 4, lambda p: [fake_rollout(p, 4, [1, 1, 1, 1])], score,
-                            "group_std", 1, reward_aggregation=aggregation, weights={"a": 0.5, "b": 0.5})  # fmt: skip
+        return StepRollouts("k", [[[1]]], [["r"]], 0, 4, score, "group_std", 1, reward_aggregation=aggregation,
+                            weights={"a": 0.5, "b": 0.5}).generate_and_score(lambda p: [fake_rollout(p, 4, [1, 1, 1, 1])])  # fmt: skip
 
     plain = make("sum_then_normalize").micro(0).advantages
     assert plain[3] > plain[0] + 1.0
