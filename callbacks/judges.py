@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 
 from callbacks.rewards import RewardCallback
-from qgen.scoring import RewardOutput, ScoringBatch, educational_value
+from qgen.scoring import QuestionScorer, RewardOutput, ScoringBatch
 
 try:  # the HTTP client of the Hugging Face stack (huggingface_hub depends on it)
     import httpx2 as httpx
@@ -45,9 +45,7 @@ class EducationalValueJudge(RewardCallback):
         super().__init__(weight)
 
     def score(self, batch: ScoringBatch) -> RewardOutput:
-        values = [educational_value(p, lang, r.knowledge if r is not None else None)
-                  for p, lang, r in zip(batch.parsed, batch.languages, batch.records)]  # fmt: skip
-        return RewardOutput(np.array(values, dtype=np.float32))
+        return RewardOutput(QuestionScorer().educational_value(batch))
 
 
 DEFAULT_RUBRIC = (

@@ -8,12 +8,10 @@ import json
 import os
 from typing import Any
 
-import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from qgen.answers import check_answers
 from qgen.formatting import ParsedQuestion
-from qgen.scoring import DifficultyModel, NoveltyIndex, educational_value, rigor_score
+from qgen.scoring import QuestionScorer, ScoringBatch
 
 
 def read_written(path: str) -> set[str]:
@@ -66,8 +64,7 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output, self.threshold, self.overwrite = output, threshold, overwrite
         self.path = output
-        self.difficulty: DifficultyModel | None = None
-        self.bank: NoveltyIndex | None = None
+        self.scorer: QuestionScorer | None = None  # the run's (qgen.scoring.QuestionScorer)
         self.written = 0
         self.seen: set[str] = set()  # keys written by this process in this run
 
@@ -87,33 +84,30 @@ class PredictionWriter(BasePredictionWriter):
         self.seen = set()
         if trainer.datamodule is not None:
             trainer.datamodule.skip_prediction_keys = done
-            train = trainer.datamodule.load_records()["train"]
-            self.difficulty = DifficultyModel().fit(train)
-            self.bank = NoveltyIndex([r.question for r in train])
+            self.scorer = QuestionScorer.for_datamodule(trainer.datamodule)
         if done:
             print(f"{self.path}: {len(done)} predictions already written; generating the rest")
 
     def score(self, rows: list[dict[str, Any]]) -> None:
-        questions = [r["question"] or r["text"] for r in rows]
-        difficulty = (self.difficulty or DifficultyModel()).predict(
-            questions, [r["analysis"] for r in rows], [r.get("subject", "") for r in rows]
-        )
-        sims = (self.bank.near_copy_similarity(questions, self.threshold)[0] if self.bank is not None
-                else np.zeros(len(rows)))  # exact where it decides a near-copy  # fmt: skip
-        parsed_rows = [ParsedQuestion(r["question"], r["answer"], r["analysis"], r["options"], r["valid"])
-                       for r in rows]  # fmt: skip
-        checks = check_answers(parsed_rows)
-        for row, parsed, check, d, s in zip(rows, parsed_rows, checks, difficulty, sims):
-            knowledge = row.get("knowledge") or []
-            knowledge = [knowledge] if isinstance(knowledge, str) else knowledge
+        scorer = self.scorer or QuestionScorer()
+        knowledge = [row.get("knowledge") or [] for row in rows]
+        batch = ScoringBatch(
+            texts=[r["text"] for r in rows],
+            parsed=[ParsedQuestion(r["question"], r["answer"], r["analysis"], r["options"], r["valid"]) for r in rows],
+            records=[None] * len(rows), languages=[r.get("language", "en") for r in rows],
+            truncated=[bool(r["truncated"]) for r in rows], subjects=[r.get("subject", "") for r in rows],
+            knowledge=[[k] if isinstance(k, str) else list(k) for k in knowledge],
+        )  # fmt: skip
+        scores = scorer.score(batch, self.threshold)
+        for i, row in enumerate(rows):
             row["scores"] = {
-                "difficulty": round(float(d), 4),
-                "rigor": round(rigor_score(parsed, row.get("language", "en"), row["truncated"], check.consistent), 4),
-                "answer_consistent": check.consistent,
-                "novelty": round(float(1.0 - s), 4),
-                "educational_value": round(educational_value(parsed, row.get("language", "en"), knowledge), 4),
-                "max_similarity": round(float(s), 4),
-                "near_copy": bool(s > self.threshold),
+                "difficulty": round(scores["difficulty"][i], 4),
+                "rigor": round(scores["rigor"][i], 4),
+                "answer_consistent": scores["answer_consistent"][i],
+                "novelty": round(scores["novelty"][i], 4),
+                "educational_value": round(scores["educational_value"][i], 4),
+                "max_similarity": round(scores["max_similarity"][i], 4),
+                "near_copy": scores["near_copy"][i],
             }  # fmt: skip
 
     def _rank_files(self) -> dict[int, str]:

@@ -6,7 +6,8 @@ logged as ``train/judge_<name>_mean``); ``callbacks.judges`` adds the educationa
 A callback's ``on_train_batch_end`` runs after the loss, so each reward callback *registers itself* with
 the module in ``setup``; the module calls its ``score`` inside ``training_step``. After the step the
 callback logs the mean and std of its component and updates its own state (the repetition bank). The
-scoring itself is in :mod:`qgen.scoring` (pure functions on strings).
+scoring itself is the run's :class:`qgen.scoring.QuestionScorer` (built once per run, shared with ``predict``,
+``test`` and ``qgen score``): the callbacks configure and log, the scorer scores.
 
 In YAML::
 
@@ -22,15 +23,14 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback
 
-from qgen.answers import check_answers
 from qgen.scoring import (
     DifficultyModel,
     NoveltyIndex,
+    QuestionScorer,
     RewardOutput,
     ScoringBatch,
     group_diversity,
     rigor_gates,
-    rigor_score,
 )
 
 
@@ -79,18 +79,19 @@ class DifficultyReward(RewardCallback):
 
     def __init__(self, weight: float = 0.4):
         super().__init__(weight)
-        self.model: DifficultyModel | None = None
+        self.scorer: QuestionScorer | None = None
+
+    @property
+    def model(self) -> DifficultyModel | None:
+        return self.scorer.difficulty_model if self.scorer is not None else None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if self.model is None and trainer.datamodule is not None:
-            self.model = DifficultyModel().fit(trainer.datamodule.load_records()["train"])
+        if self.scorer is None and trainer.datamodule is not None:
+            self.scorer = QuestionScorer.for_datamodule(trainer.datamodule)
 
     def score(self, batch: ScoringBatch) -> RewardOutput:
-        model = self.model or DifficultyModel()
-        subjects = [r.subject if r is not None else "" for r in batch.records]
-        questions = [p.question or t for p, t in zip(batch.parsed, batch.texts)]  # raw text when it does not parse
-        return RewardOutput(model.predict(questions, [p.analysis for p in batch.parsed], subjects))
+        return RewardOutput((self.scorer or QuestionScorer()).difficulty(batch))
 
     def state_dict(self) -> dict:
         if self.model is None or not self.model.fitted:
@@ -104,8 +105,8 @@ class DifficultyReward(RewardCallback):
                 "when loaded; qgen refuses it. Start from the run's weights instead (model.init_from) and the "
                 "difficulty model is refitted from the training data"
             )
-        if "difficulty_model" in state_dict:
-            self.model = DifficultyModel.from_state(state_dict["difficulty_model"])
+        if "difficulty_model" in state_dict:  # the run's own model, as it was fitted when the run started
+            self.scorer = QuestionScorer(DifficultyModel.from_state(state_dict["difficulty_model"]))
 
 
 class NoveltyReward(RewardCallback):
@@ -132,26 +133,29 @@ class NoveltyReward(RewardCallback):
         if not 0 < threshold <= 1 or not 0 <= penalty <= 1:
             raise ValueError(f"{type(self).__name__}: threshold must be in (0, 1] and penalty in [0, 1]")
         self.threshold, self.penalty, self.top_k = threshold, penalty, top_k
-        self.index: NoveltyIndex | None = None
+        self.scorer: QuestionScorer | None = None  # its bank: the novelty index
         self.known: list[str] = []  # the training questions
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if self.index is None and trainer.datamodule is not None:
             self.known = [r.question for r in trainer.datamodule.load_records()["train"]]
-            self._build()
+            self._build(trainer.datamodule)
 
-    def _build(self) -> None:
-        self.index = NoveltyIndex(self.known, top_k=self.top_k)
+    def _build(self, datamodule=None) -> None:
+        """The bank: the run's scorer's (built once per run) or, without a data module, one of ``known``."""
+        if datamodule is not None:
+            self.scorer = QuestionScorer.for_datamodule(datamodule, self.top_k)
+        else:
+            self.scorer = QuestionScorer(bank=NoveltyIndex(self.known, top_k=self.top_k))
 
-    def _similarity(self, questions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        if self.index is None:
-            return np.zeros(len(questions), np.float32), np.zeros(len(questions), bool)
-        return self.index.near_copy_similarity(questions, self.threshold)  # the penalty: exact cosine only
+    @property
+    def index(self) -> NoveltyIndex | None:
+        scorer = getattr(self, "scorer", None)
+        return scorer.bank if scorer is not None else None
 
     def score(self, batch: ScoringBatch) -> RewardOutput:
-        questions = [p.question or t for p, t in zip(batch.parsed, batch.texts)]
-        sims, near_copy = self._similarity(questions)
+        sims, near_copy = (getattr(self, "scorer", None) or QuestionScorer()).similarity(batch, self.threshold)
         return RewardOutput(1.0 - sims, np.where(near_copy, self.penalty, 1.0).astype(np.float32),
                             {"similarity": sims, "near_copy": near_copy.astype(np.float32)})  # fmt: skip
 
@@ -185,9 +189,11 @@ class RepetitionReward(NoveltyReward):
         self.accepted: list[str] = []  # generated questions added to the bank, in order
         self._pending: list[str] = []
 
-    def _build(self) -> None:
-        self.index = NoveltyIndex(self.known, top_k=self.top_k, keep_bank=False)
-        self.index.add(self.accepted)
+    def _build(self, datamodule=None) -> None:
+        """Its own bank (the run's questions), with the IDF of the training questions."""
+        index = NoveltyIndex(self.known, top_k=self.top_k, keep_bank=False)
+        index.add(self.accepted)
+        self.scorer = QuestionScorer(bank=index)
 
     def score(self, batch: ScoringBatch) -> RewardOutput:
         out = super().score(batch)
@@ -252,11 +258,11 @@ class RigorReward(RewardCallback):
         self._consistent: np.ndarray | None = None
 
     def score(self, batch: ScoringBatch) -> RewardOutput:
+        scorer = QuestionScorer()  # rigor reads the text alone: no fitted model or bank
         consistent: list[bool | None] = [None] * len(batch.texts)
         if self.check_answers:
-            consistent = [c.consistent for c in check_answers(batch.parsed)]
-        values = [rigor_score(p, lang, cut, ok, self.gated)
-                  for p, lang, cut, ok in zip(batch.parsed, batch.languages, batch.truncated, consistent)]  # fmt: skip
+            consistent = [c.consistent for c in scorer.answer_checks(batch)]
+        values = scorer.rigor(batch, consistent, self.gated)
         extra = {}
         factor = None
         if self.check_answers:  # the verified share: an unverifiable answer counts as not consistent
@@ -264,7 +270,7 @@ class RigorReward(RewardCallback):
         if self.gated:
             factor = np.array([0.0 if rigor_gates(p, cut, ok) else 1.0
                                for p, cut, ok in zip(batch.parsed, batch.truncated, consistent)], dtype=np.float32)  # fmt: skip
-        return RewardOutput(np.array(values, dtype=np.float32), factor, extra)
+        return RewardOutput(values, factor, extra)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

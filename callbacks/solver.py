@@ -34,7 +34,7 @@ from callbacks.rewards import RewardCallback
 from qgen.answers import check_answers, normalize_answer, solution_answer
 from qgen.backends import REFERENCE_NEEDS_ADAPTER, BackendError, resolve_weight_sync
 from qgen.formatting import ParsedQuestion, parse_question
-from qgen.scoring import DifficultyModel, RewardOutput, ScoringBatch
+from qgen.scoring import DifficultyModel, QuestionScorer, RewardOutput, ScoringBatch
 
 SOLVE_PROMPT = {
     "en": "Solve the following problem. Reason step by step and end with 'The answer is X'.\n\n{question}",
@@ -112,7 +112,7 @@ class SolverDifficulty(RewardCallback):
         if self.solver is None:
             self.solver = PolicySolver(pl_module, self.max_new_tokens, self.temperature)
         if not self.prior.fitted and trainer.datamodule is not None:
-            self.prior = DifficultyModel().fit(trainer.datamodule.load_records()["train"])
+            self.prior = QuestionScorer.for_datamodule(trainer.datamodule).difficulty_model
 
     # --------------------------------------------------------------------------------------- solving
     def _votes(self, parsed: ParsedQuestion, solutions: list[str]) -> tuple[list[bool], list[str]]:

@@ -27,7 +27,6 @@ import torch
 from qgen.backends import VLLMSpec, build_backend, request_seed
 from qgen.backends.rollout import Rollout
 from qgen.formatting import parse_question
-from qgen.records import Question
 from qgen.tasks import target_text
 
 
@@ -202,7 +201,9 @@ class QuestionWriterMixin:
 
     def on_test_epoch_end(self) -> None:
         rows = self._gather_test_rows()
-        metrics = evaluate_generations(rows, self.trainer.datamodule.load_records()["train"])
+        from qgen.scoring import QuestionScorer
+
+        metrics = evaluate_generations(rows, QuestionScorer.for_datamodule(self.trainer.datamodule))
         for key, value in metrics.items():
             if isinstance(value, int | float) and value == value:
                 self.log(f"test/{key}", float(value), sync_dist=False, rank_zero_only=True)
@@ -224,26 +225,27 @@ class QuestionWriterMixin:
         return rows
 
 
-def evaluate_generations(rows: list[dict[str, Any]], train_records: list[Question], threshold: float = 0.85) -> dict:
-    """The ``test`` metrics of generated rows (``text``, ``reference``, ``language``, ``subject``)."""
-    from qgen.answers import check_answers
+def evaluate_generations(rows: list[dict[str, Any]], scorer, threshold: float = 0.85) -> dict:
+    """The ``test`` metrics of generated rows (``text``, ``reference``, ``language``, ``subject``), scored by the
+    run's :class:`qgen.scoring.QuestionScorer`.
+    """
     from qgen.metrics import generation_metrics
-    from qgen.scoring import DifficultyModel, NoveltyIndex
+    from qgen.scoring import ScoringBatch
 
     if not rows:
         return {"examples": 0}
     parsed = [parse_question(r["text"]) for r in rows]
     texts, refs, langs = [r["text"] for r in rows], [r["reference"] for r in rows], [r["language"] for r in rows]
-    questions = [p.question or t for p, t in zip(parsed, texts)]
-    sims = NoveltyIndex([r.question for r in train_records]).near_copy_similarity(questions, threshold)[0]
-    difficulty = DifficultyModel().fit(train_records).predict(questions, [p.analysis for p in parsed],
-                                                              [r["subject"] for r in rows])  # fmt: skip
+    batch = ScoringBatch(texts, parsed, [None] * len(rows), langs, [bool(r.get("truncated")) for r in rows],
+                         subjects=[r["subject"] for r in rows])  # fmt: skip
+    sims = scorer.similarity(batch, threshold)[0]
+    difficulty = scorer.difficulty(batch)
     out: dict[str, Any] = {"examples": len(rows)}
     out.update(generation_metrics(texts, refs, langs))
     out.update({
         "parse_valid_rate": float(np.mean([p.valid for p in parsed])),
         # valid questions: the stated answer is the one the question's own solution reaches (qgen.answers)
-        "answer_consistent_rate": float(np.mean([c.consistent is True for c in check_answers(parsed)])),
+        "answer_consistent_rate": float(np.mean([c.consistent is True for c in scorer.answer_checks(batch)])),
         "truncated_rate": float(np.mean([bool(r.get("truncated")) for r in rows])),
         "novelty_max_similarity_mean": float(np.mean(sims)),
         f"novelty_share_above_{threshold:g}": float(np.mean(sims > threshold)),

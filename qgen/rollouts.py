@@ -34,7 +34,7 @@ import torch
 
 from qgen.backends.rollout import Rollout, concat_rollouts
 from qgen.losses import group_advantages
-from qgen.scoring import RewardOutput
+from qgen.scoring import RewardOutput, aggregate
 
 
 @dataclass
@@ -202,19 +202,6 @@ class StepRollouts:
         rewards = torch.cat([torch.as_tensor(r, dtype=torch.float32).reshape(-1) for r, _ in parts]).detach()
         return rewards, {name: _concat_outputs([c[name] for _, c in parts]) for name in parts[0][1]}
 
-    def _normalize_then_sum(self, components: dict[str, RewardOutput]) -> torch.Tensor:
-        g = self.group_size
-        n = len(next(iter(components.values())).values)
-        factor = np.ones(n, dtype=np.float32)
-        for out in components.values():
-            if out.factor is not None:
-                factor = factor * np.asarray(out.factor, dtype=np.float32)
-        total = torch.zeros(n)
-        for name, out in components.items():
-            values = torch.as_tensor(np.asarray(out.values, dtype=np.float32) * factor)
-            total += self.weights.get(name, 1.0) * group_advantages(values.view(-1, g), "group_std").view(-1)
-        return total
-
     def micro(self, micro: int) -> MicroRollout:
         """Micro-batch ``micro``'s share with its scores: waits only for its own rows' scoring (every
         micro-batch's with ``advantage: batch_std``, whose std is over the whole step), so the later
@@ -235,7 +222,7 @@ class StepRollouts:
         rewards = rewards[offset : offset + end - start]
         components = {k: _slice_output(v, offset, offset + end - start) for k, v in components.items()}
         if self.reward_aggregation == "normalize_then_sum":
-            advantages = self._normalize_then_sum(components)
+            advantages = torch.as_tensor(aggregate(components, self.weights, group_size=g))
         elif self.advantage != "batch_std":
             advantages = group_advantages(rewards.view(-1, g), self.advantage).view(-1)
         if len(self._joined) == len(self._scores) and self._pool is not None:

@@ -21,10 +21,9 @@ import sys
 
 import numpy as np
 
-from qgen.answers import check_answers
 from qgen.formatting import ParsedQuestion
 from qgen.records import DataError, Question, read_source
-from qgen.scoring import DifficultyModel, NoveltyIndex, rigor_score
+from qgen.scoring import NoveltyIndex, QuestionScorer, ScoringBatch
 
 
 def read_spec(spec: str) -> list[Question]:
@@ -35,28 +34,29 @@ def read_spec(spec: str) -> list[Question]:
     return read_source(fmt, path, name=path).records
 
 
-def score_records(records: list[Question], difficulty: DifficultyModel, bank: NoveltyIndex | None,
-                  reference: NoveltyIndex | None, reference_records: list[Question], threshold: float) -> list[dict]:  # fmt: skip
-    """One result row per record (see the module docstring)."""
-    questions = [r.question for r in records]
-    predicted = difficulty.predict(questions, [r.analysis for r in records], [r.subject for r in records])
-    novelty = (1.0 - bank.near_copy_similarity(questions, threshold)[0] if bank is not None
-               else np.full(len(records), np.nan))  # fmt: skip
+def score_records(records: list[Question], scorer: QuestionScorer, reference: NoveltyIndex | None,
+                  reference_records: list[Question], threshold: float) -> list[dict]:  # fmt: skip
+    """One result row per record (see the module docstring): the scorer's components (the same
+    :class:`~qgen.scoring.QuestionScorer` as the reward callbacks and ``predict``), and the contamination check.
+    """
+    batch = ScoringBatch(
+        texts=[r.question for r in records],
+        parsed=[ParsedQuestion(r.question, r.answer, r.analysis, r.options, valid=bool(r.question and r.answer))
+                for r in records],
+        records=list(records), languages=[r.language for r in records], truncated=[False] * len(records),
+    )  # fmt: skip
+    scores = scorer.score(batch, threshold)
     sims, where = (
-        reference.nearest(questions) if reference is not None else (np.zeros(len(records)), -np.ones(len(records), int))
+        reference.nearest(batch.texts) if reference is not None else (np.zeros(len(records)), -np.ones(len(records), int))
     )
-    parsed_all = [ParsedQuestion(r.question, r.answer, r.analysis, r.options, valid=bool(r.question and r.answer))
-                  for r in records]  # fmt: skip
-    checks = check_answers(parsed_all)
     rows = []
     for i, r in enumerate(records):
-        parsed, check = parsed_all[i], checks[i]
         match = reference_records[where[i]] if where[i] >= 0 else None
         rows.append({
             "id": r.id, "source": r.source, "language": r.language, "subject": r.subject, "question": r.question,
-            "label_difficulty": r.difficulty, "difficulty": float(predicted[i]),
-            "rigor": rigor_score(parsed, r.language, truncated=False, consistent=check.consistent),
-            "answer_consistent": check.consistent, "answer_check": check.reason or "ok", "novelty": float(novelty[i]),
+            "label_difficulty": r.difficulty, "difficulty": scores["difficulty"][i], "rigor": scores["rigor"][i],
+            "answer_consistent": scores["answer_consistent"][i], "answer_check": scores["answer_check"][i],
+            "novelty": scores["novelty"][i] if scorer.bank is not None else float("nan"),
             "reference_similarity": float(sims[i]), "contaminated": bool(sims[i] >= threshold),
             "reference_match": {"id": match.id, "source": match.source} if match is not None and sims[i] >= threshold else None,
         })  # fmt: skip
@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, FileNotFoundError) as err:
         print(f"qgen score: {err}", file=sys.stderr)
         return 2
-    rows = score_records(records, DifficultyModel().fit(train), NoveltyIndex([r.question for r in known]) if known else None,
-                         NoveltyIndex([r.question for r in refs], top_k=None) if refs else None, refs, args.threshold)  # fmt: skip
+    scorer = QuestionScorer.fit(train, [r.question for r in known], args.threshold)
+    rows = score_records(records, scorer, NoveltyIndex([r.question for r in refs], top_k=None) if refs else None, refs,
+                         args.threshold)  # fmt: skip
     if args.output:
         with open(args.output, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

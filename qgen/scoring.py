@@ -45,6 +45,31 @@ class ScoringBatch:
     truncated: list[bool]
     group_size: int = 1
     lengths: list[int] | None = None  # completion lengths in tokens (None when scoring a file of texts)
+    subjects: list[str] | None = None  # per question; None: the records' subjects ("" without a record)
+    knowledge: list[list[str] | None] | None = None  # intended knowledge points; None: the records'
+
+    @classmethod
+    def of_texts(cls, texts: list[str], records: list | None = None, truncated: list[bool] | None = None,
+                 group_size: int = 1, lengths: list[int] | None = None) -> ScoringBatch:  # fmt: skip
+        """Model outputs, parsed here; each one's language is its record's (``en`` without one)."""
+        records = list(records) if records is not None else [None] * len(texts)
+        return cls(texts, [parse_question(t) for t in texts], records, [r.language if r else "en" for r in records],
+                   list(truncated) if truncated is not None else [False] * len(texts), group_size, lengths)  # fmt: skip
+
+    @property
+    def questions(self) -> list[str]:
+        """Each question's stem, or its raw text when it does not parse (what novelty and difficulty read)."""
+        return [p.question or t for p, t in zip(self.parsed, self.texts)]
+
+    def subject_list(self) -> list[str]:
+        if self.subjects is not None:
+            return list(self.subjects)
+        return [r.subject if r is not None else "" for r in self.records]
+
+    def knowledge_list(self) -> list[list[str] | None]:
+        if self.knowledge is not None:
+            return list(self.knowledge)
+        return [r.knowledge if r is not None else None for r in self.records]
 
 
 @dataclass
@@ -59,21 +84,42 @@ def combine_scores(scorers: dict, texts: list[str], records: list, truncated: li
                    ) -> tuple[np.ndarray, dict[str, RewardOutput]]:  # fmt: skip
     """Score ``texts`` with every scorer (reward / judge callbacks: ``weight`` and ``score(batch)``).
 
-    Returns ``sum_i w_i s_i`` (divided by ``sum_i w_i`` with ``normalize``), times every scorer's
-    ``factor`` (the novelty penalty of near-copies), and each scorer's output. ``lengths``: the completions'
+    Returns the total of :func:`aggregate` (``sum_i w_i s_i``, divided by ``sum_i w_i`` with ``normalize``, times
+    every scorer's ``factor``: the near-copy penalty) and each scorer's output. ``lengths``: the completions'
     token counts, for scorers that need them.
     """
-    parsed = [parse_question(t) for t in texts]
-    languages = [r.language if r else "en" for r in records]
-    batch = ScoringBatch(texts, parsed, records, languages, truncated, group_size, lengths)
+    batch = ScoringBatch.of_texts(texts, records, truncated, group_size, lengths)
     outputs = {name: scorer.score(batch) for name, scorer in scorers.items()}
-    total = sum(scorer.weight * np.asarray(outputs[name].values, dtype=np.float32) for name, scorer in scorers.items())
-    if normalize:
-        total = total / (sum(scorer.weight for scorer in scorers.values()) or 1.0)
+    total = aggregate(outputs, {name: scorer.weight for name, scorer in scorers.items()}, normalize=normalize)
+    return total, outputs
+
+
+def aggregate(outputs: dict[str, RewardOutput], weights: dict[str, float], normalize: bool = False,
+              group_size: int | None = None) -> np.ndarray:  # fmt: skip
+    """The one way a question's components become its total (``[N]``, float32); a missing weight counts 1.
+
+    Without ``group_size`` (``sum_then_normalize``, and the distillation cluster with ``normalize``): the weighted
+    sum of the components (over the sum of the weights with ``normalize``), times every component's ``factor``.
+    With ``group_size`` (GRPO's ``normalize_then_sum``): each component, times the factors, is standardised
+    within its group of ``group_size`` first (:func:`qgen.losses.group_advantages`), then weighted and summed.
+    """
+    n = len(next(iter(outputs.values())).values)
+    factor = np.ones(n, dtype=np.float32)
     for out in outputs.values():
         if out.factor is not None:
-            total = total * np.asarray(out.factor, dtype=np.float32)
-    return np.asarray(total, dtype=np.float32), outputs
+            factor = factor * np.asarray(out.factor, dtype=np.float32)
+    if group_size is not None:
+        from qgen.losses import group_advantages
+
+        total = torch.zeros(n)
+        for name, out in outputs.items():
+            values = torch.as_tensor(np.asarray(out.values, dtype=np.float32) * factor)
+            total += weights.get(name, 1.0) * group_advantages(values.view(-1, group_size), "group_std").view(-1)
+        return total.numpy()
+    summed = sum(weights.get(name, 1.0) * np.asarray(out.values, dtype=np.float32) for name, out in outputs.items())
+    if normalize:
+        summed = summed / (sum(weights.get(name, 1.0) for name in outputs) or 1.0)
+    return np.asarray(summed * factor, dtype=np.float32)
 
 
 def _top_k_rows(mat: sp.csr_matrix, k: int | None) -> sp.csr_matrix:
@@ -604,3 +650,87 @@ def educational_value(parsed: ParsedQuestion, language: str, knowledge: list[str
     answer = parsed.answer.strip()
     checkable = bool(answer) and (len(answer) <= 60 or bool(parsed.options))
     return float(0.25 * worked + 0.25 * covered + 0.25 * length + 0.25 * checkable)
+
+
+# ------------------------------------------------------------------------------------------- the scorer
+class QuestionScorer:
+    """Every score of a question in one place: the reward callbacks, ``predict``'s written scores, ``test`` and
+    ``qgen score`` all call this class, so the same text with the same training records, bank and truncation
+    flag gets the same values everywhere.
+
+    - ``difficulty``: the ridge model fitted on the training records' labels (:class:`DifficultyModel`; its
+      keyword/length heuristic with fewer than 20 labels);
+    - ``novelty``: ``1 - max TF-IDF similarity`` to the bank (the training questions by default), with the
+      near-copy decision (``> threshold``) on the exact cosine (:meth:`NoveltyIndex.near_copy_similarity`);
+    - ``rigor`` (:func:`rigor_score`) after the answer check (:mod:`qgen.answers`): consistent / inconsistent /
+      unverifiable;
+    - ``educational_value`` (:func:`educational_value`).
+
+    Build it once per run (:meth:`for_datamodule` caches it on the run's data module) or from any records
+    (:meth:`fit`). The reward callbacks configure their component (weight, threshold, penalty, gating) and log
+    it; the scorer computes it.
+    """
+
+    def __init__(self, difficulty: DifficultyModel | None = None, bank: NoveltyIndex | None = None,
+                 threshold: float = 0.85):  # fmt: skip
+        self.difficulty_model = difficulty if difficulty is not None else DifficultyModel()
+        self.bank, self.threshold = bank, threshold
+
+    @classmethod
+    def fit(cls, train: list[Question], bank: list[str] | None = None, threshold: float = 0.85,
+            top_k: int | None = 64) -> QuestionScorer:  # fmt: skip
+        """The difficulty model fitted on ``train`` and the novelty bank of ``bank`` (default: its questions)."""
+        known = bank if bank is not None else [r.question for r in train]
+        return cls(DifficultyModel().fit(train), NoveltyIndex(known, top_k=top_k) if known else None, threshold)
+
+    @classmethod
+    def for_datamodule(cls, datamodule, top_k: int | None = 64) -> QuestionScorer:
+        """The run's scorer, fitted on its training records once and shared by every caller of the run."""
+        cache = datamodule.__dict__.setdefault("_question_scorers", {})
+        if top_k not in cache:
+            cache[top_k] = cls.fit(datamodule.load_records()["train"], top_k=top_k)
+        return cache[top_k]
+
+    # ------------------------------------------------------------------------------------- components
+    def difficulty(self, batch: ScoringBatch) -> np.ndarray:
+        return self.difficulty_model.predict(batch.questions, [p.analysis for p in batch.parsed], batch.subject_list())
+
+    def similarity(self, batch: ScoringBatch, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(max similarity to the bank, near-copy flag)`` per question (zeros without a bank)."""
+        if self.bank is None:
+            n = len(batch.texts)
+            return np.zeros(n, np.float32), np.zeros(n, bool)
+        return self.bank.near_copy_similarity(batch.questions, self.threshold if threshold is None else threshold)
+
+    def answer_checks(self, batch: ScoringBatch) -> list:
+        from qgen.answers import check_answers
+
+        return check_answers(batch.parsed)
+
+    def rigor(self, batch: ScoringBatch, consistent: list[bool | None], gated: bool = False) -> np.ndarray:
+        return np.array([rigor_score(p, lang, cut, ok, gated) for p, lang, cut, ok in
+                         zip(batch.parsed, batch.languages, batch.truncated, consistent)], dtype=np.float32)  # fmt: skip
+
+    def educational_value(self, batch: ScoringBatch) -> np.ndarray:
+        return np.array([educational_value(p, lang, k) for p, lang, k in
+                         zip(batch.parsed, batch.languages, batch.knowledge_list())], dtype=np.float32)  # fmt: skip
+
+    def score(self, batch: ScoringBatch, threshold: float | None = None) -> dict[str, list]:
+        """Every component of every question: ``difficulty``, ``rigor``, ``answer_consistent`` (true / false /
+        ``None``: unverifiable), ``answer_check`` (the reason, ``ok`` when consistent), ``novelty``,
+        ``max_similarity``, ``near_copy`` (above ``threshold``, default the scorer's) and ``educational_value``,
+        one list each.
+        """
+        checks = self.answer_checks(batch)
+        consistent = [c.consistent for c in checks]
+        sims, near = self.similarity(batch, threshold)
+        return {
+            "difficulty": [float(v) for v in self.difficulty(batch)],
+            "rigor": [float(v) for v in self.rigor(batch, consistent)],
+            "answer_consistent": consistent,
+            "answer_check": [c.reason or "ok" for c in checks],
+            "novelty": [float(1.0 - s) for s in sims],
+            "max_similarity": [float(s) for s in sims],
+            "near_copy": [bool(x) for x in near],
+            "educational_value": [float(v) for v in self.educational_value(batch)],
+        }

@@ -84,11 +84,17 @@ def test_rigor_score_orders_outputs():
     bad_choice = parse_question(
         render_target("Pick one.", "E", "Since no reason, hence E.", {"A": "1", "B": "2"}, "en")
     )
-    g = rigor_score(good, "zh", truncated=False)
-    assert g == pytest.approx(1.0)
-    assert rigor_score(good, "zh", truncated=True) == pytest.approx(0.8)
-    assert rigor_score(no_analysis, "zh", False) == pytest.approx(0.3 * 2 / 3 + 0.2 + 0.2)
-    assert rigor_score(bad_choice, "en", False) < rigor_score(good, "zh", False) - 0.15
+    from qgen.answers import check_answers
+
+    verdicts = [c.consistent for c in check_answers([good, no_analysis, bad_choice])]
+    assert verdicts == [True, None, False]  # verified right; no solution to check; E is not one of 2 options
+    # (tier + h) / 3: tier 2 / 1 / 0; h = (3 sections + 3 connective density + 2 not truncated) / 8
+    assert rigor_score(good, "zh", False, True) == pytest.approx(1.0)
+    assert rigor_score(good, "zh", True, True) == pytest.approx((2 + 6 / 8) / 3)
+    assert rigor_score(good, "zh", False, None) == pytest.approx(2 / 3)  # the check not run: the middle tier
+    assert rigor_score(no_analysis, "zh", False, None) == pytest.approx((1 + (3 * 2 / 3 + 2) / 8) / 3)
+    assert rigor_score(bad_choice, "en", False, False) == pytest.approx(1 / 3)  # its heuristics are perfect
+    assert rigor_score(bad_choice, "en", False, False) <= 1 / 3 < rigor_score(no_analysis, "zh", False, None)
 
 
 def test_difficulty_model_learns_labels_and_falls_back():
@@ -219,3 +225,66 @@ def test_cross_validation_picks_the_alpha_with_the_best_held_out_spearman():
     assert rho > 0.3
     with pytest.raises(ValueError, match="at least 100 labelled records"):
         DifficultyModel().cross_validate(records[:50])
+
+
+def test_one_scorer_gives_rewards_predict_and_score_the_same_values(tmp_path):
+    """The reward callbacks, ``predict``'s written scores and ``qgen score`` read the same components from one
+    :class:`QuestionScorer` kind: for the same texts, training records, bank and truncation flags their
+    difficulty, novelty, rigor, answer verdict and educational value agree (predict rounds to 4 places).
+    """
+    import json
+    from types import SimpleNamespace
+
+    from callbacks import DifficultyReward, EducationalValueJudge, NoveltyReward, PredictionWriter, RigorReward
+    from qgen.generation import parsed_row
+    from qgen.score import main as score_main
+    from qgen.scoring import combine_scores
+
+    train = read_source("jsonl", os.path.join(ROOT, "data", "*.jsonl")).records[:400]
+    copied = train[3]
+    texts = [
+        "Question: Compute 3*4 + 5.\nAnswer: 17\nSolution: Since 3*4 = 12, we get 12 + 5 = 17, so the answer is 17.",
+        "Question: Find x if 2x = 10.\nAnswer: 6\nSolution: Dividing by 2 gives x = 5. The answer is 5.",
+        f"题干：{copied.question}\n参考答案：{copied.answer}\n解析：{copied.analysis or '略'}",  # a copy of the bank
+        "题干：求 1+1。\n参考答案：2\n解析：因为 1+1=2，所以答案为 2。",
+    ]
+    language = ["en", "en", "zh", "zh"]
+    subject = ["algebra", "algebra", copied.subject, "math"]
+    records = [Question(f"p{i}", "prompts", language[i], subject[i], "problem", "", "") for i in range(4)]
+    datamodule = SimpleNamespace(load_records=lambda: {"train": train})
+    trainer = SimpleNamespace(datamodule=datamodule)
+    callbacks = {c.name: c for c in (DifficultyReward(), NoveltyReward(), RigorReward(), EducationalValueJudge())}
+    for c in callbacks.values():
+        c.setup(trainer, SimpleNamespace(), "fit")
+    assert callbacks["difficulty"].scorer is callbacks["novelty"].scorer  # built once per run
+    _, rewards = combine_scores(callbacks, texts, records, [False] * 4)
+
+    writer = PredictionWriter(str(tmp_path / "p.jsonl"))
+    writer.scorer = callbacks["difficulty"].scorer
+    rows = [{"text": t, **parsed_row(t), "language": language[i], "subject": subject[i], "truncated": False}
+            for i, t in enumerate(texts)]  # fmt: skip
+    writer.score(rows)
+    predicted = [r["scores"] for r in rows]
+
+    inputs = tmp_path / "q.jsonl"
+    inputs.write_text("".join(json.dumps({"id": str(i), "question": r["question"], "answer": r["answer"],
+                                          "analysis": r["analysis"], "subject": subject[i], "language": language[i]},
+                                         ensure_ascii=False) + "\n" for i, r in enumerate(rows)), encoding="utf-8")  # fmt: skip
+    bank = tmp_path / "train.jsonl"
+    bank.write_text("".join(json.dumps({k: getattr(r, k) for k in ("id", "question", "answer", "analysis", "subject",
+                                                                    "language", "difficulty") if getattr(r, k) is not None},
+                                       ensure_ascii=False) + "\n" for r in train), encoding="utf-8")  # fmt: skip
+    out = tmp_path / "scored.jsonl"
+    assert score_main(["--input", f"jsonl:{inputs}", "--difficulty-train", f"jsonl:{bank}", "--output", str(out)]) == 0
+    scored = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+
+    for i in range(4):
+        for name, reward_value in (("difficulty", rewards["difficulty"].values[i]), ("rigor", rewards["rigor"].values[i]),
+                                   ("novelty", rewards["novelty"].values[i])):  # fmt: skip
+            assert predicted[i][name] == pytest.approx(reward_value, abs=6e-5), (i, name)
+            assert scored[i][name] == pytest.approx(reward_value, abs=1e-6), (i, name)
+        assert predicted[i]["educational_value"] == pytest.approx(rewards["educational_value"].values[i], abs=6e-5)
+        assert predicted[i]["answer_consistent"] == scored[i]["answer_consistent"]
+    assert [s["answer_consistent"] for s in predicted] == [True, False, True, True]
+    assert rewards["novelty"].extra["near_copy"].tolist()[2] == 1.0 and predicted[2]["near_copy"]
+    assert len({round(v, 3) for v in rewards["difficulty"].values}) > 1  # a fitted model, not one constant

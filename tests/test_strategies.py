@@ -145,12 +145,11 @@ def test_a_plain_trainer_gets_the_same_refusal_as_the_command_line(tmp_path):
     line too, before any model is built.
     """
     import lightning as L
+    import torch
 
     from qgen.data import QuestionDataModule
     from qgen.sft import SFTModule
     from qgen.strategies import FSDP2Strategy
-
-    import torch
 
     module = SFTModule(lora=None)
     environ = dict(os.environ)
