@@ -85,6 +85,10 @@ class DifficultyReward(RewardCallback):
     def model(self) -> DifficultyModel | None:
         return self.scorer.difficulty_model if self.scorer is not None else None
 
+    @model.setter
+    def model(self, model: DifficultyModel) -> None:
+        self.scorer = QuestionScorer(model)
+
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if self.scorer is None and trainer.datamodule is not None:
