@@ -93,3 +93,18 @@ def test_the_reference_policy_solves_inside_a_grpo_step(tmp_path):
             reference = module.model(input_ids=ids).logits
     torch.testing.assert_close(after, before)  # the adapter is back on after solving with the reference
     assert (reference - before).abs().max() > 1e-2
+
+
+def test_the_in_process_solver_is_refused_on_a_merged_vllm_engine():
+    """A merged engine holds no reference policy: refused in one line naming the setting, before any engine starts."""
+    from types import SimpleNamespace
+
+    from qgen.backends import BackendError
+    from qgen.grpo import GRPOModule
+    from qgen.models import LoraSpec
+
+    module = GRPOModule(lora=LoraSpec(r=8), backend="vllm", vllm={"weight_sync": "merged"})
+    trainer = SimpleNamespace(strategy=None, datamodule=None)
+    with pytest.raises(BackendError, match="set model.vllm.weight_sync: adapter") as refused:
+        SolverDifficulty().setup(trainer, module, "fit")
+    assert "\n" not in str(refused.value)

@@ -371,3 +371,45 @@ def test_predict_with_vllm_under_ddp_writes_each_key_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     keys = [json.loads(line)["key"] for line in output.read_text(encoding="utf-8").splitlines()]
     assert sorted(keys) == sorted(f"p{i}#{k}" for i in range(7) for k in range(2))
+
+
+def test_the_policy_solver_samples_the_reference_through_vllm(tmp_path):
+    """``backend: vllm``: the in-process solver asks the module's engine (adapter route, no adapter request)
+    for its samples, never ``transformers``; what it samples is the reference policy (the adapter off): the
+    engine's log-probs of its greedy tokens are the trainer's with the adapter disabled, not the policy's.
+    """
+    from callbacks.solver import PolicySolver
+    from qgen.grpo import GRPOModule
+
+    trained, tok = _sft_trained_lora_policy()
+    spec = VLLMSpec(kv_cache_gib=1, max_model_len=512, weight_sync="adapter")
+    module = GRPOModule(lora=LoraSpec(r=8, alpha=16, dropout=0.0), backend="vllm", vllm=spec, max_new_tokens=16)
+    module.configure_model()
+    module.model.load_state_dict(trained.state_dict())
+    module.tokenizer = load_tokenizer(None, "left")
+    module.model.eval()
+    backend = module.generation_backend()
+    calls, rollouts = [], []
+    real_generate = backend.generate
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("reference", False))
+        rollouts.append(real_generate(*args, **kwargs))
+        return rollouts[-1]
+
+    backend.generate = recording
+    try:
+        texts = PolicySolver(module, max_new_tokens=16, temperature=0.0).solve(
+            ["What is 1+1?", "求 2+3。", "Find the sum of 4 and 5."], ["en", "zh", "en"], 1)
+        assert calls == [True] and backend.name == "vllm" and backend.syncs >= 1
+        assert [len(t) for t in texts] == [1, 1, 1]
+        rollout = rollouts[0]
+        mask = rollout.completion_mask.bool()
+        with module.model.disable_adapter():
+            reference = _scores(module.model, rollout)
+        policy = _scores(module.model, rollout)
+        assert (reference - rollout.sampling_logprobs).abs()[mask].max() <= 1e-2
+        assert (policy - rollout.sampling_logprobs).abs()[mask].max() > 5e-2  # the adapter was really off
+    finally:
+        backend.generate = real_generate
+        module.teardown("fit")
