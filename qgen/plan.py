@@ -26,8 +26,15 @@ the FSDP2 overlay: bf16 base weights, never quantized, sharded; LoRA only):
   forward pass is shared by its group);
 - **logits**: one chunk of ``chunk_size`` rows x vocabulary in fp32, with its gradient (qgen never holds the
   whole ``[tokens, vocab]`` logits);
-- **KV cache** (GRPO, on-policy distillation): ``2 x layers x Hkv`` values a token for ``prompts x G``
-  sequences of ``P + C`` tokens, at the dtype's size;
+- **KV cache** (GRPO, on-policy distillation, generating with ``transformers``): ``2 x layers x Hkv`` values a
+  token for the sequences of the run's largest ``generate`` call, ``P + C`` tokens each, at the dtype's size.
+  GRPO generates a whole optimizer step in one call by default (``generation_batch_size: null``): ``prompts x
+  accumulate_grad_batches x G`` sequences (128 for ``configs/qwen3-14b-grpo.yaml``), else
+  ``generation_batch_size x G``; on-policy distillation one micro-batch's ``batch`` sequences;
+- **vllm engine** (``backend: vllm``, colocated): the share of the GPU vLLM takes for its weights and KV cache,
+  ``gpu_memory_utilization x`` the GPU's memory, and never less than its weights: the whole merged model in the
+  run's dtype (merged route), or the quantized base plus the adapter (adapter route). Every rank's engine holds
+  the whole model, under FSDP too (the trainer's KV-cache term is then 0: the engine generates);
 - **teacher** (distillation): its weights (replicated under DDP; sharded like the student under FSDP, in
   bf16 under FSDP2 and as configured, NF4 or bf16, under FSDP1: :func:`qgen.strategies.shard_stage_models`)
   and one chunk of its logits;
@@ -46,6 +53,8 @@ import json
 import os
 import sys
 from dataclasses import dataclass, replace
+
+from qgen.backends.spec import resolve_weight_sync
 
 GB = 1e9
 ARCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "arch")
@@ -145,6 +154,11 @@ class Workload:
     teacher_quantization: str | None = None
     teacher_dtype: str | None = None
     mixed_precision: bool = False  # bf16-mixed: activations at 2 bytes
+    accumulate: int = 1  # trainer.accumulate_grad_batches
+    generation_batch: int | None = None  # GRPO prompts per generate call; None: the whole optimizer step
+    engine: str | None = None  # "vllm": a colocated vLLM engine generates
+    engine_memory_share: float = 0.3  # model.vllm.gpu_memory_utilization
+    weight_sync: str = "merged"  # how the engine holds the policy (model.vllm.weight_sync, resolved)
 
 
 def _linear_bytes(quantization: str | None, dtype: str) -> float:
@@ -189,12 +203,30 @@ def logits_bytes(arch: Arch, chunk_size: int, tokens: int) -> float:
     return 2 * min(chunk_size, tokens) * arch.vocab * 4  # one fp32 chunk and its gradient
 
 
+def generation_sequences(w: Workload) -> int:
+    """Sequences of the run's largest ``generate`` call (see the module docstring)."""
+    if w.stage == "grpo":
+        return (w.generation_batch or w.batch * w.accumulate) * w.group_size
+    return w.batch
+
+
 def kv_cache_bytes(w: Workload) -> float:
-    if w.stage == "sft":
+    """The ``transformers`` KV cache of the largest ``generate`` call (0 when a vLLM engine generates)."""
+    if w.stage == "sft" or w.engine == "vllm" or (w.stage == "distill" and not w.new_tokens):
         return 0.0
-    sequences = w.batch * w.group_size
     length = (w.prompt_tokens if w.stage == "grpo" else w.seq_len) + w.new_tokens
-    return 2 * w.arch.layers * w.arch.kv_width * sequences * length * DTYPE_BYTES[w.dtype]
+    return 2 * w.arch.layers * w.arch.kv_width * generation_sequences(w) * length * DTYPE_BYTES[w.dtype]
+
+
+def engine_bytes(w: Workload, gpu_memory: float) -> float:
+    """The colocated vLLM engine on each GPU: its memory share, at least its weights (0 without an engine)."""
+    if w.engine != "vllm":
+        return 0.0
+    if w.weight_sync == "adapter":  # the base as the trainer holds it (quantized) and the adapter beside it
+        weights = _weight_bytes(w.arch, w.quantization, w.dtype) + lora_params(w.arch, w.lora_r) * DTYPE_BYTES[w.dtype]
+    else:  # the whole merged model in the run's dtype, whatever the strategy shards
+        weights = _weight_bytes(w.arch, None, w.dtype)
+    return max(w.engine_memory_share * gpu_memory, weights)
 
 
 def applicable(w: Workload) -> list[str]:
@@ -207,8 +239,10 @@ def _head_bytes(arch: Arch, dtype: str) -> float:
     return arch.vocab * arch.hidden * DTYPE_BYTES[dtype]
 
 
-def plan(w: Workload, gpus: int) -> dict[str, dict[str, float]]:
-    """Per-GPU bytes of every component, for each strategy that can run ``w`` (see the module docstring)."""
+def plan(w: Workload, gpus: int, gpu_memory: float = 80 * GB) -> dict[str, dict[str, float]]:
+    """Per-GPU bytes of every component, for each strategy that can run ``w`` (see the module docstring);
+    ``gpu_memory``: one GPU's memory in bytes (the vLLM engine's share is a fraction of it).
+    """
     out = {}
     for strategy in applicable(w):
         sharded, run = strategy != "ddp", w
@@ -233,6 +267,8 @@ def plan(w: Workload, gpus: int) -> dict[str, dict[str, float]]:
         rows["activations"] = activation_bytes(run)
         rows["logits chunk"] = logits_bytes(a, run.chunk_size, tokens)
         rows["kv cache (generation)"] = kv_cache_bytes(run)
+        if run.engine == "vllm":
+            rows["vllm engine"] = engine_bytes(run, gpu_memory)
         if run.teacher is not None:
             t = run.teacher
             t_weights = _weight_bytes(t, run.teacher_quantization, run.teacher_dtype or run.dtype)
@@ -279,6 +315,8 @@ def workload_from_configs(paths: list[str], prompt_tokens: int = 256) -> Workloa
     lora = args.get("lora", {} if stage != "distill" else None)
     default_name = "embedded:mini" if stage == "distill" else None
     generation = args.get("generation") or {}
+    vllm = args.get("vllm") or {}
+    engine = "vllm" if args.get("backend", "hf") == "vllm" else None
     w = Workload(
         stage=stage, arch=load_arch(args.get("model_name_or_path", default_name)),
         lora_r=None if lora is None else int(lora.get("r", 16)), lora_dropout=float((lora or {}).get("dropout", 0.05)),
@@ -290,6 +328,10 @@ def workload_from_configs(paths: list[str], prompt_tokens: int = 256) -> Workloa
         prompt_tokens=min(prompt_tokens, int(data.get("max_length", 512))),
         new_tokens=int(args.get("max_new_tokens", 256) if stage == "grpo" else generation.get("max_new_tokens", 0)),
         mixed_precision=str(trainer.get("precision", "32")).startswith(("bf16", "16")),
+        accumulate=int(trainer.get("accumulate_grad_batches", 1) or 1),
+        generation_batch=args.get("generation_batch_size") if stage == "grpo" else None,
+        engine=engine, engine_memory_share=float(vllm.get("gpu_memory_utilization", 0.3)),
+        weight_sync=resolve_weight_sync(vllm.get("weight_sync", "auto"), args.get("quantization")),
     )  # fmt: skip
     if stage == "distill":
         teacher = args.get("teacher", "last")
@@ -306,7 +348,7 @@ def _count(n: int) -> str:
 
 
 def render(w: Workload, gpus: int, gpu_memory_gb: float) -> str:
-    table = plan(w, gpus)
+    table = plan(w, gpus, gpu_memory_gb * GB)
     names = list(table)
     lines = [f"per-GPU memory (GB) on {gpus} GPU(s) of {gpu_memory_gb:g} GB: {w.stage}, "
              f"{_count(w.arch.params())} parameters, quantization {w.quantization or 'none'}, {w.dtype}, "
@@ -323,7 +365,7 @@ def render(w: Workload, gpus: int, gpu_memory_gb: float) -> str:
     fits = [n for n in names if table[n]["total"] <= gpu_memory_gb * GB]
     lines.append(f"{'fits':<24}" + "".join(f"{'yes' if n in fits else 'no':>24}" for n in names))
     if not w.checkpointing:
-        on = plan(replace(w, checkpointing=True), gpus)
+        on = plan(replace(w, checkpointing=True), gpus, gpu_memory_gb * GB)
         lines.append(f"{'with checkpointing':<24}" + "".join(f"{on[n]['total'] / GB:>24.2f}" for n in names))
     advice = "lower data.batch_size" + (" or group_size / max_new_tokens" if w.stage == "grpo" else "") + \
         ("" if w.checkpointing else ", enable gradient checkpointing") + ", or add GPUs / a larger GPU"  # fmt: skip

@@ -140,3 +140,42 @@ def test_activation_and_logits_terms_within_25_percent_of_the_profiler(checkpoin
     measured = _profiled_step_bytes(arch, 1024, 1, checkpointing)
     assert measured > 100 * 2**20
     assert planned == pytest.approx(measured, rel=0.25), (planned / 2**20, measured / 2**20)
+
+
+def test_generation_terms_follow_the_call_the_run_makes(tmp_path):
+    """The KV cache of the generate call each config makes, and a colocated vLLM engine, by hand (item: the
+    14B GRPO config generates its whole step, 4 prompts x 4 micro-batches x 8, in one call).
+    """
+    from qgen.plan import GB, engine_bytes, workload_from_configs
+
+    def overlay(name, text):
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return str(path)
+
+    grpo14 = os.path.join(CONFIGS, "qwen3-14b-grpo.yaml")
+    per_token = 2 * 40 * 8 * 128 * 2  # K and V, 40 layers, 8 KV heads x 128, bf16: 163,840 bytes
+    # 1. as shipped: generation_batch_size null -> 4 x 4 x 8 = 128 sequences of 256 + 768 tokens (21.5 GB, not 5.4)
+    shipped = workload_from_configs([grpo14])
+    assert kv_cache_bytes(shipped) == per_token * 128 * 1024 == pytest.approx(21.47 * GB, rel=1e-3)
+    assert plan(shipped, 1)["ddp"]["kv cache (generation)"] == kv_cache_bytes(shipped)
+    assert "vllm engine" not in plan(shipped, 1)["ddp"]
+    # 2. two prompts per call: 2 x 8 = 16 sequences
+    small = workload_from_configs([grpo14, overlay("g.yaml", "model:\n  init_args:\n    generation_batch_size: 2\n")])
+    assert kv_cache_bytes(small) == per_token * 16 * 1024
+    # 3. the vLLM adapter route of the NF4 base (weight_sync auto -> adapter), 5% of an 80 GB GPU: less than the
+    # engine's weights, so the engine row is its NF4 base + the bf16 adapter; the trainer holds no KV cache
+    vllm = overlay("v.yaml", "model:\n  init_args:\n    backend: vllm\n    vllm: {gpu_memory_utilization: 0.05}\n")
+    engine = workload_from_configs([grpo14, vllm])
+    a = engine.arch
+    nf4_base = a.layers * a.layer_linear_params() * (0.5 + 4 / 64) + a.other_params() * 2
+    table = plan(engine, 1, 80 * GB)["ddp"]
+    assert engine.weight_sync == "adapter" and table["kv cache (generation)"] == 0.0
+    assert table["vllm engine"] == pytest.approx(nf4_base + lora_params(a, 32) * 2)
+    # 4. the embedded GRPO config, merged fp32 engine taking 30% of a 24 GB GPU, on 2 GPUs under FSDP2: each
+    # rank's engine is the same 7.2 GB (not sharded), in every column
+    embedded = workload_from_configs([os.path.join(CONFIGS, "grpo.yaml"),
+                                      overlay("e.yaml", "model:\n  init_args:\n    backend: vllm\n")])  # fmt: skip
+    two = plan(embedded, 2, 24 * GB)
+    assert embedded.weight_sync == "merged" and engine_bytes(embedded, 24 * GB) == pytest.approx(0.3 * 24 * GB)
+    assert {round(t["vllm engine"]) for t in two.values()} == {round(0.3 * 24 * GB)}

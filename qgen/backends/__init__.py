@@ -28,7 +28,6 @@ from typing import Protocol
 
 from torch import nn
 
-from qgen.backends.hf import HFBackend
 from qgen.backends.rollout import Rollout
 from qgen.backends.spec import (
     BACKENDS,
@@ -80,12 +79,22 @@ def build_backend(name: str, spec: VLLMSpec | None = None, dtype: str = "float32
     ``quantization``: the policy's base (``model.quantization``), which decides the vLLM weight sync.
     """
     if name == "hf":
+        from qgen.backends.hf import HFBackend
+
         return HFBackend()
     if name == "vllm":
         from qgen.backends.vllm import VLLMBackend
 
         return VLLMBackend(spec or VLLMSpec(), dtype=dtype, device=device, quantization=quantization)
     raise ValueError(f"model.backend: unknown generation backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def __getattr__(name: str):
+    if name == "HFBackend":  # imported on first use: the settings and checks above load no model code
+        from qgen.backends.hf import HFBackend
+
+        return HFBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
