@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback
 
+from qgen.losses import gathered_std
 from qgen.scoring import (
     DifficultyModel,
     NoveltyIndex,
@@ -59,9 +60,11 @@ class RewardCallback(Callback):
         n = max(1, values.numel() // max(1, pl_module.hparams.get("group_size", 1)))
         prefix = getattr(pl_module, "score_prefix", "reward")  # GRPO: rewards; distillation: the teacher cluster
         pl_module.log(f"train/{prefix}_{self.name}_mean", values.mean(), batch_size=n, sync_dist=True)  # over ranks
-        pl_module.log(
-            f"train/{prefix}_{self.name}_std", values.std() if values.numel() > 1 else values.new_zeros(()), batch_size=n
-        )
+        if trainer.world_size > 1:  # the std of every rank's values (a collective: every rank logs each step)
+            std = gathered_std(values)
+        else:
+            std = values.std() if values.numel() > 1 else values.new_zeros(())
+        pl_module.log(f"train/{prefix}_{self.name}_std", std, batch_size=n)  # already global
 
 
 class DifficultyReward(RewardCallback):

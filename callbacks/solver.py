@@ -179,7 +179,7 @@ class SolverDifficulty(RewardCallback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        for key, value in self.stats.items():
-            pl_module.log(f"train/{key}", value, sync_dist=True)
+        for key, value in self.stats.items():  # shares are averaged over ranks, the count of questions summed
+            pl_module.log(f"train/{key}", value, sync_dist=True, reduce_fx="sum" if key == "likely_wrong_answers" else "mean")
         if (batch_idx + 1) % max(1, trainer.accumulate_grad_batches) == 0:
             self._solved.clear()  # the step's questions are scored: forget them

@@ -277,7 +277,7 @@ class DistillModule(StageModule):
             self.log("train/sft_nll", nll.loss.detach(), batch_size=ids.size(0), sync_dist=True)
         n = ids.size(0)
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
-        self.log("train/divergence", out.divergence_sum / out.tokens.clamp(min=1), batch_size=n, sync_dist=True)
+        self.log("train/divergence", self.global_ratio(out.divergence_sum.detach(), out.tokens), batch_size=n)
         self.log("train/on_policy", float(on_policy), batch_size=n, sync_dist=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
         self._tokens = float(out.tokens)

@@ -287,13 +287,31 @@ class GRPOModule(StageModule):
         if engine is None:
             return None
         spec, mask = self.vllm_spec(), rollout.completion_mask.bool()
-        trainer_logp = logp.detach()
+        trainer_logp = self.sampled_policy_logprobs(rollout, logp)
         weights, stats = truncated_importance_weights(trainer_logp, engine.to(trainer_logp), mask, spec.is_cap)
         n = rollout.completion_mask.size(0)
         for key, value in stats.items():
             reduce = "max" if key.endswith("_max") else "mean"
             self.log(f"train/{key}", value, batch_size=n, sync_dist=True, reduce_fx=reduce)
         return weights if spec.importance_sampling else None
+
+    def sampled_policy_logprobs(self, rollout: Rollout, logp: torch.Tensor) -> torch.Tensor:
+        """The trainer's log-probs of ``rollout`` under the policy the engine samples: the current weights without
+        dropout. ``logp`` (the loss's, dropout on where the model has any) is reused when no dropout is active;
+        otherwise one more forward without gradients, in eval mode, gives the dropout-free values, so the
+        importance ratio and the engine / trainer mismatch measure the engine, not the dropout masks.
+        """
+        if not any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in self.model.modules()):
+            return logp.detach()
+        hp = self.hparams
+        decoder, head = self.model.get_decoder(), self.model.get_output_embeddings().weight
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return completion_logprobs(decoder, head, rollout, hp.logprob_chunk_size, hp.share_prompt_forward,
+                                           hp.temperature)  # fmt: skip
+        finally:
+            self.model.train()
 
     def _ref_logprobs(self, rollout: Rollout, share: bool) -> torch.Tensor:
         """Per-token log-probs of ``rollout`` under the reference (the backbone with the adapter disabled)."""

@@ -88,8 +88,7 @@ class SFTModule(StageModule):
         # under DDP each rank's loss is its share of the step's token mean (sum / (step tokens / ranks)), so the
         # mean over ranks is the global loss; the token NLL is reduced as a sum of sums over a sum of counts
         self.log("train/loss", out.loss, prog_bar=True, sync_dist=True)
-        self.log("train/token_nll", out.nll_sum / out.tokens.clamp(min=1) if self.trainer.world_size == 1 else
-                 self.all_gather(out.nll_sum).sum() / self.all_gather(out.tokens).sum().clamp(min=1))  # fmt: skip
+        self.log("train/token_nll", self.global_ratio(out.nll_sum, out.tokens))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return out.loss
 

@@ -68,6 +68,14 @@ class StageModule(QuestionWriterMixin, L.LightningModule):
             if self.trainer.datamodule is not None and hasattr(self, "tokenizer"):
                 self.tokenizer = self.trainer.datamodule.tokenizer
 
+    def global_ratio(self, total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """``sum(total) / sum(count)`` over every rank (a per-token mean of the whole step, not a mean of the
+        ranks' means, which would weigh a rank with fewer tokens as much as one with more).
+        """
+        if self._trainer is None or self.trainer.world_size == 1:
+            return total / count.clamp(min=1)
+        return self.all_gather(total).sum() / self.all_gather(count).sum().clamp(min=1)
+
     def build_models(self) -> None:
         """Load ``self.model`` (and any frozen model the stage needs beside it)."""
         raise NotImplementedError

@@ -35,6 +35,15 @@ def scalars(log_dir, tag):
     return {e.step: e.value for e in acc.Scalars(tag)}
 
 
+def scalar_tags(log_dir):
+    """The scalar tags of a TensorBoard log directory."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc.Tags()["scalars"]
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from conftest import CONFIGS, ROOT, run_qgen, scalars
+from conftest import CONFIGS, ROOT, run_qgen, scalar_tags, scalars
 from helpers_ddp import ShardDump
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -75,6 +75,9 @@ def test_one_process_ddp_fsdp2_and_fsdp1_train_the_same(tmp_path, config, extra,
     reference = _losses(one)
     assert len(reference) == 3
     assert _losses(fsdp1) == pytest.approx(reference, abs=1e-5, rel=1e-5)
+    if config == "distill.yaml":  # the step's per-token divergence over both ranks' tokens, not a mean of the
+        # ranks' means (the ranks' examples have different lengths)
+        assert _scalar_list(fsdp1, "train/divergence") == pytest.approx(_scalar_list(one, "train/divergence"), rel=1e-5)
 
     # FSDP1: each rank holds about half of the weights (its shards of every unit, plus the replicated output
     # layer), only the adapter reaches the optimizer, the frozen base is bit-identical after 3 steps
@@ -119,6 +122,12 @@ def test_grpo_losses_equal_across_one_process_and_fsdp2_with_scripted_rollouts(t
     reference = _losses(one)
     assert len(reference) == 3 and len(set(reference)) == 3
     assert _losses(fsdp) == pytest.approx(reference, abs=1e-5, rel=1e-5)  # DDP: the sampling test's losses
+    # each component's std is over both ranks' rows (one prompt's group each), as one process's over the step
+    # (rank 0's alone would differ: its group has other rewards)
+    tags = [t for t in scalar_tags(one) if t.startswith("train/reward_") and t.endswith("_std")]
+    assert len(tags) >= 4
+    for tag in tags:
+        assert _scalar_list(fsdp, tag) == pytest.approx(_scalar_list(one, tag), abs=1e-5, rel=1e-4), tag
 
 
 def _logits(model):

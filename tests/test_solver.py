@@ -108,3 +108,16 @@ def test_the_in_process_solver_is_refused_on_a_merged_vllm_engine():
     with pytest.raises(BackendError, match="set model.vllm.weight_sync: adapter") as refused:
         SolverDifficulty().setup(trainer, module, "fit")
     assert "\n" not in str(refused.value)
+
+
+def test_the_likely_wrong_count_is_summed_over_ranks_and_the_shares_averaged():
+    """A count of questions is a sum over the ranks' questions; a share is their mean."""
+    from types import SimpleNamespace
+
+    logged = {}
+    module = SimpleNamespace(log=lambda key, value, **kw: logged.update({key: kw}), last={}, hparams={})
+    callback = SolverDifficulty()
+    callback.stats = {"solver_pass_rate": 0.5, "valid_frac": 1.0, "likely_wrong_answers": 2.0}
+    callback.on_train_batch_end(SimpleNamespace(accumulate_grad_batches=1, world_size=2), module, None, None, 0)
+    assert logged["train/likely_wrong_answers"] == {"sync_dist": True, "reduce_fx": "sum"}
+    assert logged["train/solver_pass_rate"]["reduce_fx"] == logged["train/valid_frac"]["reduce_fx"] == "mean"

@@ -413,3 +413,33 @@ def test_the_policy_solver_samples_the_reference_through_vllm(tmp_path):
     finally:
         backend.generate = real_generate
         module.teardown("fit")
+
+
+def test_the_importance_ratio_compares_the_engine_with_the_dropout_free_policy():
+    """LoRA dropout 0.05 on a trained adapter (not a fresh B = 0): the training forward's log-probs differ
+    from the engine's by the dropout masks (above the 1e-2 mismatch bound), the ratio's trainer side
+    (:meth:`GRPOModule.sampled_policy_logprobs`) is the dropout-free policy the engine samples (within it).
+    """
+    from qgen.grpo import GRPOModule
+
+    trained, _ = _sft_trained_lora_policy()
+    spec = VLLMSpec(kv_cache_gib=1, max_model_len=512)
+    module = GRPOModule(lora=LoraSpec(r=8, alpha=16, dropout=0.05), backend="vllm", vllm=spec, max_new_tokens=32)
+    module.configure_model()
+    module.model.load_state_dict(trained.state_dict())
+    module.tokenizer = load_tokenizer(None, "left")
+    try:
+        rollout = module.sample(_prompts(module.tokenizer), 2, 32, 1.0, 1.0, seed_keys=[0, 1, 2])
+        mask = rollout.completion_mask.bool()
+        module.model.train()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            dropped = completion_logprobs(module.model.get_decoder(), module.model.get_output_embeddings().weight,
+                                          rollout, 1024, True, 1.0)  # fmt: skip
+        assert (dropped - rollout.sampling_logprobs).abs()[mask].max() > 1e-2  # the masks alone
+        sampled = module.sampled_policy_logprobs(rollout, dropped)
+        assert module.model.training  # restored
+        diff = (sampled - rollout.sampling_logprobs).abs()[mask]
+        assert diff.numel() > 50 and diff.mean() <= 1e-3 and diff.max() <= 1e-2
+    finally:
+        module.teardown("fit")
