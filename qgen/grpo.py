@@ -144,6 +144,12 @@ class GRPOModule(StageModule):
                             "use advantage: group_std")  # fmt: skip
         if group_size < 2:
             problems.append("model.group_size must be >= 2 for group-relative advantages")
+        spec = VLLMSpec(**vllm) if isinstance(vllm, dict) else vllm
+        if backend == "vllm" and spec.importance_sampling and (top_p < 1 or min_new_tokens > 0):
+            problems.append(f"model.top_p {top_p} / min_new_tokens {min_new_tokens} with backend vllm: the engine's "
+                            "log-probs are of the truncated distribution (top-p kept, EOS masked) and the trainer's of "
+                            "the full tempered softmax, so the importance ratio would be the kept mass, not the "
+                            "mismatch; set top_p 1 and min_new_tokens 0, or model.vllm.importance_sampling false")  # fmt: skip
         if not (0 <= epsilon_low < 1 and epsilon_high >= 0 and beta >= 0 and temperature > 0 and 0 < top_p <= 1):
             problems.append("need 0 <= epsilon_low < 1, epsilon_high >= 0, beta >= 0, temperature > 0, 0 < top_p <= 1")
         self.init_stage(lora=lora, quantization=quantization, attn_implementation=attn_implementation,

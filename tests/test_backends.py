@@ -88,3 +88,19 @@ def test_engine_weights_are_written_one_block_per_file_with_an_index(tmp_path):
         assert torch.equal(load_file(tmp_path / file)[name], expected[name])
         assert all(n.startswith(f"model.layers.{name.split('.')[2]}.") for n, f in index.items()
                    if f == file and name.startswith("model.layers."))  # fmt: skip
+
+
+def test_combinations_the_engine_cannot_sample_faithfully_are_refused_in_one_line():
+    """An int8 base would be sampled from vLLM's NF4 quantization; top-p / min_new_tokens truncate the engine's
+    distribution but not the trainer's, so the importance ratio would be the kept mass (both refused at start).
+    """
+    from qgen.grpo import GRPOModule
+
+    assert any("NF4 engine" in p for p in backend_problems("vllm", VLLMSpec(), "int8"))
+    assert backend_problems("hf", VLLMSpec(), "int8") == []
+    for settings in ({"top_p": 0.9}, {"min_new_tokens": 8}):
+        with pytest.raises(ValueError, match="importance ratio would be the kept mass") as refused:
+            GRPOModule(backend="vllm", **settings)
+        assert "\n" not in str(refused.value)
+        GRPOModule(backend="vllm", vllm={"importance_sampling": False}, **settings)  # the correction off: allowed
+        GRPOModule(backend="hf", **settings)  # transformers samples the trainer's own distribution

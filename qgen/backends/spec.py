@@ -98,7 +98,10 @@ def backend_problems(name: str, spec: VLLMSpec, quantization: str | None) -> lis
     if name != "vllm":
         return []
     out = spec.problems()
-    if quantization is not None and resolve_weight_sync(spec.weight_sync, quantization) == "merged":
+    if quantization == "int8":
+        out.append("model.backend vllm with an int8 base: vLLM's in-flight bitsandbytes quantization is 4-bit, so an "
+                   "LLM.int8 policy would be sampled from an NF4 engine; use quantization nf4, or backend hf")  # fmt: skip
+    elif quantization is not None and resolve_weight_sync(spec.weight_sync, quantization) == "merged":
         out.append(f"model.vllm.weight_sync merged cannot push into a {quantization} base (packed weights take no "
                    "merge): use weight_sync adapter (or auto)")  # fmt: skip
     return out
