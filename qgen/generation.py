@@ -83,8 +83,25 @@ class QuestionWriterMixin:
             name = hp.get("backend", "hf")
             device = self.trainer.strategy.root_device if self._trainer is not None else self.device
             backend = build_backend(name, self.vllm_spec(), hp.get("dtype", "float32"), device, hp.get("quantization"))
+            state = getattr(self, "_backend_state", None)
+            if state:  # a resumed run's engine state (restored before the engine exists)
+                backend.load_state_dict(state)
+                self._backend_state = {}
             self._generation_backend = backend
         return backend
+
+    def generation_backend_state(self) -> dict:
+        """The backend's state for a checkpoint (``{}`` when there is none, or no backend was built)."""
+        backend = getattr(self, "_generation_backend", None)
+        return backend.state_dict() if backend is not None else {}
+
+    def resume_generation_backend(self, state: dict) -> None:
+        """A checkpoint's backend state, handed to the backend when it is built (now, if it already is)."""
+        self._backend_state = state
+        backend = getattr(self, "_generation_backend", None)
+        if backend is not None and state:
+            backend.load_state_dict(state)
+            self._backend_state = {}
 
     def use_backend(self, backend) -> None:
         """Sample with ``backend`` (a :class:`qgen.backends.GenerationBackend`) from now on, closing the current one."""

@@ -123,6 +123,10 @@ class StageModule(QuestionWriterMixin, L.LightningModule):
         slim_checkpoint(self, checkpoint)  # trainable weights only: no frozen base, reference or teacher
         if self._trainer is not None:
             continue_unfinished_epoch(self.trainer, checkpoint)  # extending max_steps continues the epoch
+        engine = self.generation_backend_state()
+        if engine:  # e.g. the weights of the vLLM engine's latest push (model.vllm.sync_every > 1)
+            checkpoint.setdefault("qgen", {})["engine"] = engine
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         restore_rng(checkpoint)
+        self.resume_generation_backend((checkpoint.get("qgen") or {}).get("engine") or {})

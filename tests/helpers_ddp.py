@@ -99,6 +99,12 @@ class _ScriptedBackend:
     def stats(self):
         return {}
 
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
     def close(self):
         pass
 

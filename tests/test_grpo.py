@@ -415,3 +415,102 @@ def test_reference_passes_of_later_micro_batches_fill_the_wait_for_scores(tmp_pa
     # the same training either way: the reference does not change within a step
     for name in fast:
         torch.testing.assert_close(slow[name], fast[name], atol=1e-6, rtol=1e-5)
+
+
+class _OffPolicyEngine:
+    """Scripted completions whose engine log-probs are deliberately wrong (-6.5 and -9 in turn), so the
+    importance weights ``min(exp(trainer logp - engine logp), 2)`` range from a fraction to the cap."""
+
+    name = "off-policy"
+    wants_whole_waves = False
+
+    def prepare(self, model, tokenizer, step):
+        return False
+
+    def stats(self):
+        return {}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def close(self):
+        pass
+
+    def generate(self, model, tokenizer, prompts, group_size, max_new_tokens, temperature, top_p, min_new_tokens=0,
+                 seeds=None, reference=False):  # fmt: skip
+        from qgen.backends.rollout import Rollout
+
+        gen = torch.Generator().manual_seed(1)
+        rows = [torch.randint(10, 400, (int(torch.randint(3, max_new_tokens, (1,), generator=gen)),), generator=gen)
+                .tolist() + [tokenizer.eos_token_id] for _ in range(len(prompts) * group_size)]  # fmt: skip
+        engine = [[(-6.5, -9.0)[t % 2] for t in range(len(r))] for r in rows]
+        return Rollout.from_completions(prompts, rows, group_size, tokenizer, engine)
+
+
+class _RowReward(RewardCallback):
+    name = "row"
+
+    def score(self, batch):
+        return RewardOutput(np.arange(len(batch.texts), dtype=np.float32) % 3)
+
+
+class _StepProbe(L.Callback):
+    """Gives the adapter a trained-looking B, then records the weights before and the gradients of step 0."""
+
+    def on_fit_start(self, trainer, pl_module):
+        pl_module.use_backend(_OffPolicyEngine())
+        with torch.no_grad():
+            for name, p in pl_module.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before = {n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+        self.rollout, self.rewards = pl_module.last["rollout"], pl_module.last["rewards"]
+
+
+def test_importance_weights_scale_the_policy_gradient_end_to_end(tmp_path):
+    """A GRPO step whose engine is off-policy: the update's gradient is that of the hand-weighted loss
+    ``-mean_i (1 / T_i) sum_t min(exp(logp_it - engine_it), 2) A_i logp_it`` (beta 0), and not the unweighted one.
+    """
+    from qgen.logprobs import completion_logprobs
+    from qgen.losses import group_advantages
+
+    L.seed_everything(0)
+    module = small_module(beta=0.0)
+    probe = _StepProbe()
+    trainer = L.Trainer(default_root_dir=str(tmp_path), max_steps=1, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
+                        callbacks=[_RowReward(weight=1.0), probe])  # fmt: skip
+    trainer.fit(module, QuestionDataModule(batch_size=2, max_length=256))
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if n in probe.before:
+                p.copy_(probe.before[n])
+    rollout, mask = probe.rollout, probe.rollout.completion_mask.float()
+    advantages = group_advantages(probe.rewards.view(-1, 4), "group_std").view(-1)
+    assert advantages.abs().max() > 0.5
+
+    def hand_grads(weighted: bool) -> dict:
+        module.zero_grad()
+        logp = completion_logprobs(module.model.get_decoder(), module.model.get_output_embeddings().weight, rollout)
+        weights = torch.clamp(torch.exp(logp.detach() - rollout.sampling_logprobs), max=2.0) if weighted else 1.0
+        loss = -(((weights * advantages[:, None] * logp * mask).sum(-1)) / mask.sum(-1)).mean()
+        loss.backward()
+        return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+    weighted, plain = hand_grads(True), hand_grads(False)
+    w = torch.clamp(torch.exp(completion_logprobs(module.model.get_decoder(),
+                                                  module.model.get_output_embeddings().weight, rollout).detach()
+                              - rollout.sampling_logprobs), max=2.0)[mask.bool()]  # fmt: skip
+    assert w.min() < 0.5 and (w == 2.0).any()  # the weights really vary, and some are capped
+    assert set(probe.grads) == set(weighted) and len(weighted) > 10
+    for name, grad in probe.grads.items():
+        torch.testing.assert_close(grad, weighted[name], rtol=1e-4, atol=1e-7)
+    assert max(float((plain[n] - weighted[n]).norm() / weighted[n].norm().clamp(min=1e-12)) for n in plain) > 0.1

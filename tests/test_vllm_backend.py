@@ -443,3 +443,29 @@ def test_the_importance_ratio_compares_the_engine_with_the_dropout_free_policy()
         assert diff.numel() > 50 and diff.mean() <= 1e-3 and diff.max() <= 1e-2
     finally:
         module.teardown("fit")
+
+
+def test_an_off_schedule_resume_samples_what_the_straight_run_sampled(tmp_path):
+    """``sync_every: 3`` pushes at steps 0 and 3 of a straight 4-step run (steps 1-2 sample the step-0 policy).
+    Resumed at step 2 (between pushes) the engine is built from the weights of the step-0 push kept in the
+    checkpoint, not from the current ones, and the next push is at step 3 (the global step's schedule, not 3
+    steps after the rebuild); resumed at step 3 it pushes there. 2 + 2 and 3 + 1 steps each equal 4 straight
+    ones: losses, rewards, engine / trainer gaps and the held-out rewards of the validation at step 2 and 4.
+    """
+    common = ["--model.init_args.vllm.sync_every=3", "--trainer.callbacks.init_args.every_n_train_steps=1",
+              "--trainer.limit_val_batches=1", "--trainer.val_check_interval=2"]  # fmt: skip
+    cli_main(_grpo(tmp_path / "straight", 4, *common))
+    for first in (2, 3):
+        cli_main(_grpo(tmp_path / f"split{first}", first, *common))
+        cli_main(_grpo(tmp_path / f"split{first}", 4, *common, "--ckpt_path", "last"))
+    straight_run = tmp_path / "straight/lightning_logs/version_0"
+    gaps = scalars(straight_run, "train/engine_logprob_absdiff_mean")
+    assert gaps[1] > gaps[0] and gaps[2] > gaps[0]  # steps 1-2 sample the stale step-0 engine: not vacuous
+    for first in (2, 3):
+        logs = tmp_path / f"split{first}/lightning_logs"
+        for tag in ("train/loss", "train/reward_mean", "train/engine_logprob_absdiff_mean", "val/reward_mean"):
+            straight = scalars(straight_run, tag)
+            resumed = {**scalars(logs / "version_0", tag), **scalars(logs / "version_1", tag)}
+            assert sorted(resumed) == sorted(straight) and straight, (first, tag)
+            for step in straight:
+                assert resumed[step] == pytest.approx(straight[step], abs=1e-6), (first, tag, step)

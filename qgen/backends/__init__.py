@@ -69,6 +69,12 @@ class GenerationBackend(Protocol):
     def stats(self) -> dict[str, float]:
         """The engine's figures for TensorBoard (logged as ``train/<key>``), e.g. its latest weight push."""
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the engine (plain tensors and numbers), ``{}`` when nothing."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """A checkpoint's engine state, applied when the engine is (re)built."""
+
     def close(self) -> None:
         """Free the backend's resources (an engine and its KV cache)."""
 

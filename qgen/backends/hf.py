@@ -35,6 +35,12 @@ class HFBackend:
     def stats(self) -> dict[str, float]:
         return {}
 
+    def state_dict(self) -> dict:
+        return {}  # nothing beside the trained model
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

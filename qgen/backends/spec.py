@@ -38,7 +38,11 @@ class VLLMSpec:
             ``max_position_embeddings`` capped at 4,096.
         sync_every: push the policy's weights to the engine every this many optimizer steps (1: the engine
             always samples from the policy being trained; larger values sample slightly stale policies,
-            which the importance-sampling correction accounts for). A resumed run pushes at its first step.
+            which the importance-sampling correction accounts for). Pushes happen at the global steps that are
+            multiples of ``sync_every``; a run resumed between two pushes builds its engine from the weights of
+            the latest push, which the checkpoint keeps (the trainable weights: the LoRA adapter), so it samples
+            what the uninterrupted run did (under FSDP those weights are not kept: the engine starts from the
+            current ones).
         sleep: GPU only: put the engine to sleep (weights offloaded, KV cache freed) while the training step
             runs and wake it for generation, so training and engine share one device.
         enforce_eager: no CUDA graphs / compilation (``null``: true on CPU, false on GPU).

@@ -36,6 +36,7 @@ shipped (:mod:`qgen.strategies.checks`).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import random
@@ -220,6 +221,23 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+@contextlib.contextmanager
+def _trainable_weights(model: nn.Module, weights: dict[str, torch.Tensor]):
+    """``model``'s trainable parameters set to ``weights`` (by name) for the block, restored afterwards."""
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in weights if n in params}
+    with torch.no_grad():
+        for n, value in weights.items():
+            if n in params:
+                params[n].copy_(value.to(params[n]))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, value in saved.items():
+                params[n].copy_(value)
+
+
 class _KeepRandomState:
     """vLLM seeds Python's, NumPy's and torch's global generators when an engine starts: put them back."""
 
@@ -276,6 +294,8 @@ class VLLMBackend:
         self._asleep = False
         self._shared_world = False  # the engine joined the trainer's process group (DDP)
         self._lora = None  # the adapter sync's current LoRA request
+        self._pushed: dict[str, torch.Tensor] = {}  # sync_every > 1: the trainable weights of the latest push
+        self._resume: dict | None = None  # a checkpoint's engine state, used when the engine is built
 
     # ------------------------------------------------------------------------------------------- engine
     def _build(self, model: nn.Module, tokenizer) -> None:
@@ -358,13 +378,23 @@ class VLLMBackend:
         """Build the engine (first call) and push the policy's weights when the schedule says so: at the first
         call of the process (a resumed run included), then every ``sync_every`` optimizer steps.
         """
-        if self.llm is None:  # built from the current weights: this is the first sync
+        every = self.spec.sync_every
+        if self.llm is None:  # the first sync: the engine is built
             started = time.perf_counter()
-            self._build(model, tokenizer)
+            due = step - step % every  # the schedule is the global step's: pushes at multiples of sync_every
+            pushed = (self._resume or {}).get("weights") if (self._resume or {}).get("synced_step") == due else None
+            self._resume = None
+            if pushed and step != due:  # resumed between pushes: the engine holds what the push at `due` gave it
+                with _trainable_weights(model, pushed):
+                    self._build(model, tokenizer)
+                    self._remember(model)
+            else:  # the current weights (a resume without the pushed weights samples fresher than the schedule)
+                self._build(model, tokenizer)
+                self._remember(model)
             self._blocks = trainable_blocks(model)
-            self.synced_step, self.syncs, self.sync_seconds = step, 1, time.perf_counter() - started
+            self.synced_step, self.syncs, self.sync_seconds = due, 1, time.perf_counter() - started
             return True
-        if step - self.synced_step < self.spec.sync_every:
+        if step - self.synced_step < every:
             return False
         self._wake()
         started = time.perf_counter()
@@ -375,9 +405,32 @@ class VLLMBackend:
                                                               "is_checkpoint_format": True})  # fmt: skip
             self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
         self._blocks = trainable_blocks(model)
+        self._remember(model)
         self.synced_step, self.syncs = step, self.syncs + 1
         self.sync_seconds = time.perf_counter() - started
         return True
+
+    def _remember(self, model: nn.Module) -> None:
+        """With ``sync_every > 1``, a copy of the trainable weights just pushed (the LoRA adapter: megabytes), so
+        that a run resumed between two pushes samples what the uninterrupted run sampled.
+        """
+        if self.spec.sync_every > 1 and not self.on_fsdp(model):
+            self._pushed = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+    @staticmethod
+    def on_fsdp(model: nn.Module) -> bool:
+        from torch.distributed.tensor import DTensor
+
+        return any(isinstance(p, DTensor) for p in model.parameters())
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the engine: with ``sync_every > 1``, the step and weights of its latest push."""
+        if self.spec.sync_every == 1 or self.synced_step is None or not self._pushed:
+            return {}
+        return {"synced_step": int(self.synced_step), "weights": dict(self._pushed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state) if state else None
 
     # ------------------------------------------------------------------------------------------ sampling
     def generate(self, model: nn.Module, tokenizer, prompts: list[list[int]], group_size: int, max_new_tokens: int,
