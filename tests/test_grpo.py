@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONFIGS, ROOT, run_qgen, scalars
+from helpers_ddp import _ScriptedBackend
 from transformers import AutoModelForCausalLM
 
 from callbacks import DifficultyReward, DiversityReward, NoveltyReward, RewardCallback, RigorReward
@@ -417,27 +418,11 @@ def test_reference_passes_of_later_micro_batches_fill_the_wait_for_scores(tmp_pa
         torch.testing.assert_close(slow[name], fast[name], atol=1e-6, rtol=1e-5)
 
 
-class _OffPolicyEngine:
+class _OffPolicyEngine(_ScriptedBackend):
     """Scripted completions whose engine log-probs are deliberately wrong (-6.5 and -9 in turn), so the
     importance weights ``min(exp(trainer logp - engine logp), 2)`` range from a fraction to the cap."""
 
     name = "off-policy"
-    wants_whole_waves = False
-
-    def prepare(self, model, tokenizer, step):
-        return False
-
-    def stats(self):
-        return {}
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-    def close(self):
-        pass
 
     def generate(self, model, tokenizer, prompts, group_size, max_new_tokens, temperature, top_p, min_new_tokens=0,
                  seeds=None, reference=False):  # fmt: skip
