@@ -5,7 +5,7 @@ import os
 
 from lightning.pytorch import Callback
 
-from callbacks import RepetitionReward
+from callbacks import RepetitionReward, RewardCallback
 
 
 class BankDump(Callback):
@@ -58,10 +58,13 @@ class ShardDump(Callback):
             "optimizer_all_trainable": all(p.requires_grad for _, p in params if id(p) in optimized),
             "built_empty": pl_module.builds_empty(),
             "batches": {},
+            "target_tokens": {},
         }
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.info["batches"][str(trainer.global_step)] = [int(i) for i in batch["index"]]
+        if "labels" in batch:  # the tokens a per-token mean of this rank's batch is over
+            self.info["target_tokens"][str(trainer.global_step)] = int((batch["labels"][:, 1:] != -100).sum())
 
     def on_train_end(self, trainer, pl_module):
         import torch
@@ -122,6 +125,23 @@ class _ScriptedBackend:
             rows.append(torch.randint(10, 400, (n,), generator=gen).tolist() + ([tokenizer.eos_token_id] * (
                 n < max_new_tokens)))  # fmt: skip
         return Rollout.from_completions(prompts, rows, group_size, tokenizer)
+
+
+class LengthReward(RewardCallback):
+    """A reward that differs from row to row (each completion's length in characters, scaled), so that the std
+    of one rank's rows is not the std of the step's."""
+
+    name = "length"
+
+    def __init__(self, weight: float = 0.1):
+        super().__init__(weight)
+
+    def score(self, batch):
+        import numpy as np
+
+        from qgen.scoring import RewardOutput
+
+        return RewardOutput(np.array([min(len(t), 200) / 200 for t in batch.texts], dtype=np.float32))
 
 
 class ScriptedRollouts(Callback):
