@@ -36,7 +36,7 @@ class RolloutDump(Callback):
 
 class ShardDump(Callback):
     """Every rank writes shard_rank{R}.json: how much of the model it holds, what its optimizer holds, whether
-    its frozen weights changed, the dataset indices of its batches per step, and (rank 0) the final logits of
+    its frozen weights changed, the dataset indices of its micro-batches per step, and (rank 0) the final logits of
     a fixed input (logits.pt).
     """
 
@@ -62,7 +62,8 @@ class ShardDump(Callback):
         }
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.info["batches"][str(trainer.global_step)] = [int(i) for i in batch["index"]]
+        # every micro-batch of the step (with gradient accumulation, several)
+        self.info["batches"].setdefault(str(trainer.global_step), []).extend(int(i) for i in batch["index"])
         if "labels" in batch:  # the tokens a per-token mean of this rank's batch is over
             self.info["target_tokens"][str(trainer.global_step)] = int((batch["labels"][:, 1:] != -100).sum())
 

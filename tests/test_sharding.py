@@ -133,6 +133,35 @@ def test_grpo_losses_equal_across_one_process_and_fsdp2_with_scripted_rollouts(t
         assert _scalar_list(fsdp, tag) == pytest.approx(_scalar_list(one, tag), abs=1e-5, rel=1e-4), tag
 
 
+@pytest.mark.slow
+def test_dapo_batch_std_with_accumulation_on_two_ranks_equals_one_process(tmp_path):
+    """``aggregation: dapo`` and ``advantage: batch_std`` are step-level: DAPO divides by the completion tokens of
+    every micro-batch on every rank, batch_std takes the std of every reward of the step. One process over 4
+    micro-batches (accumulate 4) and 2 DDP ranks over 2 each (accumulate 2) see the same 4 prompts a step and
+    must make the same updates: a normaliser or a std taken per micro-batch or per rank (a plausible bug) would
+    change the final weights. Compared: each step's prompts and the final logits of a fixed input, 1e-5.
+    """
+    dapo = ["--model.init_args.group_size=4", "--model.init_args.max_new_tokens=12",
+            "--trainer.callbacks+=helpers_ddp.ScriptedRollouts", "--trainer.callbacks+=helpers_ddp.LengthReward",
+            "--model.init_args.aggregation=dapo", "--model.init_args.advantage=batch_std",
+            "--data.group_by_length=false"]  # fmt: skip
+    one, (single,), one_dir = _fit(tmp_path, "one", "grpo.yaml", 2, 1, *dapo, "--trainer.accumulate_grad_batches=4")
+    ddp, ranks, ddp_dir = _fit(tmp_path, "ddp", "grpo.yaml", 2, 1, *TWO_CPUS, *DDP, *dapo,
+                               "--trainer.accumulate_grad_batches=2")  # fmt: skip
+    for step in ("0", "1"):
+        assert len(single["batches"][step]) == 4 and all(len(r["batches"][step]) == 2 for r in ranks)
+        assert sorted(ranks[0]["batches"][step] + ranks[1]["batches"][step]) == sorted(single["batches"][step])
+    assert len(_losses(ddp)) == len(_losses(one)) == 2
+    reference = torch.load(one_dir / "logits.pt", weights_only=True)
+    from transformers import AutoModelForCausalLM
+
+    from qgen.models import embedded_path
+
+    start = _logits(AutoModelForCausalLM.from_pretrained(embedded_path()).eval())
+    assert (reference - start).abs().max() > 1e-3  # the two steps moved the policy
+    torch.testing.assert_close(torch.load(ddp_dir / "logits.pt", weights_only=True), reference, atol=1e-5, rtol=1e-5)
+
+
 def _logits(model):
     with torch.no_grad():
         return model(input_ids=torch.tensor([ShardDump.IDS])).logits.float()
