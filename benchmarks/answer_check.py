@@ -314,6 +314,13 @@ def main() -> None:
     q_items, q_dropped, n_mcq = mcq_items(rng)
     c_items, c_dropped, c_kinds = compound_items(rng)
     items = m_items + g_items + q_items + c_items
+    # fairness: a wrong answer is judged against a true one's question and solution (only the stated answer
+    # differs), and never equals the true answer's text
+    true_pairs = {(s, q.question, q.analysis): q.answer for s, k, q in items if k == "true"}
+    for s, k, q in items:
+        if k != "true":
+            assert true_pairs.get((s, q.question, q.analysis), q.answer) != q.answer, (s, k, q.answer)
+            assert (s, q.question, q.analysis) in true_pairs, (s, k)
     started = time.perf_counter()
     checks = check_answers([q for _, _, q in items])
     seconds = time.perf_counter() - started

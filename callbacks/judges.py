@@ -45,7 +45,7 @@ class EducationalValueJudge(RewardCallback):
         super().__init__(weight)
 
     def score(self, batch: ScoringBatch) -> RewardOutput:
-        return RewardOutput(QuestionScorer().educational_value(batch))
+        return RewardOutput(QuestionScorer.educational_value(batch))
 
 
 DEFAULT_RUBRIC = (

@@ -265,11 +265,10 @@ class RigorReward(RewardCallback):
         self._consistent: np.ndarray | None = None
 
     def score(self, batch: ScoringBatch) -> RewardOutput:
-        scorer = QuestionScorer()  # rigor reads the text alone: no fitted model or bank
         consistent: list[bool | None] = [None] * len(batch.texts)
-        if self.check_answers:
-            consistent = [c.consistent for c in scorer.answer_checks(batch)]
-        values = scorer.rigor(batch, consistent, self.gated)
+        if self.check_answers:  # rigor reads the text alone: no fitted model or bank
+            consistent = [c.consistent for c in QuestionScorer.answer_checks(batch)]
+        values = QuestionScorer.rigor(batch, consistent, self.gated)
         extra = {}
         factor = None
         if self.check_answers:  # the verified share: an unverifiable answer counts as not consistent

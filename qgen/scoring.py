@@ -702,16 +702,20 @@ class QuestionScorer:
             return np.zeros(n, np.float32), np.zeros(n, bool)
         return self.bank.near_copy_similarity(batch.questions, self.threshold if threshold is None else threshold)
 
-    def answer_checks(self, batch: ScoringBatch) -> list:
+    # the text-only components need no fitted model or bank: callable on the class
+    @staticmethod
+    def answer_checks(batch: ScoringBatch) -> list:
         from qgen.answers import check_answers
 
         return check_answers(batch.parsed)
 
-    def rigor(self, batch: ScoringBatch, consistent: list[bool | None], gated: bool = False) -> np.ndarray:
+    @staticmethod
+    def rigor(batch: ScoringBatch, consistent: list[bool | None], gated: bool = False) -> np.ndarray:
         return np.array([rigor_score(p, lang, cut, ok, gated) for p, lang, cut, ok in
                          zip(batch.parsed, batch.languages, batch.truncated, consistent)], dtype=np.float32)  # fmt: skip
 
-    def educational_value(self, batch: ScoringBatch) -> np.ndarray:
+    @staticmethod
+    def educational_value(batch: ScoringBatch) -> np.ndarray:
         return np.array([educational_value(p, lang, k) for p, lang, k in
                          zip(batch.parsed, batch.languages, batch.knowledge_list())], dtype=np.float32)  # fmt: skip
 
