@@ -83,11 +83,8 @@ class QuestionWriterMixin:
             name = hp.get("backend", "hf")
             device = self.trainer.strategy.root_device if self._trainer is not None else self.device
             backend = build_backend(name, self.vllm_spec(), hp.get("dtype", "float32"), device, hp.get("quantization"))
-            state = getattr(self, "_backend_state", None)
-            if state:  # a resumed run's engine state (restored before the engine exists)
-                backend.load_state_dict(state)
-                self._backend_state = {}
             self._generation_backend = backend
+            self._hand_over_backend_state()  # a resumed run's engine state, restored before the engine existed
         return backend
 
     def generation_backend_state(self) -> dict:
@@ -98,7 +95,10 @@ class QuestionWriterMixin:
     def resume_generation_backend(self, state: dict) -> None:
         """A checkpoint's backend state, handed to the backend when it is built (now, if it already is)."""
         self._backend_state = state
-        backend = getattr(self, "_generation_backend", None)
+        self._hand_over_backend_state()
+
+    def _hand_over_backend_state(self) -> None:
+        backend, state = getattr(self, "_generation_backend", None), getattr(self, "_backend_state", None)
         if backend is not None and state:
             backend.load_state_dict(state)
             self._backend_state = {}
