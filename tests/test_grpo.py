@@ -287,6 +287,45 @@ def test_generation_prefills_each_prompt_once_and_samples_the_same_tokens():
         hook.remove()
 
 
+def test_seeded_sampling_draws_each_completion_from_its_own_stream():
+    """The hf engine with per-request seeds: a completion is the same whether its prompt is sampled alone or in a
+    batch with others (what lets one process sample what two ranks sample); the distribution is
+    ``transformers``' own (temperature then top-p warpers), and inversion draws from it (frequencies over 4,000
+    streams within 0.03 of the probabilities).
+    """
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from qgen.backends.hf import SeededSampling, generate_group
+    from qgen.models import load_tokenizer
+
+    module = small_module()
+    module.configure_model()
+    model, tok = module.model, load_tokenizer(None)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(4))
+    chat = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    prompts = [tok(chat.format(t))["input_ids"] for t in ("Write a hard problem about primes.", "请命制一道数学填空题。")]
+    seeds = list(range(100, 108))
+    both = generate_group(model, tok, prompts, 4, 20, 0.7, 0.9, min_new_tokens=8, seeds=seeds)
+    torch.manual_seed(123)  # the global RNG plays no part
+    alone = generate_group(model, tok, prompts[1:], 4, 20, 0.7, 0.9, min_new_tokens=8, seeds=seeds[4:])
+    assert both.texts[4:] == alone.texts and len(set(both.texts)) == 8
+    assert int(both.completion_mask.sum(1).min()) >= 8
+    other = generate_group(model, tok, prompts[1:], 4, 20, 0.7, 0.9, min_new_tokens=8, seeds=[s + 50 for s in seeds[4:]])
+    assert other.texts != alone.texts
+
+    scores = torch.randn(3, 12, generator=torch.Generator().manual_seed(0)) * 2
+    want = TopPLogitsWarper(0.9)(None, TemperatureLogitsWarper(0.7)(None, scores.clone())).softmax(-1)
+    sampler = SeededSampling(list(range(4000)), 0.7, 0.9, prompt_width=0, max_new_tokens=1)
+    torch.testing.assert_close(sampler.distribution(scores), want)
+    rows = scores[1:2].expand(4000, -1)
+    picked = sampler(torch.zeros(4000, 0, dtype=torch.long), rows).argmax(-1)
+    freq = torch.bincount(picked, minlength=12).float() / 4000
+    assert (freq - want[1]).abs().max() < 0.03 and freq[want[1] == 0].sum() == 0
+
+
 def _sft_checkpoint(root, lora):
     from lightning.pytorch.callbacks import ModelCheckpoint
 

@@ -306,38 +306,56 @@ def test_fsdp1_qlora_overlay_trains_as_shipped(tmp_path):
 
 
 @pytest.mark.slow
-def test_grpo_under_fsdp1_samples_and_trains_as_under_ddp(tmp_path):
-    """Rollouts over sharded layers: every rank decodes until all are done (synced_gpus), nothing hangs; each
-    rank draws from the same RNG state under every strategy, so the samples and losses equal DDP's. (Sampling
-    over FSDP2's shards, the same ``sample`` path, is compared with DDP in the on-policy distillation test;
-    GRPO's loss maths under FSDP2 in the scripted-rollout test.)
+def test_grpo_samples_and_trains_the_same_in_one_process_under_ddp_and_under_fsdp1(tmp_path):
+    """hf sampling, 3 steps: one process x 2 prompts, DDP x 2 and FSDP1 x 2 (1 prompt per rank) sample the same
+    completions for every prompt at every step, step 2 included (weights changed twice; per-request seeds, not
+    the rank's RNG: a rank-seeded sampler fails here), and the losses are equal. Over FSDP1's sharded layers
+    every rank decodes until all are done (synced_gpus), nothing hangs.
     """
     grpo = ["--model.init_args.group_size=4", "--model.init_args.max_new_tokens=24",
             "--trainer.callbacks+=helpers_ddp.RolloutDump"]  # fmt: skip
-    ddp, _, ddp_dir = _fit(tmp_path, "ddp", "grpo.yaml", 2, 1, *TWO_CPUS, *DDP, *grpo)
-    run, ranks, fsdp_dir = _fit(tmp_path, "fsdp1", "grpo.yaml", 2, 1, *TWO_CPUS, *FSDP1, *grpo)
+    one, _, one_dir = _fit(tmp_path, "one", "grpo.yaml", 3, 2, *grpo)
+    ddp, _, ddp_dir = _fit(tmp_path, "ddp", "grpo.yaml", 3, 1, *TWO_CPUS, *DDP, *grpo)
+    run, ranks, fsdp_dir = _fit(tmp_path, "fsdp1", "grpo.yaml", 3, 1, *TWO_CPUS, *FSDP1, *grpo)
     assert all(info["frozen_unchanged"] and info["sharded"] > 0 for info in ranks)
     rollouts = [json.loads((fsdp_dir / f"rollouts_rank{r}.json").read_text()) for r in (0, 1)]
     assert all(len(texts) == 4 for rank in rollouts for step in rank.values() for texts in step.values())
-    assert rollouts == [json.loads((ddp_dir / f"rollouts_rank{r}.json").read_text()) for r in (0, 1)]
-    assert len(_losses(run)) == 2
+    per_rank = [json.loads((ddp_dir / f"rollouts_rank{r}.json").read_text()) for r in (0, 1)]
+    assert rollouts == per_rank
+    merged: dict = {}
+    for rank in per_rank:
+        for step, prompts in rank.items():
+            merged.setdefault(step, {}).update(prompts)
+    single = json.loads((one_dir / "rollouts_rank0.json").read_text())
+    assert sorted(single) == ["0", "1", "2"] and all(len(single[s]) == 2 for s in single)
+    assert merged == single
+    assert len(_losses(run)) == 3 and len(set(_losses(one))) == 3
+    assert _losses(ddp) == pytest.approx(_losses(one), abs=1e-5, rel=1e-5)
     assert _losses(run) == pytest.approx(_losses(ddp), abs=1e-5, rel=1e-5)
 
 
 @pytest.mark.slow
-def test_on_policy_distillation_under_fsdp2_equals_ddp(tmp_path):
-    """On-policy steps sample from the sharded student (synced_gpus); each rank's RNG is the same under both
-    strategies, so the samples, the token normaliser summed over ranks and the losses equal DDP's.
+def test_distillation_on_and_off_policy_equals_across_one_process_ddp_and_fsdp2(tmp_path):
+    """Distillation with ``lmbda`` 0.5 (seed 42: steps 0 and 2 on-policy, step 1 off-policy), 3 steps of 2
+    examples: one process, DDP x 2 and FSDP2 x 2 (a sharded student and teacher) give the same losses and
+    per-token divergence on both kinds of step. On-policy steps sample from the student with per-request seeds
+    (step 2 after two updates: the same completions whichever rank samples them), and the token normaliser is the
+    step's tokens over both ranks; off-policy steps normalise by the step's target tokens.
     """
-    distill = ["--model.init_args.lmbda=1.0", "--model.init_args.on_policy_start=0",
-               "--model.init_args.teacher=embedded:default",
+    distill = ["--model.init_args.lmbda=0.5", "--model.init_args.on_policy_start=0",
+               "--model.init_args.teacher=embedded:default", "--data.group_by_length=false",
                "--model.init_args.generation.max_new_tokens=16"]  # fmt: skip
-    ddp, _, _ = _fit(tmp_path, "ddp", "distill.yaml", 2, 1, *TWO_CPUS, *DDP, *distill)
-    fsdp, ranks, _ = _fit(tmp_path, "fsdp2", "distill.yaml", 2, 1, *TWO_CPUS, *FSDP2, *distill)
-    assert scalars(fsdp, "train/on_policy") == {0: 1.0, 1: 1.0}
+    one, _, _ = _fit(tmp_path, "one", "distill.yaml", 3, 2, *distill)
+    ddp, _, _ = _fit(tmp_path, "ddp", "distill.yaml", 3, 1, *TWO_CPUS, *DDP, *distill)
+    fsdp, ranks, _ = _fit(tmp_path, "fsdp2", "distill.yaml", 3, 1, *TWO_CPUS, *FSDP2, *distill)
+    for run in (one, ddp, fsdp):
+        assert scalars(run, "train/on_policy") == {0: 1.0, 1: 0.0, 2: 1.0}
     assert all(info["frozen_unchanged"] and info["sharded"] > 0 for info in ranks)
-    assert len(_losses(fsdp)) == 2 and min(_losses(ddp)) > 1e-3  # mini student vs default teacher: KL ~ 0.02
-    assert _losses(fsdp) == pytest.approx(_losses(ddp), abs=1e-7, rel=1e-4)
+    reference = _losses(one)
+    assert len(reference) == 3 and min(reference) > 1e-3  # mini student vs default teacher: KL ~ 0.02
+    for run in (ddp, fsdp):
+        assert _losses(run) == pytest.approx(reference, abs=1e-6, rel=1e-4)
+        assert _scalar_list(run, "train/divergence") == pytest.approx(_scalar_list(one, "train/divergence"), rel=1e-4)
 
 
 def _free_port():

@@ -280,17 +280,19 @@ def test_openai_judge_against_vllms_own_server_serving_an_exported_model(tmp_pat
 
 def test_two_ddp_ranks_sample_what_one_process_samples(tmp_path):
     """GRPO with vLLM: 2 CPU processes (DDP, gloo, one engine per rank in the trainer's process group) x 1 prompt
-    per step against 1 process x 2 prompts: the same prompts per step, and at step 0 (same weights) every
-    prompt's 4 completions are identical, whichever rank sampled them (per-request seeds, not per-rank).
+    per step against 1 process x 2 prompts, 3 steps: the same prompts per step, and every prompt's 4 completions
+    are identical whichever rank sampled them, at step 0 (the built weights) and at steps 1 and 2 (after the
+    pushes of weights trained over both ranks): per-request seeds, not per-rank, and each rank's engine holds the
+    weights one process would hold. The losses are equal too.
     """
     from conftest import ROOT, run_qgen
 
-    runs = {}
+    runs, losses = {}, {}
     for name, extra in (("one", ["--data.batch_size=2"]),
                         ("ddp", ["--data.batch_size=1", "--trainer.strategy=ddp", "--trainer.devices=2"])):  # fmt: skip
         dump = tmp_path / name
         dump.mkdir()
-        args = [a for a in _grpo(dump, 2) if a != "--data.batch_size=2"]
+        args = [a for a in _grpo(dump, 3) if a != "--data.batch_size=2"]
         proc = run_qgen([*args, "--trainer.accelerator=cpu", "--trainer.callbacks+=helpers_ddp.RolloutDump", *extra],
                         env={"PYTHONPATH": os.path.join(ROOT, "tests"), "QGEN_TEST_DUMP": str(dump)},
                         timeout=600)  # fmt: skip
@@ -300,11 +302,13 @@ def test_two_ddp_ranks_sample_what_one_process_samples(tmp_path):
             for step, prompts in json.loads(path.read_text(encoding="utf-8")).items():
                 merged.setdefault(step, {}).update(prompts)
         runs[name] = merged
-    assert sorted(runs["one"]) == sorted(runs["ddp"]) == ["0", "1"]
-    for step in ("0", "1"):
+        losses[name] = scalars(dump / "lightning_logs/version_0", "train/loss")
+    assert sorted(runs["one"]) == sorted(runs["ddp"]) == ["0", "1", "2"]
+    for step in ("0", "1", "2"):
         assert sorted(runs["one"][step]) == sorted(runs["ddp"][step]), step  # the same prompts in each step
-    assert runs["one"]["0"] == runs["ddp"]["0"]
-    assert all(len(set(texts)) > 1 for texts in runs["one"]["0"].values())
+        assert runs["one"][step] == runs["ddp"][step], step
+    assert all(len(set(texts)) > 1 for texts in runs["one"]["2"].values())
+    assert losses["ddp"] == pytest.approx(losses["one"], abs=1e-5, rel=1e-5)
 
 
 def test_grpo_with_vllm_under_fsdp2_samples_what_ddp_samples(tmp_path):

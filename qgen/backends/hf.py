@@ -1,7 +1,10 @@
 """The ``transformers`` engine: ``generate`` on the trained model itself, each prompt prefilled once per group.
 
 It always samples from exactly the weights being trained (no copy, nothing to push); over sharded weights
-(FSDP) every rank decodes until all are done (``synced_gpus``).
+(FSDP) every rank decodes until all are done (``synced_gpus``). With per-request seeds (what the trainer always
+passes) every completion draws from its own random stream (:class:`SeededSampling`), so a completion depends on its
+prompt, its seed and the weights, not on the rank or the batch it was sampled in: one process samples what two
+ranks sample, at every step.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ class HFBackend:
         if reference and hasattr(model, "disable_adapter"):
             with model.disable_adapter():
                 return generate_group(model, tokenizer, prompts, group_size, max_new_tokens, temperature, top_p,
-                                      min_new_tokens)  # fmt: skip
+                                      min_new_tokens, seeds=seeds)  # fmt: skip
         return generate_group(model, tokenizer, prompts, group_size, max_new_tokens, temperature, top_p,
-                              min_new_tokens)  # fmt: skip
+                              min_new_tokens, seeds=seeds)  # fmt: skip
 
     def stats(self) -> dict[str, float]:
         return {}
@@ -43,6 +46,42 @@ class HFBackend:
 
     def close(self) -> None:
         pass
+
+
+class SeededSampling:
+    """A logits processor that samples each row from its own seeded stream and hands ``generate``'s greedy
+    search a one-hot choice (0 for the drawn token, ``-inf`` elsewhere).
+
+    The distribution is the one ``transformers`` samples with ``do_sample``: the scores after the processors
+    before this one (``min_new_tokens``' EOS mask), divided by ``temperature``, cut to the nucleus ``top_p``
+    (smallest set of most likely tokens whose mass reaches ``top_p``, at least one kept), renormalised. A row
+    draws by inversion of its cumulative distribution with the ``t``-th uniform of ``torch.Generator(seed)``
+    (``t`` = tokens generated so far); the uniforms are drawn once, on the CPU, so the stream is the same on any
+    device and in any batch.
+    """
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, prompt_width: int, max_new_tokens: int):
+        self.temperature, self.top_p, self.prompt_width = temperature, top_p, prompt_width
+        self.uniforms = torch.stack([torch.rand(max(max_new_tokens, 1), generator=torch.Generator().manual_seed(s),
+                                                dtype=torch.float64) for s in seeds])  # fmt: skip
+
+    def distribution(self, scores: torch.Tensor) -> torch.Tensor:
+        """``[N, V]`` probabilities that a row samples from (float32, truncated to the nucleus, renormalised)."""
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            ordered, order = logits.sort(dim=-1, descending=False)
+            cut = ordered.softmax(-1).cumsum(-1) <= 1 - self.top_p
+            cut[:, -1] = False  # keep the most likely token
+            logits = logits.masked_fill(cut.scatter(1, order, cut), float("-inf"))
+        return logits.softmax(-1)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        t = input_ids.size(1) - self.prompt_width
+        cdf = self.distribution(scores).double().cumsum(-1)
+        u = self.uniforms[:, t].to(cdf.device).unsqueeze(1) * cdf[:, -1:]
+        choice = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.size(1) - 1)
+        onehot = torch.full_like(scores, float("-inf"))
+        return onehot.scatter_(1, choice, 0.0)
 
 
 def _shared_prompt_cache(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, group_size: int):
@@ -64,7 +103,7 @@ def _shared_prompt_cache(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor
 @torch.no_grad()
 def generate_group(model: nn.Module, tokenizer, prompts: list[list[int]], group_size: int, max_new_tokens: int,
                    temperature: float = 1.0, top_p: float = 1.0, min_new_tokens: int = 0,
-                   share_prompt: bool = True) -> Rollout:  # fmt: skip
+                   share_prompt: bool = True, seeds: list[int] | None = None) -> Rollout:  # fmt: skip
     """One batched ``generate`` call: every prompt repeated ``group_size`` times, sampled with KV cache.
 
     The model is put in eval mode for sampling (no dropout) and restored afterwards. ``temperature`` 0 is
@@ -73,7 +112,8 @@ def generate_group(model: nn.Module, tokenizer, prompts: list[list[int]], group_
     prompt is prefilled once, not ``group_size`` times (:func:`_shared_prompt_cache`); the samples are those
     of the repeated prefill (the same tokens for the same seed, tested). Over sharded weights (FSDP2) every
     rank keeps decoding until all ranks are done (``synced_gpus``): a layer's forward is a collective, and a
-    rank that stopped early would hang the rest.
+    rank that stopped early would hang the rest. ``seeds`` (one per completion, prompt-major): each completion
+    samples from its own stream (:class:`SeededSampling`); without them ``generate`` draws from the global RNG.
     """
     from qgen.strategies import sharded_parameters
 
@@ -85,8 +125,16 @@ def generate_group(model: nn.Module, tokenizer, prompts: list[list[int]], group_
     was_training = model.training
     model.eval()
     try:
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {
-            "do_sample": False}
+        if temperature > 0 and seeds is not None:
+            if len(seeds) != ids.size(0):
+                raise ValueError(f"{len(seeds)} seeds for {ids.size(0)} completions")
+            seeded = SeededSampling(seeds, temperature, top_p, ids.size(1), max_new_tokens)
+            sampling = {"do_sample": False, "logits_processor": [seeded], "top_k": None, "top_p": None,
+                        "temperature": None}  # fmt: skip
+        elif temperature > 0:
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        else:
+            sampling = {"do_sample": False}
         if share_prompt and group_size > 1 and ids.size(1) > 1 and not has_sliding_layers(model):
             sampling["past_key_values"] = _shared_prompt_cache(model, prompt_ids, prompt_mask, group_size)
         out = model.generate(
