@@ -1,6 +1,7 @@
 """Lightning callbacks of qgen, referenced in YAML as ``callbacks.<Name>`` under ``trainer.callbacks``."""
 
 from callbacks.judges import EducationalValueJudge, OpenAIJudge
+from callbacks.memory import MemoryMonitor
 from callbacks.predictions import PredictionWriter
 from callbacks.rewards import (
     DifficultyReward,
@@ -17,6 +18,7 @@ __all__ = [
     "DifficultyReward",
     "DiversityReward",
     "EducationalValueJudge",
+    "MemoryMonitor",
     "NoveltyReward",
     "OpenAIJudge",
     "PredictionWriter",

@@ -19,6 +19,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 
 import callbacks  # noqa: F401  (registers callback classes for `trainer.callbacks` in YAML)
+from callbacks.memory import MemoryMonitor
 from qgen.backends import BackendError
 from qgen.backends.vllm import BackendUnavailableError
 from qgen.checkpointing import (
@@ -30,6 +31,7 @@ from qgen.checkpointing import (
     same_class,
 )
 from qgen.data import QuestionDataModule
+from qgen.preflight import MODES, PreflightError, check_model_files, run_preflight
 from qgen.records import DataError
 from qgen.strategies import StrategyError, check_strategy
 
@@ -82,8 +84,13 @@ class RunConfigCallback(SaveConfigCallback):
 
 
 class QGenCLI(LightningCLI):
+    planned_gb: float | None = None  # the memory pre-flight's per-device plan (fit)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer")
+        parser.add_argument("--preflight", choices=MODES, default="refuse",
+                            help="fit's memory pre-flight (qgen.preflight): refuse a run planned above 90%% of the "
+                                 "free memory, warn and start, or skip the check")  # fmt: skip
 
     def _save_dir(self, config) -> tuple[str, str]:
         """``(save_dir, name)`` of the run's logger: where ``version_N`` folders and checkpoints go."""
@@ -139,6 +146,11 @@ class QGenCLI(LightningCLI):
         init_args = config.model.get("init_args") if config.get("model") is not None else None
         if init_args is not None:  # a strategy that cannot run this model: one line, before anything is built
             check_strategy(config.trainer.get("strategy"), config.trainer.get("accelerator"), init_args)
+        if subcommand == "fit" and init_args is not None:  # memory, from the architecture alone: no weight read yet
+            verdict = run_preflight(config.as_dict(), config.get("preflight") or "refuse")
+            self.planned_gb = None if verdict is None else verdict.planned / 1e9
+        if init_args is not None:  # then the model's files: cached or reachable, else one line
+            check_model_files(init_args.get("model_name_or_path"), init_args.get("teacher"))
         init_from = init_args.get("init_from") if init_args is not None else None
         if init_from:
             if not os.path.exists(init_from):
@@ -169,7 +181,10 @@ class QGenCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else ([plugins] if plugins else [])
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(SafeCheckpointIO())
-        return super().instantiate_trainer(plugins=plugins, **kwargs)
+        trainer = super().instantiate_trainer(plugins=plugins, **kwargs)
+        if self.subcommand == "fit" and not any(isinstance(c, MemoryMonitor) for c in trainer.callbacks):
+            trainer.callbacks.append(MemoryMonitor(self.planned_gb))
+        return trainer
 
 
 def cli_main(args: ArgsType = None, run: bool = True, prog: str | None = None) -> QGenCLI:
@@ -208,6 +223,6 @@ def main(args: list[str] | None = None, prog: str | None = None) -> None:
     except FileNotFoundError as err:
         print(f"qgen: error: {err}", file=sys.stderr)
         sys.exit(2)
-    except (BackendUnavailableError, BackendError, StrategyError) as err:
+    except (BackendUnavailableError, BackendError, StrategyError, PreflightError) as err:
         print(f"qgen: error: {err}", file=sys.stderr)
         sys.exit(2)

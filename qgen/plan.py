@@ -306,6 +306,14 @@ def workload_from_configs(paths: list[str], prompt_tokens: int = 256) -> Workloa
         if not isinstance(loaded, dict):
             raise PlanError(f"--config {path}: not a mapping of settings")
         _merge(config, loaded)
+    return workload_from_config(config, prompt_tokens)
+
+
+def workload_from_config(config: dict, prompt_tokens: int = 256, arch_of=None) -> Workload:
+    """The :class:`Workload` of one merged ``fit`` config (``model`` / ``data`` / ``trainer`` mappings).
+    ``arch_of``: how a model name becomes an :class:`Arch` (default :func:`load_arch`).
+    """
+    arch_of = arch_of or load_arch
     model = config.get("model") or {}
     args, cls = model.get("init_args") or {}, str(model.get("class_path", ""))
     stage = "grpo" if "GRPO" in cls else "distill" if "Distill" in cls else "sft" if "SFT" in cls else None
@@ -318,7 +326,7 @@ def workload_from_configs(paths: list[str], prompt_tokens: int = 256) -> Workloa
     vllm = args.get("vllm") or {}
     engine = "vllm" if args.get("backend", "hf") == "vllm" else None
     w = Workload(
-        stage=stage, arch=load_arch(args.get("model_name_or_path", default_name)),
+        stage=stage, arch=arch_of(args.get("model_name_or_path", default_name)),
         lora_r=None if lora is None else int(lora.get("r", 16)), lora_dropout=float((lora or {}).get("dropout", 0.05)),
         quantization=args.get("quantization"), dtype=args.get("dtype", "float32"),
         checkpointing=bool(args.get("gradient_checkpointing", False)), batch=int(data.get("batch_size", 8)),
@@ -338,7 +346,7 @@ def workload_from_configs(paths: list[str], prompt_tokens: int = 256) -> Workloa
         if teacher == "last" or str(teacher).endswith(".ckpt"):
             w.teacher = w.arch  # a qgen checkpoint of the same family: sized as the student's backbone
         else:
-            w.teacher = load_arch(teacher)
+            w.teacher = arch_of(teacher)
         w.teacher_quantization, w.teacher_dtype = args.get("teacher_quantization"), args.get("teacher_dtype")
     return w
 

@@ -134,6 +134,11 @@ def test_sft_cli_trains_and_writes_run_files(tmp_path):
     assert last < first - 0.25
     for tag in ("train/lr", "train/tokens_per_s", "val/loss", "val/ppl"):
         assert scalars(run, tag), tag
+    # the memory pre-flight planned it (it fits) and the run logged its plan once and its peak at every log step
+    planned, peak = scalars(run, "sys/planned_peak_gb"), scalars(run, "sys/peak_mem_gb")
+    assert len(planned) == 1 and 0.5 < list(planned.values())[0] < 5  # the embedded model: under a GB + reserve
+    assert len(peak) >= 29 and all(v > 0.1 for v in peak.values())  # resident memory of a torch process
+    assert re.search(r"memory: planned \d+\.\d\d GB per device, measured \d+\.\d\d GB", proc.stdout)
 
 
 @pytest.mark.slow

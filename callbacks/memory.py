@@ -1,0 +1,44 @@
+"""Memory on TensorBoard: the pre-flight's plan against what the run really takes."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+from lightning.pytorch import Callback
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """This process's peak so far: CUDA's max allocated bytes on ``device``, else the peak resident host memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kb * 1024 / 1e9 if sys.platform != "darwin" else kb / 1e9
+
+
+class MemoryMonitor(Callback):
+    """Logs ``sys/planned_peak_gb`` once (the pre-flight's per-device plan, :mod:`qgen.preflight`) and
+    ``sys/peak_mem_gb`` (the largest peak over the ranks) at every log step, and prints both when training ends.
+    ``fit`` adds it on its own; ``planned_gb`` is ``None`` when the run was not planned.
+    """
+
+    def __init__(self, planned_gb: float | None = None):
+        self.planned_gb = planned_gb
+        self.peak_gb = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.planned_gb is not None:
+            for logger in trainer.loggers:
+                logger.log_metrics({"sys/planned_peak_gb": self.planned_gb}, step=trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.peak_gb = peak_memory_gb(pl_module.device)
+        pl_module.log("sys/peak_mem_gb", self.peak_gb, on_step=True, on_epoch=False, sync_dist=True,
+                      reduce_fx="max", batch_size=1)  # fmt: skip
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and self.peak_gb:
+            kind = "CUDA max allocated" if pl_module.device.type == "cuda" else "peak resident host memory"
+            planned = f"planned {self.planned_gb:.2f} GB per device, " if self.planned_gb is not None else ""
+            print(f"memory: {planned}measured {self.peak_gb:.2f} GB ({kind}, rank 0)")
