@@ -1,5 +1,6 @@
 """Lightning callbacks of qgen, referenced in YAML as ``callbacks.<Name>`` under ``trainer.callbacks``."""
 
+from callbacks.guards import FiniteGuard, HangWatchdog, NonFiniteError
 from callbacks.judges import EducationalValueJudge, OpenAIJudge
 from callbacks.memory import MemoryMonitor
 from callbacks.predictions import PredictionWriter
@@ -18,7 +19,10 @@ __all__ = [
     "DifficultyReward",
     "DiversityReward",
     "EducationalValueJudge",
+    "FiniteGuard",
+    "HangWatchdog",
     "MemoryMonitor",
+    "NonFiniteError",
     "NoveltyReward",
     "OpenAIJudge",
     "PredictionWriter",

@@ -35,6 +35,7 @@ from qgen.answers import check_answers, normalize_answer, solution_answer
 from qgen.backends import REFERENCE_NEEDS_ADAPTER, BackendError, resolve_weight_sync
 from qgen.formatting import ParsedQuestion, parse_question
 from qgen.scoring import DifficultyModel, QuestionScorer, RewardOutput, ScoringBatch
+from qgen.watchdog import stage
 
 SOLVE_PROMPT = {
     "en": "Solve the following problem. Reason step by step and end with 'The answer is X'.\n\n{question}",
@@ -128,7 +129,8 @@ class SolverDifficulty(RewardCallback):
         if not todo:
             return
         langs = languages or ["zh" if any("\u4e00" <= ch <= "\u9fff" for ch in t) else "en" for t, _ in todo]
-        first = self.solver.solve([p.question for _, p in todo], langs, self.early_stop)
+        with stage("solver"):  # its deadline: qgen.watchdog
+            first = self.solver.solve([p.question for _, p in todo], langs, self.early_stop)
         again = []
         results = {}
         for (text, p), sols, lang in zip(todo, first, langs):
@@ -138,8 +140,9 @@ class SolverDifficulty(RewardCallback):
             else:
                 results[text] = (votes, finals)
         if again:
-            more = self.solver.solve([p.question for _, p, *_ in again], [x[4] for x in again],
-                                     self.samples - self.early_stop)  # fmt: skip
+            with stage("solver"):
+                more = self.solver.solve([p.question for _, p, *_ in again], [x[4] for x in again],
+                                         self.samples - self.early_stop)  # fmt: skip
             for (text, p, votes, finals, _), sols in zip(again, more):
                 v2, f2 = self._votes(p, sols)
                 results[text] = (votes + v2, finals + f2)

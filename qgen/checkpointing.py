@@ -22,6 +22,8 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
+from qgen.watchdog import stage
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, truncated, not a checkpoint, or holding code-running objects."""
@@ -90,7 +92,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        atomic_torch_save(checkpoint, os.fspath(path))
+        with stage("checkpoint"):  # a deadline for the write (qgen.watchdog); an exit mid-way leaves the old file
+            atomic_torch_save(checkpoint, os.fspath(path))
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: Any = None) -> dict[str, Any]:
         # whatever the caller asks for, the load is restricted to tensors and plain values

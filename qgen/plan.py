@@ -34,7 +34,8 @@ the FSDP2 overlay: bf16 base weights, never quantized, sharded; LoRA only):
 - **vllm engine** (``backend: vllm``, colocated): the share of the GPU vLLM takes for its weights and KV cache,
   ``gpu_memory_utilization x`` the GPU's memory, and never less than its weights: the whole merged model in the
   run's dtype (merged route), or the quantized base plus the adapter (adapter route). Every rank's engine holds
-  the whole model, under FSDP too (the trainer's KV-cache term is then 0: the engine generates);
+  the whole model, under FSDP too (the trainer's KV-cache term is then 0: the engine generates); on a CPU
+  machine (``fit``'s pre-flight) its weights plus its fixed KV cache, ``kv_cache_gib``;
 - **teacher** (distillation): its weights (replicated under DDP; sharded like the student under FSDP, in
   bf16 under FSDP2 and as configured, NF4 or bf16, under FSDP1: :func:`qgen.strategies.shard_stage_models`)
   and one chunk of its logits;
@@ -159,6 +160,7 @@ class Workload:
     engine: str | None = None  # "vllm": a colocated vLLM engine generates
     engine_memory_share: float = 0.3  # model.vllm.gpu_memory_utilization
     weight_sync: str = "merged"  # how the engine holds the policy (model.vllm.weight_sync, resolved)
+    engine_kv_bytes: float | None = None  # on a CPU machine: the engine's KV cache (model.vllm.kv_cache_gib)
 
 
 def _linear_bytes(quantization: str | None, dtype: str) -> float:
@@ -226,6 +228,8 @@ def engine_bytes(w: Workload, gpu_memory: float) -> float:
         weights = _weight_bytes(w.arch, w.quantization, w.dtype) + lora_params(w.arch, w.lora_r) * DTYPE_BYTES[w.dtype]
     else:  # the whole merged model in the run's dtype, whatever the strategy shards
         weights = _weight_bytes(w.arch, None, w.dtype)
+    if w.engine_kv_bytes is not None:  # a CPU engine: its weights and a KV cache of a fixed size
+        return weights + w.engine_kv_bytes
     return max(w.engine_memory_share * gpu_memory, weights)
 
 

@@ -59,7 +59,8 @@ def _hub_config(name: str, download: bool) -> str | None:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    flags = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in flags)
 
 
 def _is_hub_id(name: Any) -> bool:
@@ -168,7 +169,8 @@ def suggestions(w: Workload, column: str, gpus: int, accelerator: str) -> list[t
         calls = w.generation_batch or w.batch * w.accumulate
         n = calls // 2
         while n >= 1:
-            out.append((f"--model.init_args.generation_batch_size={n}", replace(base, generation_batch=n), column, gpus))
+            flag = f"--model.init_args.generation_batch_size={n}"
+            out.append((flag, replace(base, generation_batch=n), column, gpus))
             n //= 2
     b, a = w.batch // 2, w.accumulate * 2
     while b >= 1:
@@ -192,6 +194,9 @@ def preflight(config: dict, prompt_tokens: int = 256) -> Verdict | None:
     column = COLUMN.get(kind, "ddp")
     w = workload_from_config(config, prompt_tokens, arch_of=arch_of)
     accelerator, devices, nodes = _devices(trainer)
+    if accelerator != "cuda" and w.engine == "vllm":  # vLLM on the CPU: a KV cache of kv_cache_gib, not a share
+        vllm = ((config.get("model") or {}).get("init_args") or {}).get("vllm") or {}
+        w = replace(w, engine_kv_bytes=float(vllm.get("kv_cache_gib", 2)) * 2**30)
     gpus = devices * nodes
     free, where = free_device_memory(accelerator, devices)
     memory = free if accelerator == "cuda" else 80 * GB  # the vLLM engine's share is of the GPU's memory
@@ -235,6 +240,7 @@ def check_model_files(*names: Any) -> None:
             continue
         from huggingface_hub.constants import HF_HUB_CACHE
 
-        why = "the hub is switched off (HF_HUB_OFFLINE)" if _offline() else "the hub did not answer or has no such model"
+        why = "the hub is switched off (HF_HUB_OFFLINE)" if _offline() else \
+            "the hub did not answer or has no such model"  # fmt: skip
         raise PreflightError(f"model {name}: not in the Hugging Face cache ({HF_HUB_CACHE}) and {why}; download it "
                              "where the hub is reachable, or set model_name_or_path to a local folder")  # fmt: skip

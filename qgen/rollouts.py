@@ -35,6 +35,7 @@ import torch
 from qgen.backends.rollout import Rollout, concat_rollouts
 from qgen.losses import group_advantages
 from qgen.scoring import RewardOutput, aggregate
+from qgen.watchdog import stage
 
 
 @dataclass
@@ -138,6 +139,10 @@ class StepRollouts:
         self.rollout: Rollout | None = None
         self.rollouts: list[Rollout] = []
 
+    def _score(self, unit: Rollout, records: list):
+        with stage("scoring"):  # its deadline: qgen.watchdog
+            return self.score(unit, records)
+
     def generate_and_score(self, generate: Callable[[list[list[int]]], Iterable[Rollout]]) -> StepRollouts:
         """Generate the step's rollouts with ``generate`` (``prompts -> iterable of Rollout``: the step's prompts in
         chunks of whole prompts, in order) and queue each chunk's micro-batches for scoring as soon as it exists
@@ -161,9 +166,9 @@ class StepRollouts:
                 unit = chunk if (a, b) == (first, done) else chunk.select(a - first, b - first)
                 self._unit_rows.append((a, b))
                 if self._pool is not None:
-                    self._scores.append(self._pool.submit(self.score, unit, self.records[a:b]))
+                    self._scores.append(self._pool.submit(self._score, unit, self.records[a:b]))
                 else:
-                    self._scores.append(self.score(unit, self.records[a:b]))
+                    self._scores.append(self._score(unit, self.records[a:b]))
         self.gen_seconds = time.perf_counter() - started
         self.rollout = concat_rollouts(chunks, self.pad_id)
         self.rollouts = [self.rollout.select(s, e) for s, e in self.bounds]

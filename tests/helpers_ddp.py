@@ -150,3 +150,27 @@ class ScriptedRollouts(Callback):
 
     def on_fit_start(self, trainer, pl_module):
         pl_module.use_backend(_ScriptedBackend())
+
+
+class StopRankOne(Callback):
+    """Rank 1 stops itself (SIGSTOP) once step 2 is done: a rank that no longer answers, as a hung or swapped-out
+    process would."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_rank == 1 and trainer.global_step == 2:
+            import signal
+
+            with open(os.path.join(os.environ["QGEN_TEST_DUMP"], "stopped_pid"), "w") as fh:
+                fh.write(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+
+class PoisonAtStep2(Callback):
+    """Sets one trainable weight to NaN before step 2's first micro-batch: its loss is NaN."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 2 and batch_idx % trainer.accumulate_grad_batches == 0:
+            import torch
+
+            with torch.no_grad():
+                next(p for p in pl_module.parameters() if p.requires_grad).view(-1)[0] = float("nan")
