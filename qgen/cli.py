@@ -19,7 +19,9 @@ from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 
 import callbacks  # noqa: F401  (registers callback classes for `trainer.callbacks` in YAML)
+from callbacks.guards import FiniteGuard, HangWatchdog, NonFiniteError
 from callbacks.memory import MemoryMonitor
+from qgen.audit import EngineMismatchError
 from qgen.backends import BackendError
 from qgen.backends.vllm import BackendUnavailableError
 from qgen.checkpointing import (
@@ -182,8 +184,11 @@ class QGenCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(SafeCheckpointIO())
         trainer = super().instantiate_trainer(plugins=plugins, **kwargs)
-        if self.subcommand == "fit" and not any(isinstance(c, MemoryMonitor) for c in trainer.callbacks):
-            trainer.callbacks.append(MemoryMonitor(self.planned_gb))
+        if self.subcommand == "fit":  # the guards (README, "When something goes wrong"), unless configured
+            for kind, make in ((MemoryMonitor, lambda: MemoryMonitor(self.planned_gb)), (HangWatchdog, HangWatchdog),
+                               (FiniteGuard, FiniteGuard)):  # fmt: skip
+                if not any(isinstance(c, kind) for c in trainer.callbacks):  # first: before checkpointing's hooks
+                    trainer.callbacks.insert(0, make())
         return trainer
 
 
@@ -226,3 +231,6 @@ def main(args: list[str] | None = None, prog: str | None = None) -> None:
     except (BackendUnavailableError, BackendError, StrategyError, PreflightError) as err:
         print(f"qgen: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except (NonFiniteError, EngineMismatchError) as err:
+        print(f"qgen: error: {err}", file=sys.stderr)
+        sys.exit(3)

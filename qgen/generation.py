@@ -28,6 +28,7 @@ from qgen.backends import VLLMSpec, build_backend, request_seed
 from qgen.backends.rollout import Rollout
 from qgen.formatting import parse_question
 from qgen.tasks import target_text
+from qgen.watchdog import stage
 
 
 @dataclass
@@ -127,13 +128,15 @@ class QuestionWriterMixin:
         """
         backend = self.generation_backend()
         step = self.global_step if self._trainer is not None else 0
-        backend.prepare(self.model, self._tokenizer(), step)
+        if backend.prepare(self.model, self._tokenizer(), step):
+            self.engine_pushed_step = step  # the engine holds this step's weights (qgen.audit audits the step)
         seeds = None
         if seed_keys is not None:
             base, at = self.seed_base(), step if seed_step is None else seed_step
             seeds = [request_seed(base, at, key, k) for key in seed_keys for k in range(group_size)]
-        return backend.generate(self.model, self._tokenizer(), prompts, group_size, max_new_tokens, temperature,
-                                top_p, min_new_tokens, seeds, reference=reference)  # fmt: skip
+        with stage("generation"):  # its deadline: qgen.watchdog
+            return backend.generate(self.model, self._tokenizer(), prompts, group_size, max_new_tokens, temperature,
+                                    top_p, min_new_tokens, seeds, reference=reference)  # fmt: skip
 
     def _check_backend(self) -> None:
         self.generation_backend()  # a missing vLLM fails here, before any step, with one line

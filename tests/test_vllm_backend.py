@@ -6,6 +6,7 @@ installed. Everything here is fp32 on the embedded default.
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -473,3 +474,92 @@ def test_an_off_schedule_resume_samples_what_the_straight_run_sampled(tmp_path):
             assert sorted(resumed) == sorted(straight) and straight, (first, tag)
             for step in straight:
                 assert resumed[step] == pytest.approx(straight[step], abs=1e-6), (first, tag, step)
+
+
+# ------------------------------------------------------------------------------ policy/engine mismatch audit
+@pytest.fixture(scope="module")
+def healthy_run(tmp_path_factory):
+    """20 GRPO steps from an SFT checkpoint (30 steps), LoRA dropout 0.05 as shipped: the run folder. Its adapter
+    is trained by then (a fresh one has B = 0 and hides scale and adapter faults).
+    """
+    root = tmp_path_factory.mktemp("audit")
+    cli_main(["fit", "--config", os.path.join(CONFIGS, "sft.yaml"), "--trainer.max_steps=30",
+              f"--trainer.logger.init_args.save_dir={root / 'sft'}", "--trainer.limit_val_batches=0",
+              "--trainer.enable_progress_bar=false"])  # fmt: skip
+    sft = root / "sft/lightning_logs/version_0/checkpoints/last.ckpt"
+    cli_main(_grpo(root / "grpo", 20, f"--model.init_args.init_from={sft}"))
+    return root / "grpo/lightning_logs/version_0"
+
+
+def _fault(monkeypatch, kind):
+    """Break the weight push to the engine one way (the trainer is untouched)."""
+    import qgen.backends.vllm as vb
+
+    if kind == "skipped":  # the schedule says pushed, nothing reaches the engine
+        real_prepare = vb.VLLMBackend.prepare
+
+        def prepare(self, model, tokenizer, step):
+            if self.llm is None:
+                return real_prepare(self, model, tokenizer, step)
+            if step - self.synced_step < self.spec.sync_every:
+                return False
+            self.synced_step = step
+            return True
+
+        monkeypatch.setattr(vb.VLLMBackend, "prepare", prepare)
+        return
+    real_weights, real_delta = vb.policy_weights, vb._delta_weight
+    if kind == "stale":  # every push sends the weights the engine was built with
+        first: dict = {}
+
+        def weights(model, blocks=None, merge=True):
+            for name, t in real_weights(model, blocks, merge):
+                yield name, first.setdefault(name, t.clone())
+
+        monkeypatch.setattr(vb, "policy_weights", weights)
+    elif kind == "bf16":  # pushed weights rounded to bf16 while the trainer is fp32
+        monkeypatch.setattr(vb, "policy_weights", lambda model, blocks=None, merge=True: (
+            (n, t.to(torch.bfloat16).to(t.dtype)) for n, t in real_weights(model, blocks, merge)))  # fmt: skip
+    elif kind == "scale":  # alpha / r taken twice
+        monkeypatch.setattr(vb, "_delta_weight", lambda layer, adapter: 2 * real_delta(layer, adapter))
+    elif kind == "other":  # another adapter of the same size and spread
+
+        def delta(layer, adapter):
+            d = real_delta(layer, adapter)
+            return torch.randn(d.shape, generator=torch.Generator().manual_seed(d.numel())) * d.std()
+
+        monkeypatch.setattr(vb, "_delta_weight", delta)
+
+
+def test_a_healthy_run_with_dropout_and_a_trained_adapter_raises_no_alarm(healthy_run):
+    """20 steps, every one audited (pushed each step): no alarm, and every gap far below the 2e-4 threshold."""
+    gaps = scalars(healthy_run, "train/engine_logprob_absdiff_mean")
+    print(f"healthy audited gaps: max {max(gaps.values()):.2e}, mean {sum(gaps.values()) / len(gaps):.2e}")
+    assert sorted(gaps) == list(range(20)) and max(gaps.values()) < 1e-4
+    assert not list(healthy_run.glob("checkpoints/engine-audit-*"))
+
+
+@pytest.mark.parametrize("fault", ["skipped", "stale", "scale", "bf16", "other"])
+def test_each_broken_weight_push_is_caught_within_two_pushes(tmp_path, healthy_run, monkeypatch, fault):
+    """Resumed at step 20 (a trained adapter) with one fault in every push from then on (the engine's build at
+    step 20 included for scale / bf16 / other; from the push at step 21 for skipped / stale): the run stops at
+    the second faulty audited step, with the one line naming a cause and a checkpoint that loads.
+    """
+    from qgen.audit import EngineMismatchError
+
+    _fault(monkeypatch, fault)
+    with pytest.raises(EngineMismatchError) as caught:
+        cli_main(_grpo(tmp_path, 28, "--ckpt_path", str(healthy_run / "checkpoints/last.ckpt")))
+    line = str(caught.value)
+    print(f"{fault}: {line}")
+    first_faulty = 21 if fault in ("skipped", "stale") else 20
+    step = int(re.search(r"engine-audit-step(\d+)\.ckpt", line).group(1))
+    assert step == first_faulty + 1, line
+    assert line.startswith("policy/engine mismatch: the engine's log-probs differ from the trainer's by ")
+    causes = {"skipped": ["weights not pushed"], "stale": ["weights not pushed"], "bf16": ["a precision mismatch"],
+              "scale": ["the engine holds other weights"],
+              # a random adapter of the trained one's spread moves the outputs little: it samples like the base
+              "other": ["the engine holds other weights", "the engine samples the base weights"]}  # fmt: skip
+    assert any(f"likely cause: {cause}" in line for cause in causes[fault]), line
+    ckpt = torch.load(re.search(r"in (\S+\.ckpt)$", line).group(1), weights_only=True)
+    assert ckpt["global_step"] == step

@@ -54,6 +54,11 @@ class VLLMSpec:
         predict_wave: ``predict`` / ``test``: prompts handed to the engine at once (continuous batching inside a
             wave; the writer flushes after every Lightning batch, so a killed run loses at most one wave).
         swap_space_gib: CPU memory for swapped-out requests (GPU engines).
+        audit: the policy/engine mismatch audit (:mod:`qgen.audit`): ``stop`` the run (a checkpoint of the state
+            before the step's update written first), ``warn``, or ``off``.
+        audit_threshold: mean ``|engine - trainer|`` log-prob per token above which an audited step (one right
+            after a weight push) fails; ``null``: 2e-4 for float32 runs, 5e-2 for bf16 / fp16 (README).
+        audit_patience: consecutive failed audited steps that trip the audit.
         weight_sync: how the engine gets the policy: ``merged`` (every LoRA layer pushed as ``W + scale * B A``,
             computed in a copy), ``adapter`` (the engine keeps the base weights and samples through vLLM's own
             LoRA support, the adapter saved and handed over as a new LoRA request at every sync), or ``auto``:
@@ -72,6 +77,9 @@ class VLLMSpec:
     predict_wave: int = 1024
     swap_space_gib: float = 0.0
     weight_sync: str = "auto"
+    audit: str = "stop"
+    audit_threshold: float | None = None
+    audit_patience: int = 2
 
     def problems(self) -> list[str]:
         """What is wrong with these settings, one phrase each (empty when they are valid)."""
@@ -90,6 +98,12 @@ class VLLMSpec:
             out.append("model.vllm.predict_wave must be >= 1")
         if self.swap_space_gib < 0:
             out.append("model.vllm.swap_space_gib must be >= 0")
+        if self.audit not in ("stop", "warn", "off"):
+            out.append(f"model.vllm.audit must be one of stop, warn, off, got {self.audit!r}")
+        if self.audit_threshold is not None and self.audit_threshold <= 0:
+            out.append("model.vllm.audit_threshold must be > 0 (or null)")
+        if self.audit_patience < 1:
+            out.append("model.vllm.audit_patience must be >= 1")
         if self.weight_sync not in WEIGHT_SYNCS:
             out.append(f"model.vllm.weight_sync must be one of {', '.join(WEIGHT_SYNCS)}, got {self.weight_sync!r}")
         return out
