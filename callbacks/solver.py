@@ -10,10 +10,18 @@ Each solution's final answer is checked against the stated answer with the answe
   signature of a wrong or unsolvable question);
 - ``mode: shrunk`` (Absolute Zero style): ``V * (1 - p~)`` with ``p~ = (a + m (1 - d)) / (n + m)``, the pass
   rate shrunk toward the learned difficulty model's estimate ``d`` with ``m = prior_strength`` pseudo-samples;
-- ``mode: band`` (R-Zero): ``V * (1 - 2 |p - 1/2|)``, highest for questions the solver gets half right.
+- ``mode: band`` (R-Zero): ``V * (1 - 2 |p - 1/2|)``, highest for questions the solver gets half right;
+- ``mode: learnability`` (prime-rl's verifier environments): ``V * 4 p (1 - p)``;
+- ``mode: absolute_zero`` (Absolute Zero): ``V * (1 - p)`` (:mod:`qgen.passrate` has the shapes and sources).
+
+With ``adaptive: true`` the solver is sampled in rounds of ``round_size`` and each question stops as soon as its
+reward is settled (:class:`qgen.passrate.AdaptiveRule`: agreement with the reward of all ``samples`` within 0.1,
+``cost_per_sample`` the price of a sample); ``early_stop`` is then unused. ``shrunk`` stops by the
+``absolute_zero`` rule (the shape it shrinks) and reports its own formula.
 
 A question for which another answer holds at least half of the samples is counted as a *likely wrong
-stated answer*. TensorBoard: ``train/solver_pass_rate``, ``train/valid_frac``, ``train/likely_wrong_answers``.
+stated answer*. TensorBoard: ``train/solver_pass_rate``, ``train/valid_frac``, ``train/likely_wrong_answers``,
+``train/solver_samples`` (solver samples per question).
 
 Cost: ``samples`` extra completions per question at most (``early_stop`` when the solver agrees with itself),
 e.g. 8 x 256 tokens for each of the 8 x B questions of a step: on Qwen3-14B this multiplies generation time
@@ -34,6 +42,7 @@ from callbacks.rewards import RewardCallback
 from qgen.answers import check_answers, normalize_answer, solution_answer
 from qgen.backends import REFERENCE_NEEDS_ADAPTER, BackendError, resolve_weight_sync
 from qgen.formatting import ParsedQuestion, parse_question
+from qgen.passrate import SHAPES, AdaptiveRule, pass_rate_reward
 from qgen.scoring import DifficultyModel, QuestionScorer, RewardOutput, ScoringBatch
 from qgen.watchdog import stage
 
@@ -75,18 +84,27 @@ class SolverDifficulty(RewardCallback):
         weight: weight of this component in the total reward.
         samples: solver samples per question at most.
         early_stop: after this many samples, stop when all or none agree with the stated answer.
-        mode: ``shrunk`` (pass rate shrunk toward the difficulty model) or ``band`` (R-Zero's target band).
+        mode: ``shrunk`` (pass rate shrunk toward the difficulty model), ``band`` (R-Zero's target band),
+            ``learnability`` (``4 p (1 - p)``) or ``absolute_zero`` (``1 - p``).
         prior_strength: pseudo-samples of the difficulty model's estimate in ``shrunk``.
         max_new_tokens: solution length limit.
         temperature: solver sampling temperature.
+        adaptive: sample in rounds and stop each question once its reward is settled (module docstring).
+        round_size: solver samples per question and round (``adaptive``).
+        cost_per_sample: the adaptive rule's price of one sample, in probability of agreement.
     """
 
     name = "solver_difficulty"
 
     def __init__(self, weight: float = 0.4, samples: int = 8, early_stop: int = 4,
-                 mode: Literal["shrunk", "band"] = "shrunk", prior_strength: float = 2.0, max_new_tokens: int = 256,
-                 temperature: float = 1.0):  # fmt: skip
+                 mode: Literal["shrunk", "band", "learnability", "absolute_zero"] = "shrunk",
+                 prior_strength: float = 2.0, max_new_tokens: int = 256, temperature: float = 1.0,
+                 adaptive: bool = False, round_size: int = 2, cost_per_sample: float = 0.05):  # fmt: skip
         super().__init__(weight)
+        if mode not in ("shrunk", *SHAPES):
+            raise ValueError(f"SolverDifficulty: mode must be shrunk, {', '.join(SHAPES)}; got {mode!r}")
+        self.rule = AdaptiveRule("absolute_zero" if mode == "shrunk" else mode, samples, round_size, 0.1,
+                                 cost_per_sample) if adaptive else None  # fmt: skip
         if samples < 1 or not 1 <= early_stop <= samples or prior_strength < 0:
             raise ValueError("SolverDifficulty: need samples >= 1, 1 <= early_stop <= samples, prior_strength >= 0")
         self.samples, self.early_stop, self.mode, self.prior_strength = samples, early_stop, mode, prior_strength
@@ -129,6 +147,8 @@ class SolverDifficulty(RewardCallback):
         if not todo:
             return
         langs = languages or ["zh" if any("\u4e00" <= ch <= "\u9fff" for ch in t) else "en" for t, _ in todo]
+        if self.rule is not None:
+            return self._solve_adaptively(todo, langs)
         with stage("solver"):  # its deadline: qgen.watchdog
             first = self.solver.solve([p.question for _, p in todo], langs, self.early_stop)
         again = []
@@ -151,6 +171,32 @@ class SolverDifficulty(RewardCallback):
             likely_wrong = bool(wrong) and wrong.most_common(1)[0][1] >= len(votes) / 2
             self._solved[text] = (sum(votes), len(votes), likely_wrong)
 
+    def _solve_adaptively(self, todo: list, langs: list[str]) -> None:
+        """Rounds of ``round_size`` samples for the questions not yet settled (one solver call per round size)."""
+        state = {text: ([], [], lang, p) for (text, p), lang in zip(todo, langs)}  # votes, finals
+        pending = list(state)
+        while pending:
+            wanted: dict[int, list[str]] = {}
+            for text in pending:
+                votes = state[text][0]
+                more = self.rule.next_round(sum(votes), len(votes))
+                if more:
+                    wanted.setdefault(more, []).append(text)
+            pending = []
+            for more, texts in wanted.items():
+                with stage("solver"):  # its deadline: qgen.watchdog
+                    solutions = self.solver.solve([state[t][3].question for t in texts], [state[t][2] for t in texts],
+                                                  more)  # fmt: skip
+                for text, sols in zip(texts, solutions):
+                    votes, finals = self._votes(state[text][3], sols)
+                    state[text][0].extend(votes)
+                    state[text][1].extend(finals)
+                pending.extend(texts)
+        for text, (votes, finals, _, _) in state.items():
+            wrong = Counter(f for f, ok in zip(finals, votes) if not ok and f)
+            likely_wrong = bool(wrong) and wrong.most_common(1)[0][1] >= len(votes) / 2
+            self._solved[text] = (sum(votes), len(votes), likely_wrong)
+
     def score(self, batch: ScoringBatch) -> RewardOutput:
         missing = [t for t in batch.texts if t not in self._solved]
         if missing:  # not prefetched (e.g. scoring a file): solve here
@@ -158,7 +204,7 @@ class SolverDifficulty(RewardCallback):
         questions = [p.question or t for p, t in zip(batch.parsed, batch.texts)]
         prior = self.prior.predict(questions, [p.analysis for p in batch.parsed],
                                    [r.subject if r is not None else "" for r in batch.records])  # fmt: skip
-        values, rates, valid, wrong = [], [], [], 0
+        values, rates, valid, wrong, used = [], [], [], 0, []
         for text, d in zip(batch.texts, prior):
             agree, n, likely_wrong = self._solved.get(text, (0, 0, False))
             if n == 0:  # no stated answer: nothing to solve against
@@ -167,8 +213,10 @@ class SolverDifficulty(RewardCallback):
                 continue
             p = agree / n
             v = float(agree >= 1)
-            if self.mode == "band":
-                values.append(v * (1 - 2 * abs(p - 0.5)))
+            used.append(n)
+            if self.mode != "shrunk":  # the settled value of the adaptive rule, else the shape at a / n
+                settled = self.rule.value(agree, n) if self.rule is not None else None
+                values.append(settled if settled is not None else pass_rate_reward(self.mode, agree, n))
             else:
                 shrunk = (agree + self.prior_strength * (1 - float(d))) / (n + self.prior_strength)
                 values.append(v * (1 - shrunk))
@@ -177,7 +225,8 @@ class SolverDifficulty(RewardCallback):
             wrong += likely_wrong
         self.stats = {"solver_pass_rate": float(np.mean(rates)) if rates else 0.0,
                       "valid_frac": float(np.mean(valid)) if valid else 0.0,
-                      "likely_wrong_answers": float(wrong)}  # fmt: skip
+                      "likely_wrong_answers": float(wrong),
+                      "solver_samples": float(np.mean(used)) if used else 0.0}  # fmt: skip
         return RewardOutput(np.array(values, dtype=np.float32), extra={"valid": np.array(valid, np.float32)})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
