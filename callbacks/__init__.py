@@ -13,7 +13,7 @@ from callbacks.rewards import (
     RigorReward,
 )
 from callbacks.samples import SampleTextCallback
-from callbacks.solver import SolverDifficulty
+from callbacks.solver import ServedSolver, ServedSolverDifficulty, SolverDifficulty
 
 __all__ = [
     "DifficultyReward",
@@ -30,5 +30,7 @@ __all__ = [
     "RewardCallback",
     "RigorReward",
     "SampleTextCallback",
+    "ServedSolver",
+    "ServedSolverDifficulty",
     "SolverDifficulty",
 ]

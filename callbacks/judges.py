@@ -15,20 +15,14 @@ import json
 import os
 import re
 import sys
-import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
 
 from callbacks.rewards import RewardCallback
+from qgen.endpoint import ChatEndpoint, EndpointError
 from qgen.scoring import QuestionScorer, RewardOutput, ScoringBatch
-
-try:  # the HTTP client of the Hugging Face stack (huggingface_hub depends on it)
-    import httpx2 as httpx
-except ImportError:  # pragma: no cover - older stacks ship the original package name
-    import httpx
 
 
 class EducationalValueJudge(RewardCallback):
@@ -84,28 +78,22 @@ def parse_rating(content: str) -> int | None:
     return int(value + 0.5)
 
 
-class JudgeError(RuntimeError):
+class JudgeError(EndpointError):
     """The judge endpoint is unreachable, rejects us, or keeps failing."""
 
 
 class OpenAIJudge(RewardCallback):
     """An LLM judge behind an OpenAI-compatible ``/chat/completions`` endpoint; the score is ``(rating - 1) / 9``.
 
-    - The API key is read from the environment variable ``api_key_env`` at setup and only ever sent in the
-      ``Authorization`` header: it is not an argument, so it never reaches config.yaml, hparams.yaml,
-      logs or checkpoints.
-    - At setup the endpoint is probed (``GET /models``): an unreachable server or a rejected key stops the
-      run before training starts, with a message naming ``base_url``.
-    - Each attempt has a total deadline of ``timeout`` seconds (connect, send and every read together: a
-      server that drips a byte at a time cannot hold a step); timeouts, connection errors, HTTP 429 and 5xx
-      are retried ``max_retries`` times with exponential backoff (``backoff`` x 2^attempt seconds, or the
-      server's ``Retry-After`` when it is longer, up to ``max_retry_after``); other 4xx errors are not retried.
-      A reply without an explicit rating (see :func:`parse_rating`) is a failed rating too.
+    The connection, deadlines, retries, ``Retry-After``, circuit breaker and API-key handling are
+    :class:`qgen.endpoint.ChatEndpoint`'s (its docstring); the API key is read from ``api_key_env`` only. At
+    setup the endpoint is probed (``GET /models``): an unreachable server or a rejected key stops the run before
+    training starts. A reply without an explicit rating (see :func:`parse_rating`) is a failed rating.
+
     - After the last retry ``on_error: raise`` stops the run; ``neutral`` scores 0.5, counts the failure
       (``train/<prefix>_<name>_failures``) and prints a warning line for the step.
     - Circuit breaker: after ``max_consecutive_failures`` failed ratings in a row, ``raise`` stops the run and
       ``neutral`` stops asking for the rest of the run, with a warning line at every step it is skipped.
-    - At most ``concurrency`` requests are in flight.
     - Ratings are cached on disk (``cache_dir``, one JSONL file per model), keyed by a hash of the model,
       the rubric and the question text, so reruns and resumed runs do not pay twice.
 
@@ -148,23 +136,24 @@ class OpenAIJudge(RewardCallback):
         max_retry_after: float = 60.0,
     ):
         super().__init__(weight)
-        if timeout <= 0 or max_retries < 0 or backoff < 0 or concurrency < 1 or max_consecutive_failures < 1:
-            raise ValueError("OpenAIJudge: need timeout > 0, max_retries >= 0, backoff >= 0, concurrency >= 1, "
-                             "max_consecutive_failures >= 1")  # fmt: skip
-        self.max_consecutive_failures, self.max_retry_after = max_consecutive_failures, max_retry_after
-        self.consecutive_failures = 0
-        self.tripped = False  # the circuit breaker is open: no more requests this run
-        self.base_url, self.model, self.api_key_env, self.rubric = base_url.rstrip("/"), model, api_key_env, rubric
-        self.timeout, self.max_retries, self.backoff, self.concurrency = timeout, max_retries, backoff, concurrency
+        self.endpoint = ChatEndpoint(base_url, model, api_key_env, timeout, max_retries, backoff, concurrency,
+                                     max_consecutive_failures, max_retry_after, "OpenAIJudge", JudgeError)  # fmt: skip
+        self.rubric, self.concurrency = rubric, concurrency
         self.max_tokens, self.temperature, self.on_error, self.name = max_tokens, temperature, on_error, name
         self.cache_dir = cache_dir
         self.cache: dict[str, int] = {}
-        self.requests = self.cache_hits = self.failures = 0
-        self.last_error = ""
-        self._client = None
-        self._lock = threading.Lock()
+        self.cache_hits = 0
         self._pool: ThreadPoolExecutor | None = None  # concurrency threads sending rating requests
         self._inflight: dict[str, Future] = {}  # cache key -> rating being fetched
+
+    # the endpoint's settings and counters, read through the judge
+    base_url = property(lambda self: self.endpoint.base_url)
+    model = property(lambda self: self.endpoint.model)
+    tripped = property(lambda self: self.endpoint.tripped)
+    failures = property(lambda self: self.endpoint.failures)
+    requests = property(lambda self: self.endpoint.requests)
+    last_error = property(lambda self: self.endpoint.last_error)
+    consecutive_failures = property(lambda self: self.endpoint.consecutive_failures)
 
     # ------------------------------------------------------------------------------------------ connection
     def __repr__(self) -> str:
@@ -172,39 +161,19 @@ class OpenAIJudge(RewardCallback):
 
     def connect(self, check: bool = True) -> None:
         """Open the HTTP client (key from the environment), load the cache, and probe the endpoint."""
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-        self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=httpx.Timeout(self.timeout),
-                                    limits=limits)  # fmt: skip
         self._load_cache()
-        if not check:
-            return
-        try:
-            response = self._client.get("/models")
-        except httpx.TransportError as err:  # connection refused, DNS, timeout
-            raise JudgeError(
-                f"OpenAIJudge: cannot reach {self.base_url} ({type(err).__name__}); start the server, fix "
-                "base_url, or remove the judge from trainer.callbacks"
-            ) from None
-        if response.status_code in (401, 403):
-            env = f"${self.api_key_env}" if self.api_key_env else "no key"
-            raise JudgeError(f"OpenAIJudge: {self.base_url} rejected the API key ({env}): HTTP {response.status_code}")
+        self.endpoint.connect(check)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if self._client is None and stage == "fit":
+        if not self.endpoint.connected and stage == "fit":
             self.connect(check=True)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool, self._inflight = None, {}
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        self.endpoint.close()
 
     # ----------------------------------------------------------------------------------------------- cache
     def _cache_path(self) -> str | None:
@@ -238,101 +207,21 @@ class OpenAIJudge(RewardCallback):
             fh.writelines(json.dumps({"key": k, "rating": v}) + "\n" for k, v in ratings.items())
 
     # -------------------------------------------------------------------------------------------- requests
-    def _post(self, body: dict) -> tuple[int, dict, bytes]:
-        """One attempt under a total deadline of ``timeout`` seconds: ``(status, headers, body)``.
-
-        The request runs in a daemon thread that streams the body and gives up at the deadline; should the
-        server stall inside the headers, the thread is left behind (a daemon: it never blocks the exit) and
-        this attempt fails at the deadline all the same.
-        """
-        deadline = time.monotonic() + self.timeout
-        result: dict = {}
-
-        def work() -> None:
-            try:
-                with self._client.stream("POST", "/chat/completions", json=body) as response:
-                    chunks = []
-                    for chunk in response.iter_bytes():
-                        chunks.append(chunk)
-                        if time.monotonic() > deadline:
-                            raise TimeoutError("total deadline")
-                    result["value"] = (response.status_code, dict(response.headers), b"".join(chunks))
-            except BaseException as err:  # noqa: BLE001 - handed to the caller
-                result["error"] = err
-
-        worker = threading.Thread(target=work, daemon=True, name="qgen-judge-request")
-        worker.start()
-        worker.join(max(0.0, deadline - time.monotonic()) + 0.05)
-        if worker.is_alive() or isinstance(result.get("error"), TimeoutError):
-            raise TimeoutError(f"no complete reply within {self.timeout:g} s")
-        if "error" in result:
-            raise result["error"]
-        return result["value"]
-
-    def _retry_after(self, headers: dict) -> float:
-        value = {k.lower(): v for k, v in headers.items()}.get("retry-after")
-        if not value:
-            return 0.0
-        try:
-            seconds = float(value)
-        except ValueError:
-            from email.utils import parsedate_to_datetime
-
-            try:
-                seconds = parsedate_to_datetime(value).timestamp() - time.time()
-            except (TypeError, ValueError):
-                return 0.0
-        return min(max(seconds, 0.0), self.max_retry_after)
-
     def rate(self, question: str) -> int | None:
         """One rating, with retries; ``None`` (or :class:`JudgeError` with ``on_error: raise``) on failure."""
         body = {
-            "model": self.model,
             "messages": [{"role": "system", "content": self.rubric}, {"role": "user", "content": question}],
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
         }
-        last, attempts, wait = "", 0, 0.0
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(max(self.backoff * 2 ** (attempt - 1), wait))
-            wait = 0.0
-            attempts += 1
-            with self._lock:
-                self.requests += 1
-            try:
-                status, headers, content = self._post(body)
-            except (httpx.TransportError, TimeoutError) as err:  # timeouts included
-                last = f"{type(err).__name__}: {err}" if isinstance(err, TimeoutError) else type(err).__name__
-                continue
-            if status == 429 or status >= 500:
-                last, wait = f"HTTP {status}", self._retry_after(headers)
-                continue
-            if status >= 400:
-                last = f"HTTP {status}"
-                break  # a bad request does not get better by repeating it
-            try:
-                reply = json.loads(content)["choices"][0]["message"].get("content") or ""
-                rating = parse_rating(reply)
-            except (ValueError, KeyError, IndexError, TypeError):
-                rating, last = None, "malformed response"
-            else:
-                last = f"no explicit 1-10 rating in the reply ({reply.strip()[-80:]!r})" if rating is None else ""
-            if rating is not None:
-                with self._lock:
-                    self.consecutive_failures = 0
-                return rating
-        with self._lock:
-            self.failures += 1
-            self.consecutive_failures += 1
-            self.last_error = last
-            if self.consecutive_failures >= self.max_consecutive_failures:
-                self.tripped = True
-        plural = "attempt" if attempts == 1 else "attempts"
-        if self.on_error == "raise":
-            raise JudgeError(f"OpenAIJudge: {self.base_url} could not rate a question after {attempts} {plural} "
-                             f"(last: {last})")  # fmt: skip
-        return None
+
+        def parse(reply: dict) -> tuple[int | None, str]:
+            text = reply["choices"][0]["message"].get("content") or ""
+            rating = parse_rating(text)
+            why = f"no explicit 1-10 rating in the reply ({text.strip()[-80:]!r})"
+            return rating, "" if rating is not None else why
+
+        return self.endpoint.call(body, parse, self.on_error == "raise", "rate a question")
 
     def prefetch(self, texts: list[str]) -> None:
         """Send the rating requests of ``texts`` now, without waiting (GRPO calls this the moment a chunk of
@@ -340,7 +229,7 @@ class OpenAIJudge(RewardCallback):
         """
         if self.tripped:
             return
-        if self._client is None:
+        if not self.endpoint.connected:
             self.connect(check=False)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix=f"qgen-judge-{self.name}")
@@ -357,7 +246,7 @@ class OpenAIJudge(RewardCallback):
             self._warn(f"skipped: the circuit breaker opened after {self.consecutive_failures} failed ratings in a "
                        f"row (last: {self.last_error}); every question scores 0.5 for the rest of the run")  # fmt: skip
             return RewardOutput(np.full(len(batch.texts), 0.5, dtype=np.float32))
-        if self._client is None:
+        if not self.endpoint.connected:
             self.connect(check=False)
         questions = [t for t in batch.texts]
         keys = [self.cache_key(q) for q in questions]
@@ -393,6 +282,6 @@ class OpenAIJudge(RewardCallback):
         return {"requests": self.requests, "cache_hits": self.cache_hits, "failures": self.failures}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.requests = state_dict.get("requests", 0)
+        self.endpoint.requests = state_dict.get("requests", 0)
         self.cache_hits = state_dict.get("cache_hits", 0)
-        self.failures = state_dict.get("failures", 0)
+        self.endpoint.failures = state_dict.get("failures", 0)

@@ -33,7 +33,11 @@ generated (``prefetch``), never in the background scoring thread, which must not
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal, Protocol
 
 import numpy as np
@@ -41,6 +45,7 @@ import numpy as np
 from callbacks.rewards import RewardCallback
 from qgen.answers import check_answers, normalize_answer, solution_answer
 from qgen.backends import REFERENCE_NEEDS_ADAPTER, BackendError, resolve_weight_sync
+from qgen.endpoint import ChatEndpoint, EndpointError
 from qgen.formatting import ParsedQuestion, parse_question
 from qgen.passrate import SHAPES, AdaptiveRule, pass_rate_reward
 from qgen.scoring import DifficultyModel, QuestionScorer, RewardOutput, ScoringBatch
@@ -75,6 +80,61 @@ class PolicySolver:
         rollout = self.module.sample(prompts, samples, self.max_new_tokens, self.temperature, 1.0, reference=True)
         texts = rollout.texts
         return [texts[i * samples : (i + 1) * samples] for i in range(len(questions))]
+
+
+class SolverError(EndpointError):
+    """The served solver is unreachable or rejects us."""
+
+
+class ServedSolver:
+    """A solver behind an OpenAI-compatible server (``vllm serve`` of any model, on GPUs of its own): one
+    ``/chat/completions`` request per question asks for all ``samples`` solutions at once (``n``). Requests run
+    ``concurrency`` at a time through :class:`qgen.endpoint.ChatEndpoint` (total deadline per attempt, retries,
+    ``Retry-After``, circuit breaker; the API key from ``api_key_env`` only). A question whose request fails gets
+    no solutions (it scores as unsolved and counts in ``train/solver_failures``); a tripped breaker skips the
+    server for the rest of the run with a warning line each step. Nothing here is a collective, so under DDP and
+    FSDP each rank asks for its own questions.
+    """
+
+    def __init__(self, base_url: str, model: str, api_key_env: str | None = None, max_new_tokens: int = 1024,
+                 temperature: float = 1.0, timeout: float = 120.0, max_retries: int = 2, backoff: float = 1.0,
+                 concurrency: int = 16, max_consecutive_failures: int = 8, max_retry_after: float = 30.0):  # fmt: skip
+        self.endpoint = ChatEndpoint(base_url, model, api_key_env, timeout, max_retries, backoff, concurrency,
+                                     max_consecutive_failures, max_retry_after, "ServedSolver",
+                                     SolverError)  # fmt: skip
+        self.max_new_tokens, self.temperature, self.concurrency = max_new_tokens, temperature, concurrency
+        self.seconds: list[float] = []  # wall time of each solve call
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _ask(self, question: str, language: str, samples: int) -> list[str]:
+        prompt = SOLVE_PROMPT.get(language, SOLVE_PROMPT["en"]).format(question=question)
+        body = {"messages": [{"role": "user", "content": prompt}], "n": samples, "temperature": self.temperature,
+                "max_tokens": self.max_new_tokens}  # fmt: skip
+
+        def parse(reply: dict) -> tuple[list[str] | None, str]:
+            texts = [c["message"].get("content") or "" for c in reply["choices"]]
+            if len(texts) != samples:
+                return None, f"{len(texts)} choices for n={samples}"
+            return texts, ""
+
+        return self.endpoint.call(body, parse, raise_on_failure=False, what="solve a question") or []
+
+    def solve(self, questions: list[str], languages: list[str], samples: int) -> list[list[str]]:
+        if self.endpoint.tripped:
+            return [[] for _ in questions]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="qgen-solver")
+        started = time.perf_counter()
+        futures = [self._pool.submit(self._ask, q, lang, samples) for q, lang in zip(questions, languages)]
+        out = [f.result() for f in futures]
+        self.seconds.append(time.perf_counter() - started)
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        self.endpoint.close()
 
 
 class SolverDifficulty(RewardCallback):
@@ -143,10 +203,12 @@ class SolverDifficulty(RewardCallback):
     def prefetch(self, texts: list[str], languages: list[str] | None = None) -> None:
         """Solve the new questions now (main thread); :meth:`score` reads the results."""
         parsed = [parse_question(t) for t in texts]
-        todo = [(t, p) for t, p in zip(texts, parsed) if p.question and p.answer and t not in self._solved]
-        if not todo:
+        languages = languages or ["zh" if any("\u4e00" <= ch <= "\u9fff" for ch in t) else "en" for t in texts]
+        chosen = [(t, p, lang) for t, p, lang in zip(texts, parsed, languages)
+                  if p.question and p.answer and t not in self._solved]  # fmt: skip
+        if not chosen:
             return
-        langs = languages or ["zh" if any("\u4e00" <= ch <= "\u9fff" for ch in t) else "en" for t, _ in todo]
+        todo, langs = [(t, p) for t, p, _ in chosen], [lang for *_, lang in chosen]
         if self.rule is not None:
             return self._solve_adaptively(todo, langs)
         with stage("solver"):  # its deadline: qgen.watchdog
@@ -191,7 +253,8 @@ class SolverDifficulty(RewardCallback):
                     votes, finals = self._votes(state[text][3], sols)
                     state[text][0].extend(votes)
                     state[text][1].extend(finals)
-                pending.extend(texts)
+                    if len(sols) == more:  # a failed request (a served solver's) ends the question's sampling
+                        pending.append(text)
         for text, (votes, finals, _, _) in state.items():
             wrong = Counter(f for f, ok in zip(finals, votes) if not ok and f)
             likely_wrong = bool(wrong) and wrong.most_common(1)[0][1] >= len(votes) / 2
@@ -205,6 +268,7 @@ class SolverDifficulty(RewardCallback):
         prior = self.prior.predict(questions, [p.analysis for p in batch.parsed],
                                    [r.subject if r is not None else "" for r in batch.records])  # fmt: skip
         values, rates, valid, wrong, used = [], [], [], 0, []
+        self.rates = rates  # this batch's pass rates (the histogram)
         for text, d in zip(batch.texts, prior):
             agree, n, likely_wrong = self._solved.get(text, (0, 0, False))
             if n == 0:  # no stated answer: nothing to solve against
@@ -226,12 +290,101 @@ class SolverDifficulty(RewardCallback):
         self.stats = {"solver_pass_rate": float(np.mean(rates)) if rates else 0.0,
                       "valid_frac": float(np.mean(valid)) if valid else 0.0,
                       "likely_wrong_answers": float(wrong),
-                      "solver_samples": float(np.mean(used)) if used else 0.0}  # fmt: skip
+                      "solver_samples": float(np.mean(used)) if used else 0.0,
+                      "solver_in_band": float(np.mean([0.2 <= r <= 0.8 for r in rates])) if rates else 0.0}  # fmt: skip
         return RewardOutput(np.array(values, dtype=np.float32), extra={"valid": np.array(valid, np.float32)})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        for key, value in self.stats.items():  # shares are averaged over ranks, the count of questions summed
-            pl_module.log(f"train/{key}", value, sync_dist=True, reduce_fx="sum" if key == "likely_wrong_answers" else "mean")
+        for key, value in self.stats.items():  # shares are averaged over ranks, counts summed
+            summed = key in ("likely_wrong_answers", "solver_failures")
+            pl_module.log(f"train/{key}", value, sync_dist=True, reduce_fx="sum" if summed else "mean")
+        experiment = getattr(getattr(trainer, "logger", None), "experiment", None)
+        if getattr(self, "rates", None) and hasattr(experiment, "add_histogram") and trainer.is_global_zero:
+            experiment.add_histogram("train/solver_pass_rates", np.array(self.rates), trainer.global_step)
         if (batch_idx + 1) % max(1, trainer.accumulate_grad_batches) == 0:
             self._solved.clear()  # the step's questions are scored: forget them
+
+
+class ServedSolverDifficulty(SolverDifficulty):
+    """:class:`SolverDifficulty` whose solver is a served model (:class:`ServedSolver`), for the cluster setup
+    (README, "A served solver"): the writer trains on its GPUs, ``vllm serve`` runs the solver on others.
+
+    The server is probed at setup (unreachable or a rejected key: the run stops before training). A chunk's
+    questions are sent the moment they are generated and solved in a background thread, adaptive rounds
+    included, while the step goes on (later chunks, reference log-probs); :meth:`score` waits for them. The same
+    question text is solved once per step, across calls. Works under DDP and FSDP (nothing here is a
+    collective). Defaults: 10 samples, ``learnability``, adaptive rounds of 2.
+
+    Args:
+        base_url: the server's endpoint root, e.g. ``http://solver-node:8000/v1``; the environment variable
+            ``QGEN_SOLVER_URL``, where set, overrides it (a launcher knows the host only once it is up).
+        model: the served model's name.
+        api_key_env: environment variable holding the API key (unset: none sent).
+        timeout: seconds one request may take in all; max_retries: retries after the first attempt.
+        concurrency: requests in flight at most (one per question and round).
+        The other arguments are :class:`SolverDifficulty`'s.
+    """
+
+    def __init__(self, base_url: str, model: str, api_key_env: str | None = None, weight: float = 0.4,
+                 samples: int = 10, early_stop: int = 4,
+                 mode: Literal["shrunk", "band", "learnability", "absolute_zero"] = "learnability",
+                 prior_strength: float = 2.0, max_new_tokens: int = 1024, temperature: float = 1.0,
+                 adaptive: bool = True, round_size: int = 2, cost_per_sample: float = 0.05, timeout: float = 120.0,
+                 max_retries: int = 2, concurrency: int = 16, max_consecutive_failures: int = 8):  # fmt: skip
+        super().__init__(weight, samples, early_stop, mode, prior_strength, max_new_tokens, temperature, adaptive,
+                         round_size, cost_per_sample)  # fmt: skip
+        base_url = os.environ.get("QGEN_SOLVER_URL") or base_url
+        self.served = ServedSolver(base_url, model, api_key_env, max_new_tokens, temperature, timeout, max_retries,
+                                   concurrency=concurrency,
+                                   max_consecutive_failures=max_consecutive_failures)  # fmt: skip
+        self.solver = self.served
+        self._background: ThreadPoolExecutor | None = None
+        self._inflight: list[Future] = []
+        self._asked: set[str] = set()
+        self._failures_before = 0
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and not self.served.endpoint.connected:
+            self.served.endpoint.connect(check=True)
+
+    def prefetch(self, texts: list[str], languages: list[str] | None = None) -> None:
+        """Send the new questions to the server now; solved in the background (:meth:`score` collects)."""
+        languages = languages or [None] * len(texts)
+        new = [(t, lang) for t, lang in zip(texts, languages) if t not in self._solved and t not in self._asked]
+        if not new:
+            return
+        self._asked.update(t for t, _ in new)
+        if self._background is None:
+            self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qgen-served-solver")
+        langs = [lang for _, lang in new]
+        self._inflight.append(self._background.submit(super().prefetch, [t for t, _ in new],
+                                                      None if None in langs else langs))  # fmt: skip
+
+    def score(self, batch: ScoringBatch) -> RewardOutput:
+        for future in self._inflight:
+            future.result()
+        self._inflight = []
+        out = super().score(batch)
+        endpoint = self.served.endpoint
+        self.stats["solver_failures"] = float(endpoint.failures - self._failures_before)
+        self._failures_before = endpoint.failures
+        seconds, self.served.seconds = self.served.seconds, []
+        self.stats["solver_latency_s"] = float(np.mean(seconds)) if seconds else 0.0
+        if endpoint.tripped:
+            print(f"qgen: warning: served solver {endpoint.base_url}: skipped, the circuit breaker opened after "
+                  f"{endpoint.consecutive_failures} failed requests in a row (last: {endpoint.last_error}); its "
+                  "questions score as unsolved", file=sys.stderr, flush=True)  # fmt: skip
+        return out
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if (batch_idx + 1) % max(1, trainer.accumulate_grad_batches) == 0:
+            self._asked.clear()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._background is not None:
+            self._background.shutdown(wait=False, cancel_futures=True)
+            self._background = None
+        self.served.close()

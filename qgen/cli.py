@@ -33,6 +33,7 @@ from qgen.checkpointing import (
     same_class,
 )
 from qgen.data import QuestionDataModule
+from qgen.endpoint import EndpointError
 from qgen.preflight import MODES, PreflightError, check_model_files, run_preflight
 from qgen.records import DataError
 from qgen.strategies import StrategyError, check_strategy
@@ -228,7 +229,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> None:
     except FileNotFoundError as err:
         print(f"qgen: error: {err}", file=sys.stderr)
         sys.exit(2)
-    except (BackendUnavailableError, BackendError, StrategyError, PreflightError) as err:
+    except (BackendUnavailableError, BackendError, StrategyError, PreflightError, EndpointError) as err:
         print(f"qgen: error: {err}", file=sys.stderr)
         sys.exit(2)
     except (NonFiniteError, EngineMismatchError) as err:

@@ -17,6 +17,7 @@ class JudgeServer:
         self.drip = 0.0  # > 0: send the reply body one byte at a time, this many seconds apart
         self.script: list[tuple[int, dict]] = []  # (status, headers) answers for the next chat requests, in order
         self.content: str | None = None  # the reply text instead of the default one
+        self.contents: list[str] | None = None  # the texts of the ``n`` choices of a reply, in order (cycled)
         self.requests: list[dict] = []  # {"path", "authorization", "body"}
         self.lock = threading.Lock()
         server = self
@@ -64,8 +65,10 @@ class JudgeServer:
                 content = server.content
                 if content is None:
                     content = f"<think>weighing it up: 3 or 9?</think>The question is fine.\nScore: {server.rating}"
-                self._reply(200, {"choices": [{"message": {"role": "assistant", "content": content}}]},
-                            drip=server.drip)
+                texts = server.contents or [content]  # one choice per requested sample (``n``), cycling
+                choices = [{"index": i, "message": {"role": "assistant", "content": texts[i % len(texts)]}}
+                           for i in range(int(body.get("n", 1)))]  # fmt: skip
+                self._reply(200, {"choices": choices}, drip=server.drip)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"

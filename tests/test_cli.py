@@ -242,3 +242,24 @@ def test_both_entry_points_list_and_run_all_eight_commands(capsys):
     for args, expect in ((["score", "--help"], "usage: python -m qgen score"), (["fit", "--help"], "--ckpt_path")):
         proc = subprocess.run([script, *args], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and expect in proc.stdout, proc.stderr[-500:]
+
+
+def test_the_solver_launch_template_serves_the_model_the_config_asks_for(monkeypatch):
+    """configs/launch/solver-grpo.sbatch is valid bash, serves the solver under the name the config's
+    ServedSolverDifficulty asks for, and hands the writer the server's URL through QGEN_SOLVER_URL, which the
+    callback takes over its base_url.
+    """
+    import yaml
+
+    from callbacks import ServedSolverDifficulty
+
+    path = os.path.join(CONFIGS, "launch", "solver-grpo.sbatch")
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    text = open(path, encoding="utf-8").read()
+    config = yaml.safe_load(open(os.path.join(CONFIGS, "qwen3-14b-grpo-solver.yaml"), encoding="utf-8"))
+    callbacks = config["trainer"]["callbacks"]
+    served = [c["init_args"] for c in callbacks if c["class_path"].endswith("ServedSolverDifficulty")]
+    assert len(served) == 1 and f"SOLVER_NAME=${{SOLVER_NAME:-{served[0]['model']}}}" in text
+    assert '--served-model-name "$SOLVER_NAME"' in text and 'export QGEN_SOLVER_URL="$url"' in text
+    monkeypatch.setenv("QGEN_SOLVER_URL", "http://node7:8000/v1")
+    assert ServedSolverDifficulty(served[0]["base_url"], "m").served.endpoint.base_url == "http://node7:8000/v1"

@@ -1,5 +1,7 @@
 """SolverDifficulty with a scripted solver: pass rate, validity, early stop, the two reward modes."""
 
+import time
+
 import pytest
 
 from callbacks import SolverDifficulty
@@ -121,3 +123,115 @@ def test_the_likely_wrong_count_is_summed_over_ranks_and_the_shares_averaged():
     callback.on_train_batch_end(SimpleNamespace(accumulate_grad_batches=1, world_size=2), module, None, None, 0)
     assert logged["train/likely_wrong_answers"] == {"sync_dist": True, "reduce_fx": "sum"}
     assert logged["train/solver_pass_rate"]["reduce_fx"] == logged["train/valid_frac"]["reduce_fx"] == "mean"
+
+
+# ---------------------------------------------------------------------------------------------- served solver
+def _served(server, **kw):
+    from callbacks import ServedSolverDifficulty
+
+    callback = ServedSolverDifficulty(server.url, "solver-model", **{"timeout": 5.0, "max_retries": 0, **kw})
+    callback.prior.predict = lambda q, a=None, s=None: [0.5] * len(q)
+    return callback
+
+
+def _score_served(callback, texts):
+    callback.prefetch(texts)  # sent now, solved in the background
+    total, out = combine_scores({"solver": callback}, texts, [None] * len(texts), [False] * len(texts))
+    return out["solver"].values, callback.stats
+
+
+def test_a_served_solver_asks_for_each_round_in_one_request_and_solves_a_question_once_per_step():
+    from judge_server import JudgeServer
+
+    with JudgeServer() as server:
+        server.contents = ["Working... so the answer is 12.", "Working... so the answer is 13."]  # half agree
+        callback = _served(server, samples=10, mode="learnability", round_size=2)
+        callback.served.endpoint.connect(check=True)
+        values, stats = _score_served(callback, [QUESTION, QUESTION])  # the same question twice: solved once
+        callback.prefetch([QUESTION])  # and not again within the step
+        bodies = [r["body"] for r in server.requests if r["path"].endswith("/chat/completions")]
+        assert all(b["n"] == 2 and b["model"] == "solver-model" for b in bodies)
+        assert 1 < len(bodies) <= 5 and stats["solver_samples"] == 2 * len(bodies)  # rounds until settled
+        assert "Compute 3*4." in bodies[0]["messages"][0]["content"]
+        assert values[0] == values[1] == pytest.approx(callback.rule.value(len(bodies), 2 * len(bodies)))
+        assert stats["solver_pass_rate"] == 0.5 and stats["solver_failures"] == 0 and stats["solver_in_band"] == 1.0
+        callback.teardown(None, None, "fit")
+
+
+def test_a_slow_failing_or_absent_solver_never_holds_a_step_past_its_deadline(capsys):
+    from judge_server import JudgeServer
+
+    from callbacks.solver import SolverError
+
+    with JudgeServer() as server:
+        server.delay = 30.0  # never answers in time
+        callback = _served(server, timeout=1.0, max_retries=0, max_consecutive_failures=2)
+        started = time.monotonic()
+        values, stats = _score_served(callback, [QUESTION])
+        assert time.monotonic() - started < 1.0 + 2.0  # one attempt's deadline, not the server's 30 s
+        assert values[0] == 0.0 and stats["valid_frac"] == 0.0 and stats["solver_failures"] == 1
+        callback.teardown(None, None, "fit")
+    with JudgeServer() as server:
+        server.fail_first = 100  # HTTP 500 every time: retried, then the circuit breaker opens
+        callback = _served(server, max_retries=1, max_consecutive_failures=2)
+        callback.served.endpoint.backoff = 0.01
+        for text in (QUESTION, QUESTION.replace("3*4", "5*6").replace("12", "30")):
+            values, stats = _score_served(callback, [text])
+        assert callback.served.endpoint.tripped and server.chat_requests() == 4  # 2 questions x 2 attempts
+        values, stats = _score_served(callback, [QUESTION.replace("3*4", "2*2").replace("12", "4")])
+        assert server.chat_requests() == 4 and values[0] == 0.0  # skipped: no more requests
+        assert "circuit breaker opened after 2 failed requests in a row (last: HTTP 500)" in capsys.readouterr().err
+        callback.teardown(None, None, "fit")
+    closed = JudgeServer()  # never started: nothing listens
+    with pytest.raises(SolverError, match=r"ServedSolver: cannot reach http://127\.0\.0\.1:\d+/v1"):
+        _served(closed).served.endpoint.connect(check=True)
+    closed.httpd.server_close()
+
+
+def test_grpo_with_a_served_solver_logs_every_solver_tag(tmp_path):
+    """2 GRPO steps whose completions are one fixed question (a scripted engine), a served solver answering half
+    right: the question is solved once per step (the group repeats it), and every solver tag reaches TensorBoard:
+    pass rate (and its histogram), share in the band, valid share, likely-wrong count, samples per question,
+    failures and latency.
+    """
+    import lightning as L
+    from conftest import scalars
+    from helpers_ddp import _ScriptedBackend
+    from judge_server import JudgeServer
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from callbacks import ServedSolverDifficulty
+    from qgen.backends.rollout import Rollout
+    from qgen.data import QuestionDataModule
+    from qgen.grpo import GRPOModule
+    from qgen.models import LoraSpec
+
+    class FixedQuestion(_ScriptedBackend):
+        def generate(self, model, tokenizer, prompts, group_size, max_new_tokens, *args, **kwargs):
+            ids = tokenizer(QUESTION, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            return Rollout.from_completions(prompts, [ids] * (len(prompts) * group_size), group_size, tokenizer)
+
+    class UseFixed(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            pl_module.use_backend(FixedQuestion())
+
+    L.seed_everything(0)
+    with JudgeServer() as server:
+        server.contents = ["Working... so the answer is 12.", "Working... so the answer is 13."]
+        solver = ServedSolverDifficulty(server.url, "solver-model", samples=10, timeout=5.0)
+        module = GRPOModule(lora=LoraSpec(r=8, alpha=16, dropout=0.0), group_size=4, max_new_tokens=64)
+        trainer = L.Trainer(default_root_dir=str(tmp_path), max_steps=2, accelerator="cpu", log_every_n_steps=1,
+                            logger=TensorBoardLogger(str(tmp_path), name="", version=0), enable_checkpointing=False,
+                            enable_progress_bar=False, limit_val_batches=0, callbacks=[UseFixed(), solver])  # fmt: skip
+        trainer.fit(module, QuestionDataModule(batch_size=2, max_length=256))
+        per_step = server.chat_requests() / 2
+    run = tmp_path / "version_0"
+    for tag in ("solver_pass_rate", "solver_in_band", "valid_frac", "likely_wrong_answers", "solver_samples",
+                "solver_failures", "solver_latency_s"):  # fmt: skip
+        assert sorted(scalars(run, f"train/{tag}")) == [0, 1], tag
+    assert scalars(run, "train/solver_pass_rate") == {0: 0.5, 1: 0.5}
+    assert set(scalars(run, "train/solver_samples").values()) == {2 * per_step}  # one question's rounds a step
+    acc = EventAccumulator(str(run), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert "train/solver_pass_rates" in acc.Tags()["histograms"]
