@@ -20,8 +20,16 @@ reward is settled (:class:`qgen.passrate.AdaptiveRule`: agreement with the rewar
 ``absolute_zero`` rule (the shape it shrinks) and reports its own formula.
 
 A question for which another answer holds at least half of the samples is counted as a *likely wrong
-stated answer*. TensorBoard: ``train/solver_pass_rate``, ``train/valid_frac``, ``train/likely_wrong_answers``,
-``train/solver_samples`` (solver samples per question).
+stated answer*; with ``gated: true`` it scores 0 (SwS keeps only answer-consistent questions).
+
+**Pseudo-labels** (``pseudo_labels: true``, R-Zero's): a question with no stated answer, or whose own solution
+contradicts its stated answer (:func:`qgen.answers.check_answers` verdict ``False``), is solved against the
+solvers' majority final answer instead (answers compared after :func:`qgen.answers.normalize_answer`): ``a`` is
+the number of samples that reach it, so the pass rate is the majority's vote share, and the reward is the
+shape at that share (validity: some sample has a final answer). The label and its share are kept with the
+question's result (:class:`Solved`). TensorBoard: ``train/solver_pass_rate``, ``train/valid_frac``,
+``train/likely_wrong_answers``, ``train/pseudo_labelled``, ``train/solver_samples`` (solver samples per
+question), ``train/solver_in_band`` (0.2 <= p <= 0.8) and the histogram ``train/solver_pass_rates``.
 
 Cost: ``samples`` extra completions per question at most (``early_stop`` when the solver agrees with itself),
 e.g. 8 x 256 tokens for each of the 8 x B questions of a step: on Qwen3-14B this multiplies generation time
@@ -38,6 +46,7 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import numpy as np
@@ -80,6 +89,56 @@ class PolicySolver:
         rollout = self.module.sample(prompts, samples, self.max_new_tokens, self.temperature, 1.0, reference=True)
         texts = rollout.texts
         return [texts[i * samples : (i + 1) * samples] for i in range(len(questions))]
+
+
+@dataclass
+class _Tally:
+    """One question's solver samples. ``pseudo``: no usable stated answer (missing, or contradicted by the
+    question's own solution): the label is the samples' majority final answer, and ``agree`` counts the samples
+    that reach it (R-Zero's pseudo-label). Otherwise ``agree`` counts the samples that reach the stated answer.
+    """
+
+    parsed: ParsedQuestion
+    language: str
+    pseudo: bool
+    finals: list[str] = field(default_factory=list)
+    stated_votes: list[bool] = field(default_factory=list)
+
+    def add(self, solutions: list[str], votes: list[bool]) -> None:
+        self.finals += [normalize_answer(solution_answer(s) or "") for s in solutions]
+        self.stated_votes += votes
+
+    def majority(self) -> tuple[str, int]:
+        counts = Counter(f for f in self.finals if f)
+        return counts.most_common(1)[0] if counts else ("", 0)
+
+    @property
+    def n(self) -> int:
+        return len(self.finals)
+
+    @property
+    def agree(self) -> int:
+        return self.majority()[1] if self.pseudo else sum(self.stated_votes)
+
+    def result(self) -> Solved:
+        label, count = self.majority()
+        wrong = Counter(f for f, ok in zip(self.finals, self.stated_votes) if not ok and f)
+        likely_wrong = not self.pseudo and bool(wrong) and wrong.most_common(1)[0][1] >= self.n / 2
+        share = count / self.n if self.n else 0.0
+        return Solved(self.agree, self.n, likely_wrong, label if self.pseudo else None, share)
+
+
+@dataclass(frozen=True)
+class Solved:
+    """What the solver found for one question: ``agree`` of ``n`` samples reach the label (the stated answer, or
+    ``pseudo_label``, the majority answer, held by ``share`` of the samples).
+    """
+
+    agree: int
+    n: int
+    likely_wrong: bool
+    pseudo_label: str | None = None
+    share: float = 0.0
 
 
 class SolverError(EndpointError):
@@ -152,6 +211,9 @@ class SolverDifficulty(RewardCallback):
         adaptive: sample in rounds and stop each question once its reward is settled (module docstring).
         round_size: solver samples per question and round (``adaptive``).
         cost_per_sample: the adaptive rule's price of one sample, in probability of agreement.
+        pseudo_labels: a question without a stated answer, or whose own solution contradicts it, is solved
+            against the solvers' majority answer (pass rate = that answer's share; module docstring).
+        gated: a question whose stated answer the solvers' majority contradicts (likely wrong) scores 0.
     """
 
     name = "solver_difficulty"
@@ -159,8 +221,10 @@ class SolverDifficulty(RewardCallback):
     def __init__(self, weight: float = 0.4, samples: int = 8, early_stop: int = 4,
                  mode: Literal["shrunk", "band", "learnability", "absolute_zero"] = "shrunk",
                  prior_strength: float = 2.0, max_new_tokens: int = 256, temperature: float = 1.0,
-                 adaptive: bool = False, round_size: int = 2, cost_per_sample: float = 0.05):  # fmt: skip
+                 adaptive: bool = False, round_size: int = 2, cost_per_sample: float = 0.05,
+                 pseudo_labels: bool = True, gated: bool = False):  # fmt: skip
         super().__init__(weight)
+        self.pseudo_labels, self.gated = pseudo_labels, gated
         if mode not in ("shrunk", *SHAPES):
             raise ValueError(f"SolverDifficulty: mode must be shrunk, {', '.join(SHAPES)}; got {mode!r}")
         self.rule = AdaptiveRule("absolute_zero" if mode == "shrunk" else mode, samples, round_size, 0.1,
@@ -171,7 +235,7 @@ class SolverDifficulty(RewardCallback):
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.solver: Solver | None = None
         self.prior = DifficultyModel()
-        self._solved: dict[str, tuple[int, int, bool]] = {}  # question text -> (agree, n, likely wrong)
+        self._solved: dict[str, Solved] = {}  # question text -> what the solver found (this step)
         self.stats: dict[str, float] = {}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -205,60 +269,49 @@ class SolverDifficulty(RewardCallback):
         parsed = [parse_question(t) for t in texts]
         languages = languages or ["zh" if any("\u4e00" <= ch <= "\u9fff" for ch in t) else "en" for t in texts]
         chosen = [(t, p, lang) for t, p, lang in zip(texts, parsed, languages)
-                  if p.question and p.answer and t not in self._solved]  # fmt: skip
+                  if p.question and (p.answer or self.pseudo_labels) and t not in self._solved]  # fmt: skip
         if not chosen:
             return
-        todo, langs = [(t, p) for t, p, _ in chosen], [lang for *_, lang in chosen]
+        # the stated answer is the label, unless it is missing or its own solution contradicts it
+        checks = check_answers([p for _, p, _ in chosen])
+        state = {t: _Tally(p, lang, pseudo=not p.answer or check.consistent is False)
+                 for (t, p, lang), check in zip(chosen, checks) if p.answer or self.pseudo_labels}  # fmt: skip
         if self.rule is not None:
-            return self._solve_adaptively(todo, langs)
-        with stage("solver"):  # its deadline: qgen.watchdog
-            first = self.solver.solve([p.question for _, p in todo], langs, self.early_stop)
-        again = []
-        results = {}
-        for (text, p), sols, lang in zip(todo, first, langs):
-            votes, finals = self._votes(p, sols)
-            if 0 < sum(votes) < len(votes) and self.samples > self.early_stop:
-                again.append((text, p, votes, finals, lang))
-            else:
-                results[text] = (votes, finals)
-        if again:
-            with stage("solver"):
-                more = self.solver.solve([p.question for _, p, *_ in again], [x[4] for x in again],
-                                         self.samples - self.early_stop)  # fmt: skip
-            for (text, p, votes, finals, _), sols in zip(again, more):
-                v2, f2 = self._votes(p, sols)
-                results[text] = (votes + v2, finals + f2)
-        for text, (votes, finals) in results.items():
-            wrong = Counter(f for f, ok in zip(finals, votes) if not ok and f)
-            likely_wrong = bool(wrong) and wrong.most_common(1)[0][1] >= len(votes) / 2
-            self._solved[text] = (sum(votes), len(votes), likely_wrong)
+            self._solve_adaptively(state)
+        else:
+            self._solve_in_two_calls(state)
+        for text, tally in state.items():
+            self._solved[text] = tally.result()
 
-    def _solve_adaptively(self, todo: list, langs: list[str]) -> None:
+    def _ask(self, state: dict, texts: list[str], samples: int) -> list[str]:
+        """One solver call for ``texts``; the texts whose solutions all came back (a served solver may fail)."""
+        with stage("solver"):  # its deadline: qgen.watchdog
+            solutions = self.solver.solve([state[t].parsed.question for t in texts], [state[t].language for t in texts],
+                                          samples)  # fmt: skip
+        complete = []
+        for text, sols in zip(texts, solutions):
+            state[text].add(sols, self._votes(state[text].parsed, sols)[0])
+            if len(sols) == samples:
+                complete.append(text)
+        return complete
+
+    def _solve_in_two_calls(self, state: dict) -> None:
+        """``early_stop`` samples each; the remaining ones for the questions whose vote is split."""
+        first = self._ask(state, list(state), self.early_stop)
+        again = [t for t in first if 0 < state[t].agree < state[t].n]
+        if again and self.samples > self.early_stop:
+            self._ask(state, again, self.samples - self.early_stop)
+
+    def _solve_adaptively(self, state: dict) -> None:
         """Rounds of ``round_size`` samples for the questions not yet settled (one solver call per round size)."""
-        state = {text: ([], [], lang, p) for (text, p), lang in zip(todo, langs)}  # votes, finals
         pending = list(state)
         while pending:
             wanted: dict[int, list[str]] = {}
             for text in pending:
-                votes = state[text][0]
-                more = self.rule.next_round(sum(votes), len(votes))
+                more = self.rule.next_round(state[text].agree, state[text].n)
                 if more:
                     wanted.setdefault(more, []).append(text)
-            pending = []
-            for more, texts in wanted.items():
-                with stage("solver"):  # its deadline: qgen.watchdog
-                    solutions = self.solver.solve([state[t][3].question for t in texts], [state[t][2] for t in texts],
-                                                  more)  # fmt: skip
-                for text, sols in zip(texts, solutions):
-                    votes, finals = self._votes(state[text][3], sols)
-                    state[text][0].extend(votes)
-                    state[text][1].extend(finals)
-                    if len(sols) == more:  # a failed request (a served solver's) ends the question's sampling
-                        pending.append(text)
-        for text, (votes, finals, _, _) in state.items():
-            wrong = Counter(f for f, ok in zip(finals, votes) if not ok and f)
-            likely_wrong = bool(wrong) and wrong.most_common(1)[0][1] >= len(votes) / 2
-            self._solved[text] = (sum(votes), len(votes), likely_wrong)
+            pending = [t for more, texts in wanted.items() for t in self._ask(state, texts, more)]
 
     def score(self, batch: ScoringBatch) -> RewardOutput:
         missing = [t for t in batch.texts if t not in self._solved]
@@ -267,11 +320,14 @@ class SolverDifficulty(RewardCallback):
         questions = [p.question or t for p, t in zip(batch.parsed, batch.texts)]
         prior = self.prior.predict(questions, [p.analysis for p in batch.parsed],
                                    [r.subject if r is not None else "" for r in batch.records])  # fmt: skip
-        values, rates, valid, wrong, used = [], [], [], 0, []
+        values, rates, valid, wrong, used, pseudo = [], [], [], 0, [], 0
         self.rates = rates  # this batch's pass rates (the histogram)
         for text, d in zip(batch.texts, prior):
-            agree, n, likely_wrong = self._solved.get(text, (0, 0, False))
-            if n == 0:  # no stated answer: nothing to solve against
+            solved = self._solved.get(text, Solved(0, 0, False))
+            agree, n, likely_wrong = solved.agree, solved.n, solved.likely_wrong
+            wrong += likely_wrong
+            pseudo += solved.pseudo_label is not None
+            if n == 0 or (self.gated and likely_wrong):  # nothing to solve against, or a contradicted answer
                 values.append(0.0)
                 valid.append(0.0)
                 continue
@@ -286,8 +342,7 @@ class SolverDifficulty(RewardCallback):
                 values.append(v * (1 - shrunk))
             rates.append(p)
             valid.append(v)
-            wrong += likely_wrong
-        self.stats = {"solver_pass_rate": float(np.mean(rates)) if rates else 0.0,
+        self.stats = {"pseudo_labelled": float(pseudo),"solver_pass_rate": float(np.mean(rates)) if rates else 0.0,
                       "valid_frac": float(np.mean(valid)) if valid else 0.0,
                       "likely_wrong_answers": float(wrong),
                       "solver_samples": float(np.mean(used)) if used else 0.0,
@@ -297,7 +352,7 @@ class SolverDifficulty(RewardCallback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         for key, value in self.stats.items():  # shares are averaged over ranks, counts summed
-            summed = key in ("likely_wrong_answers", "solver_failures")
+            summed = key in ("likely_wrong_answers", "solver_failures", "pseudo_labelled")
             pl_module.log(f"train/{key}", value, sync_dist=True, reduce_fx="sum" if summed else "mean")
         experiment = getattr(getattr(trainer, "logger", None), "experiment", None)
         if getattr(self, "rates", None) and hasattr(experiment, "add_histogram") and trainer.is_global_zero:

@@ -235,3 +235,45 @@ def test_grpo_with_a_served_solver_logs_every_solver_tag(tmp_path):
     acc = EventAccumulator(str(run), size_guidance={"histograms": 0})
     acc.Reload()
     assert "train/solver_pass_rates" in acc.Tags()["histograms"]
+
+
+# ---------------------------------------------------------------------------------------------- pseudo-labels
+NO_ANSWER = "Question: Compute 3*4.\nSolution: 3*4 = 12, so the answer is 12."
+CONTRADICTED = "Question: Compute 3*4.\nAnswer: 12\nSolution: 3*4 = 12, so the answer is 13."
+
+
+def _score_text(callback, solver, text):
+    callback.solver = solver
+    callback.prior.predict = lambda q, a=None, s=None: [0.5] * len(q)
+    total, out = combine_scores({"solver": callback}, [text], [None], [False])
+    return float(out["solver"].values[0]), callback.stats, callback._solved[text]
+
+
+def test_without_a_usable_stated_answer_the_solvers_majority_is_the_label():
+    # no stated answer: 3 of 4 samples say 12 -> label 12, share 0.75, band 1 - 2 |0.75 - 0.5| = 0.5
+    value, stats, solved = _score_text(SolverDifficulty(samples=4, early_stop=4, mode="band"),
+                                       ScriptedSolver(["12", "12", "13", "12"]), NO_ANSWER)  # fmt: skip
+    assert (solved.pseudo_label, solved.share, solved.agree, solved.n) == ("12", 0.75, 3, 4)
+    assert value == pytest.approx(0.5) and stats["pseudo_labelled"] == 1 and stats["solver_pass_rate"] == 0.75
+    # a stated 12 its own solution contradicts (it ends on 13): the majority 13 (2 of 4 with one blank) is the label
+    value, stats, solved = _score_text(SolverDifficulty(samples=4, early_stop=4, mode="learnability"),
+                                       ScriptedSolver(["13", "12", "13", ""]), CONTRADICTED)  # fmt: skip
+    assert (solved.pseudo_label, solved.agree) == ("13", 2) and value == pytest.approx(4 * 0.5 * 0.5)
+    assert not solved.likely_wrong  # measured against its own label, not the stated one
+    # switched off: the question has nothing to be solved against, no solver call
+    solver = ScriptedSolver()
+    callback = SolverDifficulty(pseudo_labels=False)
+    callback.solver = solver
+    callback.prior.predict = lambda q, a=None, s=None: [0.5] * len(q)
+    _, out = combine_scores({"solver": callback}, [NO_ANSWER], [None], [False])
+    assert solver.calls == [] and float(out["solver"].values[0]) == 0.0 and callback.stats["pseudo_labelled"] == 0
+
+
+def test_gated_scores_a_contradicted_stated_answer_zero():
+    rounds = ["13", "13", "13", "12"]  # the majority (3 of 4) says 13 against the stated 12
+    value, stats, solved = _score_text(SolverDifficulty(samples=4, early_stop=4, mode="band"),
+                                       ScriptedSolver(rounds), QUESTION)  # fmt: skip
+    assert solved.likely_wrong and solved.pseudo_label is None and value == pytest.approx(0.5)  # p = 1/4
+    value, stats, _ = _score_text(SolverDifficulty(samples=4, early_stop=4, mode="band", gated=True),
+                                  ScriptedSolver(rounds), QUESTION)  # fmt: skip
+    assert value == 0.0 and stats["likely_wrong_answers"] == 1
