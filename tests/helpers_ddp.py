@@ -174,3 +174,22 @@ class PoisonAtStep2(Callback):
 
             with torch.no_grad():
                 next(p for p in pl_module.parameters() if p.requires_grad).view(-1)[0] = float("nan")
+
+
+FIXED_QUESTION = "Question: Compute 3*4.\nAnswer: 12\nSolution: 3*4 = 12, so the answer is 12."
+
+
+class _FixedQuestionBackend(_ScriptedBackend):
+    def generate(self, model, tokenizer, prompts, group_size, max_new_tokens, *args, **kwargs):
+        from qgen.backends.rollout import Rollout
+
+        ids = tokenizer(FIXED_QUESTION, add_special_tokens=False)["input_ids"][: max_new_tokens - 1]
+        rows = [ids + [tokenizer.eos_token_id]] * (len(prompts) * group_size)
+        return Rollout.from_completions(prompts, rows, group_size, tokenizer)
+
+
+class FixedQuestionRollouts(Callback):
+    """Every completion is one fixed, well-formed question (its own stated answer and solution)."""
+
+    def on_fit_start(self, trainer, pl_module):
+        pl_module.use_backend(_FixedQuestionBackend())
