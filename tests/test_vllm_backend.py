@@ -229,7 +229,8 @@ def _free_port():
 @pytest.fixture(scope="module")
 def served_export(tmp_path_factory):
     """A 2-step SFT run, ``export --merge``, and vLLM's OpenAI-compatible server on the export (started here,
-    stopped after the module's tests): ``(url, served name, the SFT checkpoint)``."""
+    stopped after the module's tests): ``(url, served name, the SFT checkpoint)``.
+    """
     import subprocess
     import sys
     import time
@@ -294,7 +295,8 @@ def test_the_served_and_the_in_process_solver_write_the_same_greedy_solutions(se
     in-process solver samples; the server serves the same weights. At temperature 0 both write the same
     solution for every question (compared as text, less the bytes of a character cut at the length limit, which
     vLLM drops and ``transformers`` decodes as U+FFFD), or part only at a near-tie (top-2 logits within 1e-3
-    at the token where they part): so their votes, a function of the text, and their pass rates agree."""
+    at the token where they part): so their votes, a function of the text, and their pass rates agree.
+    """
     from callbacks.solver import SOLVE_PROMPT, ServedSolver
     from qgen.grpo import GRPOModule
 
@@ -330,9 +332,11 @@ def test_the_served_and_the_in_process_solver_write_the_same_greedy_solutions(se
 
 def test_grpo_with_the_served_solver_logs_every_solver_tag(tmp_path, served_export):
     """2 GRPO steps (completions: one fixed question, a scripted engine) with ``ServedSolverDifficulty`` asking
-    vLLM's server: every solver tag of the README reaches TensorBoard, and the server answered (no failures)."""
+    vLLM's server: every solver tag of the README reaches TensorBoard, and the server answered (no failures).
+    """
     url, name, _ = served_export
-    cli_main(_grpo(tmp_path, 2, "--model.init_args.max_new_tokens=64", "--trainer.callbacks+=helpers_ddp.FixedQuestionRollouts",
+    cli_main(_grpo(tmp_path, 2, "--model.init_args.max_new_tokens=64",
+                   "--trainer.callbacks+=helpers_ddp.FixedQuestionRollouts",
                    "--trainer.callbacks+=callbacks.ServedSolverDifficulty",
                    f"--trainer.callbacks.init_args.base_url={url}", f"--trainer.callbacks.init_args.model={name}",
                    "--trainer.callbacks.init_args.max_new_tokens=24", "--trainer.callbacks.init_args.samples=4"))
