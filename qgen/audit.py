@@ -9,6 +9,10 @@ float32 threshold, 2e-4, sits between (8x below the smallest fault, 360x above t
 5e-2, is an estimate not yet measured on a GPU. Between pushes (``sync_every > 1``) the engine is stale by design and
 nothing is audited.
 
+With the ``hf`` engine the sampler is the trained model itself, but it samples through a KV cache: the log-probs
+it recorded while sampling are compared with the trainer's full forward the same way (a healthy gap is float32
+noise, below 1e-5; a corrupted cache shows 0.05).
+
 When the step's mean gap over every rank's tokens exceeds ``threshold`` on ``patience`` consecutive audited steps,
 the audit names the likely cause (:func:`likely_cause`) and either stops the run (``stop``: a checkpoint of the
 state before that step's update is written first) or warns (``warn``).
@@ -54,6 +58,7 @@ class EngineAudit:
     to_reference: float = 0.0
     reference_count: float = 0.0
     strikes: list[tuple[int, float]] = field(default_factory=list)  # (step, gap) of consecutive failed audits
+    engine: str = "vllm"  # hf: the sampler is the trained model itself, through its KV cache
 
     def add(self, gap_sum: float, count: float, reference_gap_sum: float | None = None) -> None:
         self.total += gap_sum
@@ -79,7 +84,8 @@ class EngineAudit:
             return None
         steps = ", ".join(str(s) for s, _ in self.strikes)
         gaps = [g for _, g in self.strikes]
-        cause = likely_cause(gaps, reference, self.threshold)
+        cause = likely_cause(gaps, reference, self.threshold) if self.engine != "hf" else (
+            "the KV cache the sampler read disagrees with the model (a stale or corrupted cache)")  # fmt: skip
         return (f"policy/engine mismatch: the engine's log-probs differ from the trainer's by {gap:.2g} per token "
                 f"(threshold {self.threshold:g}) on the {len(gaps)} steps right after weight pushes at steps {steps} "
                 f"(gaps {', '.join(f'{g:.2g}' for g in gaps)}); "

@@ -53,6 +53,8 @@ from qgen.stage import StageModule
 VAL_SEED = 20_251_202  # base seed of the held-out samples (plus the batch index)
 
 
+HF_AUDIT_EVERY = 10  # with dropout active, the hf engine is audited every this many steps (one more forward)
+
 class GRPOModule(StageModule):
     """Group Relative Policy Optimisation of a question writer, rewarded by the reward callbacks.
 
@@ -294,6 +296,7 @@ class GRPOModule(StageModule):
         """
         engine = rollout.sampling_logprobs
         if engine is None:
+            self._audit_hf_engine(logp, rollout, ref_logp, batch_idx)
             return None
         spec, mask = self.vllm_spec(), rollout.completion_mask.bool()
         trainer_logp = self.sampled_policy_logprobs(rollout, logp)
@@ -307,6 +310,28 @@ class GRPOModule(StageModule):
             self._audit_micro_batch(trainer_logp, engine, mask, ref_logp, batch_idx)
         return weights if spec.importance_sampling else None
 
+    def _audit_hf_engine(self, logp: torch.Tensor, rollout: Rollout, ref_logp, batch_idx: int) -> None:
+        """The hf engine is the trained model, but it samples through a KV cache: the log-probs it recorded while
+        sampling (:class:`qgen.backends.hf.SeededSampling`) against the trainer's recomputation catch a stale or
+        corrupted cache. Free where no dropout is active (the loss's log-probs are the policy's); with dropout
+        it needs one more forward, so only every ``HF_AUDIT_EVERY``-th step is audited then.
+        """
+        recorded, spec = rollout.recorded_logprobs, self.vllm_spec()
+        if recorded is None or spec.audit == "off" or self._trainer is None:
+            return
+        dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in self.model.modules())
+        if dropout and self.global_step % HF_AUDIT_EVERY:
+            return
+        trainer_logp = self.sampled_policy_logprobs(rollout, logp)
+        recorded, mask = recorded.to(trainer_logp), rollout.completion_mask.bool()
+        gap = (trainer_logp - recorded).abs()[mask]
+        n = rollout.completion_mask.size(0)
+        self.log("train/engine_logprob_absdiff_mean", gap.mean() if gap.numel() else gap.new_zeros(()), batch_size=n,
+                 sync_dist=True)  # fmt: skip
+        self.log("train/engine_logprob_absdiff_max", gap.max() if gap.numel() else gap.new_zeros(()), batch_size=n,
+                 sync_dist=True, reduce_fx="max")  # fmt: skip
+        self._audit_micro_batch(trainer_logp, recorded, mask, ref_logp, batch_idx)
+
     def _audit_micro_batch(self, trainer_logp, engine, mask, ref_logp, batch_idx: int) -> None:
         """Adds this micro-batch's gaps to the step's audit; at the step's last micro-batch the audit judges the step
         over every rank's tokens (one reduction) and stops or warns (``model.vllm.audit``).
@@ -317,7 +342,7 @@ class GRPOModule(StageModule):
         if getattr(self, "_audit", None) is None:
             dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
             threshold = spec.audit_threshold or DEFAULT_THRESHOLDS.get(dtype, DEFAULT_THRESHOLDS["bfloat16"])
-            self._audit = EngineAudit(threshold, spec.audit_patience)
+            self._audit = EngineAudit(threshold, spec.audit_patience, engine=self.generation_backend().name)
         gap = (trainer_logp - engine).abs()[mask]
         to_ref = (ref_logp.to(engine) - engine).abs()[mask].sum().item() if ref_logp is not None else None
         self._audit.add(gap.sum().item(), float(gap.numel()), to_ref)

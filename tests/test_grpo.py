@@ -459,7 +459,8 @@ def test_reference_passes_of_later_micro_batches_fill_the_wait_for_scores(tmp_pa
 
 class _OffPolicyEngine(_ScriptedBackend):
     """Scripted completions whose engine log-probs are deliberately wrong (-6.5 and -9 in turn), so the
-    importance weights ``min(exp(trainer logp - engine logp), 2)`` range from a fraction to the cap."""
+    importance weights ``min(exp(trainer logp - engine logp), 2)`` range from a fraction to the cap.
+    """
 
     name = "off-policy"
 
@@ -538,3 +539,46 @@ def test_importance_weights_scale_the_policy_gradient_end_to_end(tmp_path):
     for name, grad in probe.grads.items():
         torch.testing.assert_close(grad, weighted[name], rtol=1e-4, atol=1e-7)
     assert max(float((plain[n] - weighted[n]).norm() / weighted[n].norm().clamp(min=1e-12)) for n in plain) > 0.1
+
+
+def _audited_hf_run(tmp_path, steps):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    L.seed_everything(0)
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = small_module()
+    trainer = L.Trainer(default_root_dir=str(tmp_path), max_steps=steps, accelerator="cpu", log_every_n_steps=1,
+                        logger=TensorBoardLogger(str(tmp_path), name="", version=0), enable_progress_bar=False,
+                        limit_val_batches=0, enable_model_summary=False,
+                        callbacks=[DiversityReward(),
+                                   ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)])  # fmt: skip
+    trainer.fit(module, QuestionDataModule(batch_size=2, max_length=192))
+    return tmp_path / "version_0"
+
+
+def test_the_hf_engine_is_audited_against_its_own_kv_cache(tmp_path, monkeypatch):
+    """hf: the log-probs recorded while sampling (through the KV cache) against the trainer's full forward. A
+    healthy run's gap is float32 noise; a corrupted prompt cache (keys scaled by 1.5 after the prefill) stops the
+    run at the second audited step, with the one line and a checkpoint.
+    """
+    import qgen.backends.hf as hf
+    from qgen.audit import EngineMismatchError
+
+    gaps = scalars(_audited_hf_run(tmp_path / "healthy", 3), "train/engine_logprob_absdiff_mean")
+    assert sorted(gaps) == [0, 1, 2] and max(gaps.values()) < 1e-5
+
+    real = hf._shared_prompt_cache
+
+    def corrupted(model, ids, mask, group_size):
+        cache = real(model, ids, mask, group_size)
+        for layer in cache.layers:
+            layer.keys.mul_(1.5)
+        return cache
+
+    monkeypatch.setattr(hf, "_shared_prompt_cache", corrupted)
+    with pytest.raises(EngineMismatchError, match=r"on the 2 steps right after weight pushes at steps 0, 1 .*"
+                                                  r"engine-audit-step1\.ckpt$") as caught:  # fmt: skip
+        _audited_hf_run(tmp_path / "faulty", 4)
+    assert (tmp_path / "faulty/ckpt/engine-audit-step1.ckpt").is_file()
+    assert "likely cause: the KV cache the sampler read disagrees with the model" in str(caught.value)

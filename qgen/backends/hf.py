@@ -23,7 +23,7 @@ class HFBackend:
     wants_whole_waves = False  # batches as the loader hands them out: the model is the trainer's
 
     def prepare(self, model: nn.Module, tokenizer, step: int) -> bool:
-        return False  # samples from the trained module itself
+        return True  # samples from the trained module itself: always this step's weights
 
     def generate(self, model, tokenizer, prompts, group_size, max_new_tokens, temperature, top_p, min_new_tokens=0,
                  seeds=None, reference: bool = False) -> Rollout:  # fmt: skip
@@ -52,18 +52,22 @@ class SeededSampling:
     """A logits processor that samples each row from its own seeded stream and hands ``generate``'s greedy
     search a one-hot choice (0 for the drawn token, ``-inf`` elsewhere).
 
-    The distribution is the one ``transformers`` samples with ``do_sample``: the scores after the processors
-    before this one (``min_new_tokens``' EOS mask), divided by ``temperature``, cut to the nucleus ``top_p``
-    (smallest set of most likely tokens whose mass reaches ``top_p``, at least one kept), renormalised. A row
-    draws by inversion of its cumulative distribution with the ``t``-th uniform of ``torch.Generator(seed)``
-    (``t`` = tokens generated so far); the uniforms are drawn once, on the CPU, so the stream is the same on any
-    device and in any batch.
+    The distribution is the one ``transformers`` samples with ``do_sample``: the scores with EOS masked while
+    fewer than ``min_new_tokens`` exist, divided by ``temperature``, cut to the nucleus ``top_p`` (smallest set
+    of most likely tokens whose mass reaches ``top_p``, at least one kept), renormalised. A row draws by
+    inversion of its cumulative distribution with the ``t``-th uniform of ``torch.Generator(seed)`` (``t`` =
+    tokens generated so far); the uniforms are drawn once, on the CPU, so the stream is the same on any device
+    and in any batch. Each drawn token's log-prob under the full tempered softmax (no mask, no nucleus: what
+    the trainer computes) is recorded (:attr:`recorded`) for the policy/engine audit.
     """
 
-    def __init__(self, seeds: list[int], temperature: float, top_p: float, prompt_width: int, max_new_tokens: int):
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, prompt_width: int, max_new_tokens: int,
+                 min_new_tokens: int = 0, eos_token_id: int | None = None):  # fmt: skip
         self.temperature, self.top_p, self.prompt_width = temperature, top_p, prompt_width
+        self.min_new_tokens, self.eos = min_new_tokens, eos_token_id
         self.uniforms = torch.stack([torch.rand(max(max_new_tokens, 1), generator=torch.Generator().manual_seed(s),
                                                 dtype=torch.float64) for s in seeds])  # fmt: skip
+        self.recorded: list[torch.Tensor] = []  # per step: [N] log-prob of the drawn token, full tempered softmax
 
     def distribution(self, scores: torch.Tensor) -> torch.Tensor:
         """``[N, V]`` probabilities that a row samples from (float32, truncated to the nucleus, renormalised)."""
@@ -77,9 +81,14 @@ class SeededSampling:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         t = input_ids.size(1) - self.prompt_width
+        full = (scores.float() / self.temperature).log_softmax(-1)  # what the trainer recomputes
+        if t < self.min_new_tokens and self.eos is not None:  # EOS suppressed (after recording the full scores)
+            scores = scores.clone()
+            scores[:, self.eos] = float("-inf")
         cdf = self.distribution(scores).double().cumsum(-1)
         u = self.uniforms[:, t].to(cdf.device).unsqueeze(1) * cdf[:, -1:]
         choice = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.size(1) - 1)
+        self.recorded.append(full.gather(1, choice).squeeze(1))
         onehot = torch.full_like(scores, float("-inf"))
         return onehot.scatter_(1, choice, 0.0)
 
@@ -125,12 +134,15 @@ def generate_group(model: nn.Module, tokenizer, prompts: list[list[int]], group_
     was_training = model.training
     model.eval()
     try:
+        seeded = None
         if temperature > 0 and seeds is not None:
             if len(seeds) != ids.size(0):
                 raise ValueError(f"{len(seeds)} seeds for {ids.size(0)} completions")
-            seeded = SeededSampling(seeds, temperature, top_p, ids.size(1), max_new_tokens)
+            seeded = SeededSampling(seeds, temperature, top_p, ids.size(1), max_new_tokens, min_new_tokens,
+                                    tokenizer.eos_token_id)  # fmt: skip
             sampling = {"do_sample": False, "logits_processor": [seeded], "top_k": None, "top_p": None,
                         "temperature": None}  # fmt: skip
+            min_new_tokens = 0  # the sampler masks EOS itself, after recording the full scores
         elif temperature > 0:
             sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
         else:
@@ -147,4 +159,5 @@ def generate_group(model: nn.Module, tokenizer, prompts: list[list[int]], group_
     completions = out[:, ids.size(1) :]  # [N, C]
     if completions.size(1) == 0:
         completions = torch.full((ids.size(0), 1), tokenizer.eos_token_id, device=device)
-    return Rollout.from_completions(prompts, completions, group_size, tokenizer)
+    recorded = torch.stack(seeded.recorded, 1) if seeded is not None and seeded.recorded else None
+    return Rollout.from_completions(prompts, completions, group_size, tokenizer, recorded_logprobs=recorded)

@@ -31,11 +31,15 @@ class Rollout:
     # [N, C] log-prob of each sampled token under the sampler's own (tempered) distribution, where the
     # sampler is not the trained module (the vLLM backend); None for hf, which samples from the module itself
     sampling_logprobs: torch.Tensor | None = None
+    # [N, C] the hf engine's log-prob of each token as it sampled it (the full tempered distribution, from its
+    # KV-cached forward): the policy/engine audit compares it with the trainer's recomputation (qgen.audit)
+    recorded_logprobs: torch.Tensor | None = None
 
     @classmethod
     def from_completions(cls, prompts: list[list[int]], completions: torch.Tensor | list[list[int]], group_size: int,
                          tokenizer, sampling_logprobs: list[list[float]] | None = None,
-                         device: torch.device | str | None = None) -> Rollout:  # fmt: skip
+                         device: torch.device | str | None = None,
+                         recorded_logprobs: torch.Tensor | None = None) -> Rollout:  # fmt: skip
         """The rollout of an engine's completions: the one constructor every engine (and test helper) uses.
 
         ``completions``: ``[N, C]`` token ids as ``generate`` returns them (each row masked up to and including
@@ -73,6 +77,8 @@ class Rollout:
             texts=texts,
             group_size=group_size,
             sampling_logprobs=sampled,
+            recorded_logprobs=None if recorded_logprobs is None else
+            recorded_logprobs[:, : completions.size(1)].to(completions.device).float() * cmask,  # fmt: skip
         )
 
     def select(self, start: int, end: int) -> Rollout:
@@ -97,6 +103,7 @@ class Rollout:
             texts=self.texts[start:end],
             group_size=self.group_size,
             sampling_logprobs=None if self.sampling_logprobs is None else self.sampling_logprobs[start:end, :width],
+            recorded_logprobs=None if self.recorded_logprobs is None else self.recorded_logprobs[start:end, :width],
         )
 
 
@@ -128,6 +135,8 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         group_size=parts[0].group_size,
         sampling_logprobs=None if any(r.sampling_logprobs is None for r in parts) else torch.cat(
             [pad(r.sampling_logprobs, 0, c - r.completion_ids.size(1), 0) for r in parts]),  # fmt: skip
+        recorded_logprobs=None if any(r.recorded_logprobs is None for r in parts) else torch.cat(
+            [pad(r.recorded_logprobs, 0, c - r.completion_ids.size(1), 0) for r in parts]),  # fmt: skip
     )
 
 
