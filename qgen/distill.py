@@ -237,6 +237,7 @@ class DistillModule(StageModule):
         keys = [int(i) for i in batch["index"]] if "index" in batch else None
         rollout = self.sample(prompts, 1, spec.max_new_tokens, spec.temperature, spec.top_p, spec.min_new_tokens,
                               seed_keys=keys)  # fmt: skip
+        self._on_policy_rollout = rollout  # the engine audit reads it (training_step)
         p = rollout.prompt_length
         labels = torch.full_like(rollout.sequences, IGNORE_INDEX)
         labels[:, p:] = torch.where(rollout.completion_mask.bool(), rollout.completion_ids, IGNORE_INDEX)
@@ -279,9 +280,42 @@ class DistillModule(StageModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log("train/divergence", self.global_ratio(out.divergence_sum.detach(), out.tokens), batch_size=n)
         self.log("train/on_policy", float(on_policy), batch_size=n, sync_dist=True)
+        if on_policy:
+            self._audit_on_policy(batch_idx)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
         self._tokens = float(out.tokens)
         return loss
+
+    def _audit_on_policy(self, batch_idx: int) -> None:
+        """The policy/engine audit (:mod:`qgen.audit`) of an on-policy micro-batch: the engine's log-probs of the
+        student's samples (vLLM's, or those the hf engine recorded through its KV cache) against the dropout-free
+        student's. One more student forward without gradients: every on-policy step with vLLM, every
+        ``HF_AUDIT_EVERY``-th with hf (whose engine is the student itself).
+        """
+        from qgen.grpo import HF_AUDIT_EVERY
+        from qgen.logprobs import completion_logprobs
+
+        rollout, spec = self._on_policy_rollout, self.vllm_spec()
+        engine = rollout.sampling_logprobs if rollout.sampling_logprobs is not None else rollout.recorded_logprobs
+        if engine is None or spec.audit == "off" or self.generation_spec().temperature <= 0:
+            return
+        if rollout.sampling_logprobs is None and self.global_step % HF_AUDIT_EVERY:
+            return
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                student = completion_logprobs(self.model.get_decoder(), self.model.get_output_embeddings().weight,
+                                              rollout, self.hparams.loss_chunk_size, False,
+                                              self.generation_spec().temperature)  # fmt: skip
+        finally:
+            self.model.train(was_training)
+        mask = rollout.completion_mask.bool()
+        gap = (student - engine.to(student)).abs()[mask]
+        n = mask.size(0)
+        self.log("train/engine_logprob_absdiff_mean", gap.mean() if gap.numel() else gap.new_zeros(()), batch_size=n,
+                 sync_dist=True)  # fmt: skip
+        self.audit_engine(student, engine.to(student), mask, None, batch_idx)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -137,6 +138,44 @@ class QuestionWriterMixin:
         with stage("generation"):  # its deadline: qgen.watchdog
             return backend.generate(self.model, self._tokenizer(), prompts, group_size, max_new_tokens, temperature,
                                     top_p, min_new_tokens, seeds, reference=reference)  # fmt: skip
+
+    def audit_engine(self, trainer_logp, engine, mask, ref_logp, batch_idx: int) -> None:
+        """The policy/engine audit (:mod:`qgen.audit`) of GRPO and on-policy distillation: adds this micro-batch's
+        gaps between the trainer's log-probs (the dropout-free policy) and the engine's to the step's audit; at the
+        step's last micro-batch the audit judges the step over every rank's tokens (one reduction) and stops or
+        warns (``model.vllm.audit``). Every rank calls it on the same micro-batches.
+        """
+        from qgen.audit import DEFAULT_THRESHOLDS, EngineAudit, EngineMismatchError
+
+        spec = self.vllm_spec()
+        if getattr(self, "_audit", None) is None:
+            dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+            threshold = spec.audit_threshold or DEFAULT_THRESHOLDS.get(dtype, DEFAULT_THRESHOLDS["bfloat16"])
+            self._audit = EngineAudit(threshold, spec.audit_patience, engine=self.generation_backend().name)
+        gap = (trainer_logp - engine).abs()[mask]
+        to_ref = (ref_logp.to(engine) - engine).abs()[mask].sum().item() if ref_logp is not None else None
+        self._audit.add(gap.sum().item(), float(gap.numel()), to_ref)
+        if (batch_idx + 1) % max(self.trainer.accumulate_grad_batches, 1):
+            return
+        a = self._audit
+        sums = torch.tensor([a.total, a.count, a.to_reference, a.reference_count], dtype=torch.float64,
+                            device=self.device)  # fmt: skip
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        a.total, a.count, a.to_reference, a.reference_count = sums.tolist()
+        line = a.judge(self.global_step, getattr(self, "engine_pushed_step", None) == self.global_step)
+        if line is None:
+            return
+        if spec.audit == "warn":
+            if self.trainer.is_global_zero:
+                print(f"qgen: warning: {line}", file=sys.stderr, flush=True)
+            a.strikes.clear()
+            return
+        callback = self.trainer.checkpoint_callback
+        folder = (callback.dirpath if callback is not None else None) or self.trainer.default_root_dir
+        path = os.path.join(folder, f"engine-audit-step{self.global_step}.ckpt")
+        self.trainer.save_checkpoint(path)  # before this step's update: the last state the engine was right for
+        raise EngineMismatchError(f"{line}; the state before this step's update is in {path}")
 
     def _check_backend(self) -> None:
         self.generation_backend()  # a missing vLLM fails here, before any step, with one line

@@ -24,7 +24,6 @@ clipping stay in the trainer's YAML.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Any, Literal
 
@@ -307,7 +306,7 @@ class GRPOModule(StageModule):
             reduce = "max" if key.endswith("_max") else "mean"
             self.log(f"train/{key}", value, batch_size=n, sync_dist=True, reduce_fx=reduce)
         if spec.audit != "off" and self._trainer is not None:
-            self._audit_micro_batch(trainer_logp, engine, mask, ref_logp, batch_idx)
+            self.audit_engine(trainer_logp, engine, mask, ref_logp, batch_idx)
         return weights if spec.importance_sampling else None
 
     def _audit_hf_engine(self, logp: torch.Tensor, rollout: Rollout, ref_logp, batch_idx: int) -> None:
@@ -330,43 +329,7 @@ class GRPOModule(StageModule):
                  sync_dist=True)  # fmt: skip
         self.log("train/engine_logprob_absdiff_max", gap.max() if gap.numel() else gap.new_zeros(()), batch_size=n,
                  sync_dist=True, reduce_fx="max")  # fmt: skip
-        self._audit_micro_batch(trainer_logp, recorded, mask, ref_logp, batch_idx)
-
-    def _audit_micro_batch(self, trainer_logp, engine, mask, ref_logp, batch_idx: int) -> None:
-        """Adds this micro-batch's gaps to the step's audit; at the step's last micro-batch the audit judges the step
-        over every rank's tokens (one reduction) and stops or warns (``model.vllm.audit``).
-        """
-        from qgen.audit import DEFAULT_THRESHOLDS, EngineAudit, EngineMismatchError
-
-        spec = self.vllm_spec()
-        if getattr(self, "_audit", None) is None:
-            dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
-            threshold = spec.audit_threshold or DEFAULT_THRESHOLDS.get(dtype, DEFAULT_THRESHOLDS["bfloat16"])
-            self._audit = EngineAudit(threshold, spec.audit_patience, engine=self.generation_backend().name)
-        gap = (trainer_logp - engine).abs()[mask]
-        to_ref = (ref_logp.to(engine) - engine).abs()[mask].sum().item() if ref_logp is not None else None
-        self._audit.add(gap.sum().item(), float(gap.numel()), to_ref)
-        if (batch_idx + 1) % max(self.trainer.accumulate_grad_batches, 1):
-            return
-        a = self._audit
-        sums = torch.tensor([a.total, a.count, a.to_reference, a.reference_count], dtype=torch.float64,
-                            device=self.device)  # fmt: skip
-        if self.trainer.world_size > 1:
-            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        a.total, a.count, a.to_reference, a.reference_count = sums.tolist()
-        line = a.judge(self.global_step, getattr(self, "engine_pushed_step", None) == self.global_step)
-        if line is None:
-            return
-        if spec.audit == "warn":
-            if self.trainer.is_global_zero:
-                print(f"qgen: warning: {line}", file=sys.stderr, flush=True)
-            a.strikes.clear()
-            return
-        callback = self.trainer.checkpoint_callback
-        folder = (callback.dirpath if callback is not None else None) or self.trainer.default_root_dir
-        path = os.path.join(folder, f"engine-audit-step{self.global_step}.ckpt")
-        self.trainer.save_checkpoint(path)  # before this step's update: the last state the engine was right for
-        raise EngineMismatchError(f"{line}; the state before this step's update is in {path}")
+        self.audit_engine(trainer_logp, recorded, mask, ref_logp, batch_idx)
 
     def sampled_policy_logprobs(self, rollout: Rollout, logp: torch.Tensor) -> torch.Tensor:
         """The trainer's log-probs of ``rollout`` under the policy the engine samples: the current weights without

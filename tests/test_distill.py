@@ -136,3 +136,36 @@ def test_on_policy_draws_follow_lmbda_and_wait_for_on_policy_start():
     draws = [share._on_policy(i) for i in range(2000)]
     assert 0.27 < sum(draws) / len(draws) < 0.33
     assert draws == [share._on_policy(i) for i in range(2000)]  # a pure function of (seed, step, batch): resumable
+
+
+def test_on_policy_distillation_is_audited_against_the_hf_engines_kv_cache(tmp_path, monkeypatch):
+    """On-policy steps (lmbda 1): the student's samples' recorded log-probs against the dropout-free student's
+    forward. Healthy: the gap is float32 noise (step 0 audited: every 10th with dropout); with every key the
+    sampler's KV cache stores scaled by 1.5, step 0 fails (audit_patience 1 here: the run stops there).
+    """
+    import qgen.backends.hf as hf
+    from qgen.audit import EngineMismatchError
+    from qgen.backends import VLLMSpec
+
+    def module(patience):
+        return DistillModule(teacher="embedded:default", lmbda=1.0, on_policy_start=0,
+                             generation=GenerationSpec(max_new_tokens=12, temperature=1.0, top_p=1.0),
+                             vllm=VLLMSpec(audit_patience=patience))  # fmt: skip
+
+    healthy = _fit(tmp_path / "healthy", module(1), [], steps=2)
+    assert healthy.callback_metrics["train/engine_logprob_absdiff_mean"].item() < 1e-5
+    from transformers.cache_utils import DynamicLayer
+
+    real_generate, real_update = hf.generate_group, DynamicLayer.update
+
+    def corrupted_update(self, key_states, value_states, *args, **kwargs):  # keys stored 1.5x too large
+        return real_update(self, key_states * 1.5, value_states, *args, **kwargs)
+
+    def generate_with_a_bad_cache(*args, **kwargs):
+        with monkeypatch.context() as m:
+            m.setattr(DynamicLayer, "update", corrupted_update)
+            return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "generate_group", generate_with_a_bad_cache)
+    with pytest.raises(EngineMismatchError, match="weight pushes at steps 0 .*likely cause: the KV cache"):
+        _fit(tmp_path / "faulty", module(1), [], steps=2)
