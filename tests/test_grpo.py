@@ -247,24 +247,33 @@ def test_shared_prompt_forward_equals_full_forward(checkpointing):
             torch.testing.assert_close(got[mask], want[mask], atol=1e-4, rtol=1e-4)
 
 
+def _policy_with_an_adapter(generator=None):
+    """The small GRPO module's model with a LoRA adapter that visibly changes the policy, and the tokenizer."""
+    from qgen.models import load_tokenizer
+
+    module = small_module()
+    module.configure_model()
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=generator)
+    return module.model, load_tokenizer(None)
+
+
+def _chat_prompts(tok, *asks):
+    chat = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    return [tok(chat.format(t))["input_ids"] for t in asks]
+
+
 def test_generation_prefills_each_prompt_once_and_samples_the_same_tokens():
     """``generate_group`` prefills each prompt once and repeats its cache for the group: the same tokens as the
     repeated prefill for the same seed (sampled at T = 0.9 with top-p, and greedy), with left-padded prompts
     of different lengths; and the prompt pass really is one row per prompt.
     """
     from qgen.backends.hf import generate_group
-    from qgen.models import load_tokenizer
 
-    module = small_module()
-    module.configure_model()
-    model, tok = module.model, load_tokenizer(None)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    chat = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
-    asks = ("Write a hard problem about primes and divisors.", "请命制一道数学填空题。")
-    prompts = [tok(chat.format(t))["input_ids"] for t in asks]
+    model, tok = _policy_with_an_adapter()
+    prompts = _chat_prompts(tok, "Write a hard problem about primes and divisors.", "请命制一道数学填空题。")
     assert len(prompts[0]) != len(prompts[1])
     rows = []
     hook = model.get_decoder().register_forward_pre_hook(
@@ -296,17 +305,9 @@ def test_seeded_sampling_draws_each_completion_from_its_own_stream():
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
     from qgen.backends.hf import SeededSampling, generate_group
-    from qgen.models import load_tokenizer
 
-    module = small_module()
-    module.configure_model()
-    model, tok = module.model, load_tokenizer(None)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(4))
-    chat = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
-    prompts = [tok(chat.format(t))["input_ids"] for t in ("Write a hard problem about primes.", "请命制一道数学填空题。")]
+    model, tok = _policy_with_an_adapter(torch.Generator().manual_seed(4))
+    prompts = _chat_prompts(tok, "Write a hard problem about primes.", "请命制一道数学填空题。")
     seeds = list(range(100, 108))
     both = generate_group(model, tok, prompts, 4, 20, 0.7, 0.9, min_new_tokens=8, seeds=seeds)
     torch.manual_seed(123)  # the global RNG plays no part
