@@ -5,7 +5,7 @@
 
 The ``--config`` files are the ones ``fit`` takes (merged in order, later files win). No weights are read:
 the architecture comes from ``qgen/arch/<name>.json`` for the hub models the shipped configs name (Qwen3
-0.6B, 4B, 14B, 32B), from a local folder's ``config.json``, or from the embedded default.
+0.6B, 1.7B, 4B, 14B, 32B), from a local folder's ``config.json``, or from the embedded default.
 
 What is counted, per GPU, for each shipped strategy (``configs/strategy/``) that can run the config (columns):
 ``ddp`` (the config as written), ``fsdp-qlora`` (the config with the FSDP1 overlay: NF4 linear weights

@@ -31,6 +31,12 @@ def test_bundled_architectures_have_their_published_sizes(name, published):
     assert load_arch(name).params() == pytest.approx(published, rel=0.01)
 
 
+def test_qwen3_1_7b_has_its_published_size_without_and_with_embeddings():
+    arch = load_arch("Qwen/Qwen3-1.7B")  # published: 1.7B parameters, 1.4B without the (tied) embedding
+    assert arch.params() - arch.vocab * arch.hidden == pytest.approx(1.4e9, rel=0.01)
+    assert arch.params() == pytest.approx(1.7e9, rel=0.02)
+
+
 def test_hand_computed_terms_for_qwen3_14b():
     a = load_arch("Qwen/Qwen3-14B")
     # KV cache: 2 x 40 layers x 8 heads x 128 x 2 bytes = 163,840 bytes a token; 4 prompts x 8 x (256 + 768)
