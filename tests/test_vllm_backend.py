@@ -226,7 +226,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def served_export(tmp_path_factory):
     """A 2-step SFT run, ``export --merge``, and vLLM's OpenAI-compatible server on the export (started here,
     stopped after the module's tests): ``(url, served name, the SFT checkpoint)``.
@@ -270,88 +270,91 @@ def served_export(tmp_path_factory):
         server.wait(timeout=60)
 
 
-def test_openai_judge_against_vllms_own_server_serving_an_exported_model(served_export):
-    """An ``OpenAIJudge`` asking vLLM's own server (an exported SFT model) for ratings: the requests are accepted
-    (HTTP 200, chat template applied) and every reply is read. The random-init model rarely writes "Score: N",
-    so a reply without a rating is the expected outcome; a transport or HTTP failure is not.
-    """
-    from callbacks import OpenAIJudge
+class TestAgainstVLLMsOwnServer:
+    """vLLM's OpenAI-compatible server on an exported model, shared by these tests and stopped after them."""
 
-    url, name, _ = served_export
-    judge = OpenAIJudge(url, name, api_key_env=None, cache_dir=None, max_tokens=16, max_retries=0,
-                        timeout=60, on_error="neutral")  # fmt: skip
-    judge.connect(check=True)
-    texts = ["已知等差数列的首项为3，公差为2，求第10项。", "Find the number of positive divisors of 72."]
-    ratings = [judge.rate(t) for t in texts]
-    assert judge.requests == 2
-    assert all(r is None or 1 <= r <= 10 for r in ratings)
-    if judge.failures:  # a reply arrived and was read: only "no rating in it" is acceptable
-        assert judge.last_error.startswith("no explicit 1-10 rating"), judge.last_error
-        assert judge.last_error != "no explicit 1-10 rating in the reply ('')"  # the model wrote something
+    def test_openai_judge_against_vllms_own_server_serving_an_exported_model(self, served_export):
+        """An ``OpenAIJudge`` asking vLLM's own server (an exported SFT model) for ratings: the requests are accepted
+        (HTTP 200, chat template applied) and every reply is read. The random-init model rarely writes "Score: N",
+        so a reply without a rating is the expected outcome; a transport or HTTP failure is not.
+        """
+        from callbacks import OpenAIJudge
 
-
-def test_the_served_and_the_in_process_solver_write_the_same_greedy_solutions(served_export):
-    """The GRPO module started from the SFT checkpoint has the exported model as its reference policy, which the
-    in-process solver samples; the server serves the same weights. At temperature 0 both write the same
-    solution for every question (compared as text, less the bytes of a character cut at the length limit, which
-    vLLM drops and ``transformers`` decodes as U+FFFD), or part only at a near-tie (top-2 logits within 1e-3
-    at the token where they part): so their votes, a function of the text, and their pass rates agree.
-    """
-    from callbacks.solver import SOLVE_PROMPT, ServedSolver
-    from qgen.grpo import GRPOModule
-
-    url, name, ckpt = served_export
-    module = GRPOModule(init_from=str(ckpt), lora=LoraSpec(r=8, alpha=16, dropout=0.0))
-    module.configure_model()
-    module.tokenizer = tok = load_tokenizer(None, "left")
-    questions = ["已知等差数列的首项为3，公差为2，求第10项。", "Find the number of positive divisors of 72.",
-                 "设函数 f(x)=x^2-2x，求 f(3)。", "What is the remainder when 2^10 is divided by 7?"]  # fmt: skip
-    langs = ["zh", "en", "zh", "en"]
-    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": SOLVE_PROMPT[lang].format(question=q)}],
-                                           add_generation_prompt=True, tokenize=False),
-                   add_special_tokens=False)["input_ids"] for q, lang in zip(questions, langs)]  # fmt: skip
-    rollout = module.sample(prompts, 1, 24, 0.0, 1.0, reference=True)  # what PolicySolver asks for
-    served = ServedSolver(url, name, max_new_tokens=24, temperature=0.0, timeout=120)
-    served.endpoint.connect(check=True)
-    remote = [texts[0] for texts in served.solve(questions, langs, 1)]
-    served.close()
-    same = 0
-    for i, (prompt, text) in enumerate(zip(prompts, remote)):
-        ids = [t for t, m in zip(rollout.completion_ids[i].tolist(), rollout.completion_mask[i].tolist()) if m]
-        if tok.decode(ids, skip_special_tokens=True).replace("\ufffd", "") == text.replace("\ufffd", ""):
-            same += 1
-            continue
-        cut = next(k for k in range(len(ids) + 1)
-                   if not text.startswith(tok.decode(ids[: k + 1], skip_special_tokens=True).replace("\ufffd", "")))
-        with torch.no_grad(), module.model.disable_adapter():
-            logits = module.model(input_ids=torch.tensor([prompt + ids[:cut]])).logits[0, -1]
-        top = logits.topk(2).values
-        assert float(top[0] - top[1]) < 1e-3, (questions[i], rollout.texts[i], text)  # only where undecided
-    assert same >= 3, (rollout.texts, remote)
+        url, name, _ = served_export
+        judge = OpenAIJudge(url, name, api_key_env=None, cache_dir=None, max_tokens=16, max_retries=0,
+                            timeout=60, on_error="neutral")  # fmt: skip
+        judge.connect(check=True)
+        texts = ["已知等差数列的首项为3，公差为2，求第10项。", "Find the number of positive divisors of 72."]
+        ratings = [judge.rate(t) for t in texts]
+        assert judge.requests == 2
+        assert all(r is None or 1 <= r <= 10 for r in ratings)
+        if judge.failures:  # a reply arrived and was read: only "no rating in it" is acceptable
+            assert judge.last_error.startswith("no explicit 1-10 rating"), judge.last_error
+            assert judge.last_error != "no explicit 1-10 rating in the reply ('')"  # the model wrote something
 
 
-def test_grpo_with_the_served_solver_logs_every_solver_tag(tmp_path, served_export):
-    """2 GRPO steps (completions: one fixed question, a scripted engine) with ``ServedSolverDifficulty`` asking
-    vLLM's server: every solver tag of the README reaches TensorBoard, and the server answered (no failures).
-    """
-    url, name, _ = served_export
-    cli_main(_grpo(tmp_path, 2, "--model.init_args.max_new_tokens=64",
-                   "--trainer.callbacks+=helpers_ddp.FixedQuestionRollouts",
-                   "--trainer.callbacks+=callbacks.ServedSolverDifficulty",
-                   f"--trainer.callbacks.init_args.base_url={url}", f"--trainer.callbacks.init_args.model={name}",
-                   "--trainer.callbacks.init_args.max_new_tokens=24", "--trainer.callbacks.init_args.samples=4"))
-    run = tmp_path / "lightning_logs/version_0"
-    for tag in ("solver_pass_rate", "solver_in_band", "valid_frac", "likely_wrong_answers", "solver_samples",
-                "solver_failures", "solver_latency_s", "pseudo_labelled"):  # fmt: skip
-        assert sorted(scalars(run, f"train/{tag}")) == [0, 1], tag
-    assert set(scalars(run, "train/solver_failures").values()) == {0.0}
-    assert min(scalars(run, "train/solver_samples").values()) >= 2
-    assert min(scalars(run, "train/solver_latency_s").values()) > 0
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    def test_the_served_and_the_in_process_solver_write_the_same_greedy_solutions(self, served_export):
+        """The GRPO module started from the SFT checkpoint has the exported model as its reference policy, which the
+        in-process solver samples; the server serves the same weights. At temperature 0 both write the same
+        solution for every question (compared as text, less the bytes of a character cut at the length limit, which
+        vLLM drops and ``transformers`` decodes as U+FFFD), or part only at a near-tie (top-2 logits within 1e-3
+        at the token where they part): so their votes, a function of the text, and their pass rates agree.
+        """
+        from callbacks.solver import SOLVE_PROMPT, ServedSolver
+        from qgen.grpo import GRPOModule
 
-    acc = EventAccumulator(str(run), size_guidance={"histograms": 0})
-    acc.Reload()
-    assert "train/solver_pass_rates" in acc.Tags()["histograms"]
+        url, name, ckpt = served_export
+        module = GRPOModule(init_from=str(ckpt), lora=LoraSpec(r=8, alpha=16, dropout=0.0))
+        module.configure_model()
+        module.tokenizer = tok = load_tokenizer(None, "left")
+        questions = ["已知等差数列的首项为3，公差为2，求第10项。", "Find the number of positive divisors of 72.",
+                     "设函数 f(x)=x^2-2x，求 f(3)。", "What is the remainder when 2^10 is divided by 7?"]  # fmt: skip
+        langs = ["zh", "en", "zh", "en"]
+        prompts = [tok(tok.apply_chat_template([{"role": "user", "content": SOLVE_PROMPT[lang].format(question=q)}],
+                                               add_generation_prompt=True, tokenize=False),
+                       add_special_tokens=False)["input_ids"] for q, lang in zip(questions, langs)]  # fmt: skip
+        rollout = module.sample(prompts, 1, 24, 0.0, 1.0, reference=True)  # what PolicySolver asks for
+        served = ServedSolver(url, name, max_new_tokens=24, temperature=0.0, timeout=120)
+        served.endpoint.connect(check=True)
+        remote = [texts[0] for texts in served.solve(questions, langs, 1)]
+        served.close()
+        same = 0
+        for i, (prompt, text) in enumerate(zip(prompts, remote)):
+            ids = [t for t, m in zip(rollout.completion_ids[i].tolist(), rollout.completion_mask[i].tolist()) if m]
+            if tok.decode(ids, skip_special_tokens=True).replace("\ufffd", "") == text.replace("\ufffd", ""):
+                same += 1
+                continue
+            cut = next(k for k in range(len(ids) + 1)
+                       if not text.startswith(tok.decode(ids[: k + 1], skip_special_tokens=True).replace("\ufffd", "")))
+            with torch.no_grad(), module.model.disable_adapter():
+                logits = module.model(input_ids=torch.tensor([prompt + ids[:cut]])).logits[0, -1]
+            top = logits.topk(2).values
+            assert float(top[0] - top[1]) < 1e-3, (questions[i], rollout.texts[i], text)  # only where undecided
+        assert same >= 3, (rollout.texts, remote)
+
+
+    def test_grpo_with_the_served_solver_logs_every_solver_tag(self, tmp_path, served_export):
+        """2 GRPO steps (completions: one fixed question, a scripted engine) with ``ServedSolverDifficulty`` asking
+        vLLM's server: every solver tag of the README reaches TensorBoard, and the server answered (no failures).
+        """
+        url, name, _ = served_export
+        cli_main(_grpo(tmp_path, 2, "--model.init_args.max_new_tokens=64",
+                       "--trainer.callbacks+=helpers_ddp.FixedQuestionRollouts",
+                       "--trainer.callbacks+=callbacks.ServedSolverDifficulty",
+                       f"--trainer.callbacks.init_args.base_url={url}", f"--trainer.callbacks.init_args.model={name}",
+                       "--trainer.callbacks.init_args.max_new_tokens=24", "--trainer.callbacks.init_args.samples=4"))
+        run = tmp_path / "lightning_logs/version_0"
+        for tag in ("solver_pass_rate", "solver_in_band", "valid_frac", "likely_wrong_answers", "solver_samples",
+                    "solver_failures", "solver_latency_s", "pseudo_labelled"):  # fmt: skip
+            assert sorted(scalars(run, f"train/{tag}")) == [0, 1], tag
+        assert set(scalars(run, "train/solver_failures").values()) == {0.0}
+        assert min(scalars(run, "train/solver_samples").values()) >= 2
+        assert min(scalars(run, "train/solver_latency_s").values()) > 0
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(run), size_guidance={"histograms": 0})
+        acc.Reload()
+        assert "train/solver_pass_rates" in acc.Tags()["histograms"]
 
 
 def test_two_ddp_ranks_sample_what_one_process_samples(tmp_path):
