@@ -104,9 +104,10 @@ class _Tally:
     finals: list[str] = field(default_factory=list)
     stated_votes: list[bool] = field(default_factory=list)
 
-    def add(self, solutions: list[str], votes: list[bool]) -> None:
-        self.finals += [normalize_answer(solution_answer(s) or "") for s in solutions]
+    def add(self, votes: list[bool], finals: list[str]) -> None:
+        """One round's samples: agreement with the stated answer, and their final answers (normalised)."""
         self.stated_votes += votes
+        self.finals += finals
 
     def majority(self) -> tuple[str, int]:
         counts = Counter(f for f in self.finals if f)
@@ -290,7 +291,7 @@ class SolverDifficulty(RewardCallback):
                                           samples)  # fmt: skip
         complete = []
         for text, sols in zip(texts, solutions):
-            state[text].add(sols, self._votes(state[text].parsed, sols)[0])
+            state[text].add(*self._votes(state[text].parsed, sols))
             if len(sols) == samples:
                 complete.append(text)
         return complete

@@ -8,14 +8,14 @@ import yaml
 from conftest import CONFIGS, run_qgen
 
 from qgen import preflight as pf
-from qgen.plan import GB, plan, workload_from_config
+from qgen.plan import GB, _merge, plan, workload_from_config
 
 
 def _config(*names, **overrides):
     merged: dict = {}
     for name in names:
         with open(os.path.join(CONFIGS, name), encoding="utf-8") as fh:
-            pf_merge(merged, yaml.safe_load(fh))
+            _merge(merged, yaml.safe_load(fh))
     for dotted, value in overrides.items():
         node = merged
         *path, last = dotted.split(".")
@@ -23,14 +23,6 @@ def _config(*names, **overrides):
             node = node.setdefault(key, {})
         node[last] = value
     return merged
-
-
-def pf_merge(into, new):
-    for key, value in new.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            pf_merge(into[key], value)
-        else:
-            into[key] = value
 
 
 def _free(monkeypatch, gb, where="free on cuda:0"):
