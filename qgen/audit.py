@@ -60,7 +60,8 @@ class EngineAudit:
     strikes: list[tuple[int, float]] = field(default_factory=list)  # (step, gap) of consecutive failed audits
     engine: str = "vllm"  # hf: the sampler is the trained model itself, through its KV cache
 
-    def add(self, gap_sum: float, count: float, reference_gap_sum: float | None = None) -> None:
+    def add(self, gap_sum, count, reference_gap_sum=None) -> None:
+        """A micro-batch's sums (floats, or device tensors left on the device until the step is judged)."""
         self.total += gap_sum
         self.count += count
         if reference_gap_sum is not None:

@@ -310,12 +310,7 @@ class DistillModule(StageModule):
                                               self.generation_spec().temperature)  # fmt: skip
         finally:
             self.model.train(was_training)
-        mask = rollout.completion_mask.bool()
-        gap = (student - engine.to(student)).abs()[mask]
-        n = mask.size(0)
-        self.log("train/engine_logprob_absdiff_mean", gap.mean() if gap.numel() else gap.new_zeros(()), batch_size=n,
-                 sync_dist=True)  # fmt: skip
-        self.audit_engine(student, engine.to(student), mask, None, batch_idx)
+        self.audit_engine(student, engine.to(student), rollout.completion_mask.bool(), None, batch_idx, log_gap=True)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()

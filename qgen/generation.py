@@ -139,11 +139,17 @@ class QuestionWriterMixin:
             return backend.generate(self.model, self._tokenizer(), prompts, group_size, max_new_tokens, temperature,
                                     top_p, min_new_tokens, seeds, reference=reference)  # fmt: skip
 
-    def audit_engine(self, trainer_logp, engine, mask, ref_logp, batch_idx: int) -> None:
+    def dropout_active(self) -> bool:
+        """Whether a forward of the trained model now drops activations (LoRA dropout in training mode)."""
+        return any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in self.model.modules())
+
+    def audit_engine(self, trainer_logp, engine, mask, ref_logp, batch_idx: int, log_gap: bool = False) -> None:
         """The policy/engine audit (:mod:`qgen.audit`) of GRPO and on-policy distillation: adds this micro-batch's
         gaps between the trainer's log-probs (the dropout-free policy) and the engine's to the step's audit; at the
-        step's last micro-batch the audit judges the step over every rank's tokens (one reduction) and stops or
-        warns (``model.vllm.audit``). Every rank calls it on the same micro-batches.
+        step's last micro-batch the audit judges the step over every rank's tokens (one reduction, the only
+        device-to-host copy) and stops or warns (``model.vllm.audit``). Every rank calls it on the same
+        micro-batches. ``log_gap``: log ``train/engine_logprob_absdiff_mean`` / ``_max`` here (where no
+        importance-sampling statistics log them).
         """
         from qgen.audit import DEFAULT_THRESHOLDS, EngineAudit, EngineMismatchError
 
@@ -153,13 +159,19 @@ class QuestionWriterMixin:
             threshold = spec.audit_threshold or DEFAULT_THRESHOLDS.get(dtype, DEFAULT_THRESHOLDS["bfloat16"])
             self._audit = EngineAudit(threshold, spec.audit_patience, engine=self.generation_backend().name)
         gap = (trainer_logp - engine).abs()[mask]
-        to_ref = (ref_logp.to(engine) - engine).abs()[mask].sum().item() if ref_logp is not None else None
-        self._audit.add(gap.sum().item(), float(gap.numel()), to_ref)
+        if log_gap:
+            n, zero = mask.size(0), gap.new_zeros(())
+            self.log("train/engine_logprob_absdiff_mean", gap.mean() if gap.numel() else zero, batch_size=n,
+                     sync_dist=True)  # fmt: skip
+            self.log("train/engine_logprob_absdiff_max", gap.max() if gap.numel() else zero, batch_size=n,
+                     sync_dist=True, reduce_fx="max")  # fmt: skip
+        to_ref = (ref_logp.to(engine) - engine).abs()[mask].sum() if ref_logp is not None else None
+        self._audit.add(gap.sum(), gap.numel(), to_ref)  # device tensors: summed on the device
         if (batch_idx + 1) % max(self.trainer.accumulate_grad_batches, 1):
             return
         a = self._audit
-        sums = torch.tensor([a.total, a.count, a.to_reference, a.reference_count], dtype=torch.float64,
-                            device=self.device)  # fmt: skip
+        sums = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=self.device)
+                            for x in (a.total, a.count, a.to_reference, a.reference_count)])  # fmt: skip
         if self.trainer.world_size > 1:
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         a.total, a.count, a.to_reference, a.reference_count = sums.tolist()

@@ -318,18 +318,11 @@ class GRPOModule(StageModule):
         recorded, spec = rollout.recorded_logprobs, self.vllm_spec()
         if recorded is None or spec.audit == "off" or self._trainer is None:
             return
-        dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in self.model.modules())
-        if dropout and self.global_step % HF_AUDIT_EVERY:
+        if self.dropout_active() and self.global_step % HF_AUDIT_EVERY:
             return
         trainer_logp = self.sampled_policy_logprobs(rollout, logp)
-        recorded, mask = recorded.to(trainer_logp), rollout.completion_mask.bool()
-        gap = (trainer_logp - recorded).abs()[mask]
-        n = rollout.completion_mask.size(0)
-        self.log("train/engine_logprob_absdiff_mean", gap.mean() if gap.numel() else gap.new_zeros(()), batch_size=n,
-                 sync_dist=True)  # fmt: skip
-        self.log("train/engine_logprob_absdiff_max", gap.max() if gap.numel() else gap.new_zeros(()), batch_size=n,
-                 sync_dist=True, reduce_fx="max")  # fmt: skip
-        self.audit_engine(trainer_logp, recorded, mask, ref_logp, batch_idx)
+        self.audit_engine(trainer_logp, recorded.to(trainer_logp), rollout.completion_mask.bool(), ref_logp, batch_idx,
+                          log_gap=True)  # fmt: skip
 
     def sampled_policy_logprobs(self, rollout: Rollout, logp: torch.Tensor) -> torch.Tensor:
         """The trainer's log-probs of ``rollout`` under the policy the engine samples: the current weights without
@@ -337,7 +330,7 @@ class GRPOModule(StageModule):
         otherwise one more forward without gradients, in eval mode, gives the dropout-free values, so the
         importance ratio and the engine / trainer mismatch measure the engine, not the dropout masks.
         """
-        if not any(isinstance(m, torch.nn.Dropout) and m.p > 0 and m.training for m in self.model.modules()):
+        if not self.dropout_active():
             return logp.detach()
         hp = self.hparams
         decoder, head = self.model.get_decoder(), self.model.get_output_embeddings().weight
