@@ -51,6 +51,8 @@ def simulate(rule: AdaptiveRule, questions: int, seed: int) -> tuple[float, floa
                 if more == 0:
                     break
                 n += more
+            # same work: the adaptive decision read a prefix of the very stream the fixed one reads whole
+            assert 0 < n <= K and a == int(draws[q, :n].sum())
             fixed = pass_rate_reward(rule.shape, int(totals[q, -1]), K)
             hits += abs(rule.value(a, n) - fixed) <= 0.1 + 1e-9
             read += n
@@ -106,6 +108,7 @@ def served(questions: int, seed: int) -> str:
         while (more := rule.next_round(int(totals[n - 1]) if n else 0, n)) > 0:
             n += more
         a = int(totals[n - 1]) if n else 0
+        assert len(sols) == K and 0 < n <= K  # both decisions from the same 10 solutions
         agree += abs(rule.value(a, n) - pass_rate_reward(rule.shape, int(totals[-1]), K)) <= 0.1 + 1e-9
         read += n
         rates.append(float(totals[-1]) / K)

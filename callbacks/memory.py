@@ -33,6 +33,8 @@ class MemoryMonitor(Callback):
                 logger.log_metrics({"sys/planned_peak_gb": self.planned_gb}, step=trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % max(trainer.accumulate_grad_batches, 1):
+            return  # once per optimizer step: the reduction over ranks is a collective
         self.peak_gb = peak_memory_gb(pl_module.device)
         pl_module.log("sys/peak_mem_gb", self.peak_gb, on_step=True, on_epoch=False, sync_dist=True,
                       reduce_fx="max", batch_size=1)  # fmt: skip
