@@ -187,8 +187,9 @@ def suggestions(w: Workload, column: str, gpus: int, accelerator: str) -> list[t
     return out
 
 
-def preflight(config: dict, prompt_tokens: int = 256) -> Verdict | None:
-    """The memory verdict for a merged ``fit`` config (``None`` when its model's architecture is unknown)."""
+def preflight(config: dict, prompt_tokens: int = 256) -> Verdict:
+    """The memory verdict for a merged ``fit`` config (:class:`PlanError` when its model's architecture is
+    unknown)."""
     trainer = config.get("trainer") or {}
     kind = strategy_kind(trainer.get("strategy"))
     column = COLUMN.get(kind, "ddp")
@@ -223,7 +224,7 @@ def run_preflight(config: dict, mode: str) -> Verdict | None:
     except PlanError as err:
         print(f"qgen: warning: memory pre-flight skipped: {err}", file=sys.stderr)
         return None
-    if verdict is not None and not verdict.fits:
+    if not verdict.fits:
         if mode == "refuse":
             raise PreflightError(f"out of memory before it starts: {verdict.line()}")
         print(f"qgen: warning: {verdict.line()}", file=sys.stderr)
