@@ -189,7 +189,8 @@ def suggestions(w: Workload, column: str, gpus: int, accelerator: str) -> list[t
 
 def preflight(config: dict, prompt_tokens: int = 256) -> Verdict:
     """The memory verdict for a merged ``fit`` config (:class:`PlanError` when its model's architecture is
-    unknown)."""
+    unknown).
+    """
     trainer = config.get("trainer") or {}
     kind = strategy_kind(trainer.get("strategy"))
     column = COLUMN.get(kind, "ddp")
