@@ -170,7 +170,7 @@ class DistillModule(StageModule):
             teacher_backbone = name
             teacher = load_causal_lm(name, None, hp.teacher_quantization, hp.teacher_dtype or hp.dtype, device=device,
                                      frozen=True, attn_implementation=hp.attn_implementation,
-                                     empty=self.builds_empty(),
+                                     empty=self.builds_empty(), share_4bit=self.loads_on_rank0(),
                                      quant_storage=self.quant_storage(hp.teacher_dtype or hp.dtype)).eval()  # fmt: skip
             teacher.requires_grad_(False)
         if resolve(teacher_backbone) != resolve(hp.model_name_or_path):

@@ -197,9 +197,15 @@ EMBEDDED_PRESETS = {
 
 
 def resolve(model_name_or_path: str | None) -> str:
-    """The folder or hub id to load: the embedded default when ``None``, a preset for ``embedded:<name>``."""
+    """The folder or hub id to load: the embedded default when ``None``, a preset for ``embedded:<name>``, a
+    random-init model's folder for ``random:<architecture>`` (:mod:`qgen.random_init`).
+    """
     if model_name_or_path is None:
         return embedded_path()
+    if model_name_or_path.startswith("random:"):
+        from qgen.random_init import PREFIX, random_folder
+
+        return random_folder(model_name_or_path.removeprefix(PREFIX))
     if model_name_or_path.startswith("embedded:"):
         name = model_name_or_path.removeprefix("embedded:")
         if name not in EMBEDDED_PRESETS:
@@ -235,11 +241,15 @@ def load_causal_lm(
     liger_kernels: bool = False,
     empty: bool = False,
     quant_storage: torch.dtype | None = None,
+    share_4bit: bool = False,
 ) -> nn.Module:
     """Load a causal LM, optionally quantized (bitsandbytes) and wrapped with a LoRA adapter (peft).
     ``liger_kernels``: Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (CUDA; :func:`check_liger`).
-    ``empty``: the same model on the meta device, no weight read (ranks > 0 under FSDP2, which receive their
-    shards from rank 0: host memory holds one copy of the weights per node, not one per rank).
+    ``empty``: the same model on the meta device, no weight read (ranks > 0 under FSDP2 and FSDP1, which
+    receive their shards from rank 0: host memory holds one copy of the weights per node, not one per rank).
+    ``share_4bit``: every rank of the run calls this together, rank 0 loading and the others ``empty``; rank 0
+    sends the layout and quantization state of its NF4 layers, which the empty models take
+    (:func:`qgen.fourbit.share_layout`).
     ``quant_storage``: the dtype 4-bit weights are packed into (``bnb_4bit_quant_storage``; FSDP1 needs its
     ``param_dtype`` there, :meth:`qgen.strategies.FSDP1Strategy.quant_storage`); ``None``: bitsandbytes' uint8.
 
@@ -249,28 +259,34 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from qgen import fourbit
+    from qgen.random_init import build_random, is_random
+
     if quantization is not None and lora is None and not frozen:
         raise ValueError("quantization (QLoRA) needs a LoRA adapter: quantized base weights cannot be trained")
+    source = resolve(model_name_or_path)
+    if empty and quantization is not None and not (share_4bit and quantization == "nf4"):
+        raise ValueError("empty (meta-device) models are quantized only as rank 0's NF4 model (share_4bit)")
     kwargs: dict = {"dtype": _DTYPES[dtype], "attn_implementation": check_attn_implementation(attn_implementation)}
-    if quantization is not None:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=quantization == "nf4",
-            load_in_8bit=quantization == "int8",
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=_DTYPES[dtype],
-            **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
-        )
-        kwargs["device_map"] = {"": str(device or "cpu")}
+    quantized = None
+    if quantization == "nf4":
+        quantized = fourbit.bnb_config(_DTYPES[dtype], quant_storage)
+    elif quantization is not None:
+        quantized = BitsAndBytesConfig(load_in_8bit=True)
     if empty:
         from transformers import AutoConfig
 
-        if quantization is not None:
-            raise ValueError("empty (meta-device) models cannot be quantized")
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve(model_name_or_path)), **kwargs)
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), **kwargs)
+    elif is_random(source):
+        model = build_random(source, _DTYPES[dtype], device if quantization else "cpu", quantization, quant_storage,
+                             kwargs["attn_implementation"])  # fmt: skip
     else:
-        model = AutoModelForCausalLM.from_pretrained(resolve(model_name_or_path), **kwargs)
+        if quantized is not None:
+            kwargs.update(quantization_config=quantized, device_map={"": str(device or "cpu")})
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if share_4bit and quantization == "nf4":
+        fourbit.share_layout(model, device, quantized)
     check_final_logits(model, model_name_or_path)
     if quantization == "nf4":
         keep_4bit_layout(model)

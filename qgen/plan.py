@@ -5,7 +5,8 @@
 
 The ``--config`` files are the ones ``fit`` takes (merged in order, later files win). No weights are read:
 the architecture comes from ``qgen/arch/<name>.json`` for the hub models the shipped configs name (Qwen3
-0.6B, 1.7B, 4B, 14B, 32B), from a local folder's ``config.json``, or from the embedded default.
+0.6B, 1.7B, 4B, 14B, 32B), from a local folder's ``config.json``, from the embedded default, or for
+``random:<architecture>`` (:mod:`qgen.random_init`) from that architecture.
 
 What is counted, per GPU, for each shipped strategy (``configs/strategy/``) that can run the config (columns):
 ``ddp`` (the config as written), ``fsdp-qlora`` (the config with the FSDP1 overlay: NF4 linear weights
@@ -115,10 +116,13 @@ class Arch:
 
 def load_arch(name: str | None) -> Arch:
     """The architecture of ``model_name_or_path`` without loading weights (see the module docstring)."""
-    if name is None or str(name).startswith("embedded"):
+    if name is None or str(name).startswith(("embedded", "random:")):
         from qgen.models import resolve
 
-        name = resolve(name)  # the embedded default's folder (built offline on first use)
+        try:  # the embedded default's folder (built offline on first use), a random-init model's folder
+            name = resolve(name)
+        except ValueError as err:
+            raise PlanError(str(err)) from None
     if os.path.isdir(name):
         path = os.path.join(name, "config.json")
         if not os.path.exists(path):

@@ -64,7 +64,7 @@ def _offline() -> bool:
 
 
 def _is_hub_id(name: Any) -> bool:
-    return isinstance(name, str) and not name.startswith("embedded") and not name.endswith(".ckpt") and \
+    return isinstance(name, str) and not name.startswith(("embedded", "random:")) and not name.endswith(".ckpt") and \
         name != "last" and not os.path.exists(name)  # fmt: skip
 
 

@@ -93,9 +93,15 @@ class StageModule(QuestionWriterMixin, L.LightningModule):
 
     def builds_empty(self) -> bool:
         """Whether this rank builds its models on the meta device and receives its weights when sharded
-        (:attr:`qgen.strategies.FSDP2Strategy.builds_empty`).
+        (:attr:`qgen.strategies.FSDP2Strategy.builds_empty`, :attr:`qgen.strategies.FSDP1Strategy.builds_empty`).
         """
         return self._trainer is not None and getattr(self.trainer.strategy, "builds_empty", False)
+
+    def loads_on_rank0(self) -> bool:
+        """Whether rank 0 alone loads the weights, for every rank (one host copy per node): quantized models
+        then share rank 0's 4-bit layout when they load (``load_causal_lm(share_4bit=...)``).
+        """
+        return self._trainer is not None and getattr(self.trainer.strategy, "loads_on_rank0", False)
 
     def quant_storage(self, dtype: str) -> torch.dtype | None:
         """The dtype 4-bit weights are stored in under this run's strategy (FSDP1: its param dtype, as it
@@ -112,7 +118,7 @@ class StageModule(QuestionWriterMixin, L.LightningModule):
                               device=self.target_device(),
                               attn_implementation=hp.get("attn_implementation", "sdpa"),
                               liger_kernels=hp.get("liger_kernels", False), empty=self.builds_empty(),
-                              quant_storage=self.quant_storage(hp.dtype))  # fmt: skip
+                              share_4bit=self.loads_on_rank0(), quant_storage=self.quant_storage(hp.dtype))  # fmt: skip
 
     def configure_optimizers(self):
         return configure_optimizers(

@@ -2,10 +2,20 @@
 
 import json
 import os
+import resource
 
+import bitsandbytes  # noqa: F401 - the libraries a (Q)LoRA run imports count in HostMemoryDump's baseline
+import peft  # noqa: F401
 from lightning.pytorch import Callback
 
 from callbacks import RepetitionReward, RewardCallback
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+AFTER_IMPORT = _peak_rss_bytes()  # this module is imported while the command line is parsed, before any model
 
 
 class BankDump(Callback):
@@ -193,3 +203,14 @@ class FixedQuestionRollouts(Callback):
 
     def on_fit_start(self, trainer, pl_module):
         pl_module.use_backend(_FixedQuestionBackend())
+
+
+class HostMemoryDump(Callback):
+    """Every rank writes host_rank{R}.json: its peak resident memory after import (when the CLI parsed this
+    callback, the libraries a (Q)LoRA run needs imported) and at the end of training, in bytes.
+    """
+
+    def on_train_end(self, trainer, pl_module):
+        path = os.path.join(os.environ["QGEN_TEST_DUMP"], f"host_rank{trainer.global_rank}.json")
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump({"after_import": AFTER_IMPORT, "peak": _peak_rss_bytes()}, fh)

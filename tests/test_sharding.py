@@ -297,12 +297,57 @@ def test_fsdp1_qlora_overlay_trains_as_shipped(tmp_path):
     one, (single,), _ = _fit(tmp_path, "one", "sft.yaml", 3, 4, *qlora)
     run, ranks, _ = _fit(tmp_path, "fsdp1", "sft.yaml", 3, 2, *TWO_CPUS, *FSDP1_QLORA)
     assert _losses(run) == pytest.approx(_losses(one), rel=1e-3)
+    # rank 1 built its model on the meta device and took rank 0's 4-bit layout and weights (one host copy per
+    # node): the same losses as a run where every rank loads and quantizes the model itself
+    per_rank, _, _ = _fit(tmp_path, "per_rank", "sft.yaml", 3, 2, *TWO_CPUS, *FSDP1_QLORA,
+                          "--trainer.strategy.init_args.one_host_copy=false")  # fmt: skip
+    assert _losses(run) == pytest.approx(_losses(per_rank), abs=1e-5)
+    assert [info["built_empty"] for info in ranks] == [False, True]
     for info in ranks:
         assert info["sharded"] > 0 and info["frozen_unchanged"] and info["optimizer_all_trainable"]
         assert info["local_numel"] < 0.5 * single["full_numel"]
         assert info["optimizer_tensors"] == info["trainable_tensors"] == single["trainable_tensors"]
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert len(state) == single["trainable_tensors"] and all(v.dtype == torch.float32 for v in state.values())
+
+
+# a random-init Qwen3 of 602M parameters (84 thin layers, small vocabulary): its float32 weights (2.4 GB) dwarf
+# what every rank holds besides them (two gathered layers in backward, the LoRA state: about 0.3 GB)
+ARCH_600M = {"model_type": "qwen3", "vocab_size": 4096, "hidden_size": 768, "intermediate_size": 2304,
+             "num_hidden_layers": 84, "num_attention_heads": 12, "num_key_value_heads": 6, "head_dim": 64,
+             "tie_word_embeddings": False, "max_position_embeddings": 2048}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_fsdp1_keeps_one_host_copy_per_node_and_trains_as_one_copy_per_rank(tmp_path):
+    """FSDP1, 2 CPU ranks, a random-init 602M-parameter Qwen3 in float32 with LoRA: with one host copy per node
+    (the default) rank 1 builds on the meta device and receives its shards, so its peak resident memory above
+    its after-import baseline is at most 0.6 x rank 0's (which draws the whole model); the losses equal those of
+    the run where every rank draws the model itself to 1e-5, and there both ranks peak alike.
+    (glibc's adaptive mmap threshold is pinned so that freed buffers leave the resident set: the peak then
+    measures what was held, not the allocator's caching.)
+    """
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps(ARCH_600M))
+    runs = {}
+    for name, copies in (("one_copy", "true"), ("per_rank", "false")):
+        folder = tmp_path / name
+        folder.mkdir()
+        args = ["fit", "--config", os.path.join(CONFIGS, "sft.yaml"), *TWO_CPUS, *FSDP1, *QUIET,
+                f"--model.init_args.model_name_or_path=random:{arch}", "--model.init_args.gradient_checkpointing=true",
+                "--model.init_args.lora.r=8", "--model.init_args.lora.dropout=0.0",
+                "--model.init_args.lora.target_modules=[q_proj,v_proj]", "--data.batch_size=1", "--data.max_length=64",
+                "--trainer.max_steps=2", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=0",
+                f"--trainer.logger.init_args.save_dir={folder}", "--trainer.callbacks+=helpers_ddp.HostMemoryDump",
+                f"--trainer.strategy.init_args.one_host_copy={copies}"]  # fmt: skip
+        proc = run_qgen(args, env={**_env(folder), "MALLOC_MMAP_THRESHOLD_": "65536"}, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        hosts = [json.loads((folder / f"host_rank{r}.json").read_text()) for r in (0, 1)]
+        runs[name] = (_losses(folder / "lightning_logs" / "version_0"), [h["peak"] - h["after_import"] for h in hosts])
+    (losses, (rank0, rank1)), (per_rank_losses, (per0, per1)) = runs["one_copy"], runs["per_rank"]
+    assert len(losses) == 2 and losses == pytest.approx(per_rank_losses, abs=1e-5)
+    assert rank0 > 2.4e9 and rank1 <= 0.6 * rank0, (rank0, rank1)
+    assert per1 > 0.9 * per0  # the contrast: every rank held the whole model
 
 
 @pytest.mark.slow

@@ -21,14 +21,19 @@ What qgen configures (the sharding, collectives and optimizer-state handling are
   world size and loads in one process (``export``, ``predict``). Lightning's sharded folders are not used:
   their metadata is a pickle.
 
-Every rank loads the model itself (host memory: one copy per rank while loading; a QLoRA base is quantized
-straight onto each rank's GPU). Torch's FSDP1 also runs on CPU with gloo (Lightning's own ``FSDPStrategy``
-refuses a CPU accelerator; this subclass does not), which is how the tests exercise this path: float32 LoRA,
-and the QLoRA overlay itself on bitsandbytes' CPU kernels.
+One host copy per node (``one_host_copy``, the default): rank 0 loads the model (a QLoRA base quantized
+straight onto its GPU) and the other ranks build theirs on the meta device; rank 0 sends its 4-bit layout
+(:func:`qgen.fourbit.share_layout`), the replicated weights, and each unit's weights as FSDP builds it
+(``sync_module_states``), so a rank > 0 holds its shards, never the model.
+
+Torch's FSDP1 also runs on CPU with gloo (Lightning's own ``FSDPStrategy`` refuses a CPU accelerator; this
+subclass does not), which is how the tests exercise this path: float32 LoRA, and the QLoRA overlay itself on
+bitsandbytes' CPU kernels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Literal
 
@@ -45,10 +50,14 @@ def _own_trainable(unit: nn.Module) -> bool:
 
 
 def wrap_model(model: nn.Module, param_dtype: Literal["auto", "bfloat16", "float32"] = "auto",
-               device_id: torch.device | None = None, cpu_offload: bool = False) -> nn.Module:  # fmt: skip
+               device_id: torch.device | None = None, cpu_offload: bool = False,
+               from_rank0: bool = False) -> nn.Module:  # fmt: skip
     """Wrap a (PEFT) causal LM in place with FSDP1 units (see the module docstring); returns the model.
     Raises :class:`~qgen.strategies.checks.StrategyError` for a model whose trainable weights would not all
     be sharded.
+
+    ``from_rank0``: rank 0's weights go to every rank (a collective), whose model may be on the meta device
+    (:func:`receive_from_rank0`).
     """
     from torch.distributed.fsdp import CPUOffload, MixedPrecision, ShardingStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -80,10 +89,15 @@ def wrap_model(model: nn.Module, param_dtype: Literal["auto", "bfloat16", "float
         # input to lora_A.weight.dtype, read outside the unit's forward, where it is the stored dtype
         return {"mixed_precision": None} if module in lora_units else module in units
 
-    root = FSDP(decoder, auto_wrap_policy=CustomPolicy(policy), mixed_precision=mixed,
-                sharding_strategy=ShardingStrategy.FULL_SHARD, device_id=device_id, use_orig_params=True,
-                cpu_offload=CPUOffload(offload_params=cpu_offload), limit_all_gathers=True,
-                ignored_states=list(tied) or None)  # fmt: skip
+    init = {}
+    if from_rank0:
+        init = receive_from_rank0(model, decoder, tied, device_id)
+        tied = decoder_parts(model, "FSDP1")[2]  # the materialised tied weights
+    with _sync_on_cpu(from_rank0 and (device_id is None or torch.device(device_id).type == "cpu")):
+        root = FSDP(decoder, auto_wrap_policy=CustomPolicy(policy), mixed_precision=mixed,
+                    sharding_strategy=ShardingStrategy.FULL_SHARD, device_id=device_id, use_orig_params=True,
+                    cpu_offload=CPUOffload(offload_params=cpu_offload), limit_all_gathers=True,
+                    ignored_states=list(tied) or None, **init)  # fmt: skip
     parent = next(m for m in model.modules() if any(child is decoder for child in m.children()))
     name = next(n for n, child in parent.named_children() if child is decoder)
     setattr(parent, name, root)
@@ -96,6 +110,55 @@ def wrap_model(model: nn.Module, param_dtype: Literal["auto", "bfloat16", "float
         raise StrategyError(f"FSDP1: trainable weights outside the decoder's layers would not be synchronised "
                             f"across ranks: {', '.join(clean_name(n) for n in stray[:3])}")  # fmt: skip
     return model
+
+
+def receive_from_rank0(model: nn.Module, decoder: nn.Module, tied: list[nn.Parameter],
+                       device: torch.device | None) -> dict[str, Any]:  # fmt: skip
+    """One host copy per node: the weights FSDP will not manage (the output layer, a tied embedding, anything
+    outside the decoder: replicated) are broadcast from rank 0 now, materialised first where this rank built
+    them on the meta device; returns FSDP's arguments that do the same for each unit as it is built
+    (``sync_module_states``; ``param_init_fn`` materialises a meta unit, 4-bit weights included, before rank
+    0's values arrive), so a rank > 0 never holds more than its shards and one unit.
+    """
+    import functools
+
+    import torch.distributed as dist
+
+    from qgen.fourbit import materialize, wire_device
+
+    device = torch.device(device or "cpu")
+    wire = wire_device()
+    memo: dict[int, nn.Parameter] = {}  # tied parameters stay tied
+    in_decoder, tied_ids, sent = {id(m) for m in decoder.modules()}, {id(p) for p in tied}, set()
+    for module in model.modules():
+        outside = id(module) not in in_decoder
+        if not outside and not any(id(p) in tied_ids for p in module.parameters(recurse=False)):
+            continue  # FSDP's: materialised by param_init_fn and synchronised unit by unit
+        materialize(module, device, memo)
+        for tensor in [*module.parameters(recurse=False), *(module.buffers(recurse=False) if outside else ())]:
+            if id(tensor) not in sent:
+                sent.add(id(tensor))
+                moved = tensor.data.to(wire)
+                dist.broadcast(moved, src=0)
+                if moved is not tensor.data:
+                    tensor.data.copy_(moved)
+    return {"sync_module_states": True, "param_init_fn": functools.partial(materialize, device=device)}
+
+
+@contextlib.contextmanager
+def _sync_on_cpu(active: bool):
+    """Torch's FSDP1 refuses ``sync_module_states`` for CPU tensors (a guard against slow broadcasts on a GPU
+    machine); gloo broadcasts them, which is how a CPU run (the tests) receives rank 0's weights.
+    """
+    from torch.distributed.fsdp import _init_utils  # private: the guard, lifted for CPU runs only
+
+    check = _init_utils._check_module_states_for_sync_module_states
+    if active:
+        _init_utils._check_module_states_for_sync_module_states = lambda states: None
+    try:
+        yield
+    finally:
+        _init_utils._check_module_states_for_sync_module_states = check
 
 
 def trainable_units(model: nn.Module) -> list[tuple[nn.Module, list[nn.Parameter]]]:
@@ -150,6 +213,9 @@ class FSDP1Strategy(FSDPStrategy):
         cpu_offload: keep the sharded weights in host memory between uses (slower; for the largest models).
         process_group_backend: ``nccl`` on GPUs, ``gloo`` on CPU (Lightning's choice when unset).
         timeout_s: collective timeout in seconds (Lightning's default when unset).
+        one_host_copy: rank 0 alone loads (or draws) the weights; the other ranks build their models on the meta
+            device and receive their shards from it, so a node's host memory holds one copy of the model, not
+            one per rank (:func:`receive_from_rank0`). ``false``: every rank loads the model itself.
     """
 
     def __init__(
@@ -158,6 +224,7 @@ class FSDP1Strategy(FSDPStrategy):
         cpu_offload: bool = False,
         process_group_backend: str | None = None,
         timeout_s: float | None = None,
+        one_host_copy: bool = True,
     ):
         from datetime import timedelta
 
@@ -166,7 +233,17 @@ class FSDP1Strategy(FSDPStrategy):
         timeout = default_pg_timeout if timeout_s is None else timedelta(seconds=timeout_s)
         super().__init__(process_group_backend=process_group_backend, timeout=timeout, sharding_strategy="FULL_SHARD",
                          state_dict_type="full")  # fmt: skip
-        self.param_dtype, self.offload = param_dtype, cpu_offload
+        self.param_dtype, self.offload, self.one_host_copy = param_dtype, cpu_offload, one_host_copy
+
+    @property
+    def loads_on_rank0(self) -> bool:
+        """Whether rank 0 alone loads the weights and sends them to the others (``one_host_copy``, > 1 rank)."""
+        return self.one_host_copy and self.world_size > 1
+
+    @property
+    def builds_empty(self) -> bool:
+        """Whether this rank builds its models on the meta device (ranks > 0 under ``one_host_copy``)."""
+        return self.loads_on_rank0 and self.global_rank > 0
 
     # the precision plugin Lightning picks for FSDP refuses clipping by norm: ours computes it over shards
     @property
@@ -184,7 +261,8 @@ class FSDP1Strategy(FSDPStrategy):
         return dtype if self.param_dtype == "auto" else getattr(torch, self.param_dtype)
 
     def shard(self, model: nn.Module) -> nn.Module:
-        return wrap_model(model, self.param_dtype, device_id=self.root_device, cpu_offload=self.offload)
+        return wrap_model(model, self.param_dtype, device_id=self.root_device, cpu_offload=self.offload,
+                          from_rank0=self.loads_on_rank0)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _names(self) -> dict[int, str]:

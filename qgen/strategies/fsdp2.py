@@ -115,6 +115,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
     @property
+    def loads_on_rank0(self) -> bool:
+        """Rank 0 alone loads the weights and sends them to the others (always, past one rank)."""
+        return self.world_size > 1
+
+    @property
     def builds_empty(self) -> bool:
         """Ranks > 0 build their models on the meta device (no weight read); :meth:`shard` fills them from
         rank 0, so a node's host memory holds one full copy of the weights, not one per rank.
