@@ -16,7 +16,9 @@ Two cases: the output embedding frozen (LoRA, what qgen's GRPO trains) and train
 ``[V, H]`` gradient is then part of every side's peak). The log-probs of all sides are checked against each
 other. Rounds alternate the sides and all are printed; the ratio uses the median over rounds.
 
-    python benchmarks/logprob_memory.py [--rounds 2]
+    python benchmarks/logprob_memory.py [--rounds 2] [--device cuda --hidden 5120]
+
+``--device cuda`` measures CUDA's peak allocation instead (``benchmarks/gpu_check.py`` part d).
 
 Needs ``pip install -e ".[bench]"``. The last line is
 ``logprob_mem_vs_trl=X.XX logprob_mem_vs_trl_trainable_head=X.XX``.
@@ -39,12 +41,12 @@ PROBE = r"""
 import json, resource, sys, time, torch
 sys.path.insert(0, {root!r})
 torch.set_num_threads(2)
-side, trainable = {side!r}, {trainable!r}
+side, trainable, device = {side!r}, {trainable!r}, {device!r}
 g = torch.Generator().manual_seed(0)
-head = (torch.randn({V}, {H}, generator=g) * 0.02).requires_grad_(trainable)
-hidden = torch.randn({N} * {T}, {H}, generator=g).requires_grad_(True)
-targets = torch.randint(0, {V}, ({N} * {T},), generator=g)
-weights = torch.randn({N} * {T}, generator=g)
+head = (torch.randn({V}, {H}, generator=g) * 0.02).to(device).requires_grad_(trainable)
+hidden = torch.randn({N} * {T}, {H}, generator=g).to(device).requires_grad_(True)
+targets = torch.randint(0, {V}, ({N} * {T},), generator=g).to(device)
+weights = torch.randn({N} * {T}, generator=g).to(device)
 if side == "qgen":
     from qgen.losses import token_logprobs
     fn = lambda: token_logprobs(hidden[None], head, targets[None])[0]
@@ -56,12 +58,19 @@ elif side.startswith("trl_chunked"):
 else:
     from trl.trainer.utils import selective_log_softmax
     fn = lambda: selective_log_softmax(hidden @ head.T, targets)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def used():  # KiB: the host's peak resident set, or CUDA's peak allocation
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if device == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+base = used()
 started = time.perf_counter()
 logp = fn()
 (logp * weights).sum().backward()
+peak = used()
 seconds = time.perf_counter() - started
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 grad = hidden.grad.double()
 print(json.dumps({{"peak_mb": (peak - base) / 1024, "seconds": seconds, "logp_sum": float(logp.double().sum()),
                   "grad_h_norm": float(grad.norm()), "grad_w_norm": float(head.grad.norm()) if trainable else 0.0}}))
@@ -71,8 +80,10 @@ SIDES = {"qgen": "qgen", "trl_chunked": "TRL chunked", "trl_chunked_4096": "TRL 
          "trl_chunked_1024": "TRL ch. 1024", "trl_selective": "TRL selective"}  # fmt: skip
 
 
-def measure(side: str, trainable: bool) -> dict:
-    code = PROBE.format(root=ROOT, side=side, trainable=trainable, V=V, H=H, N=N, T=T)
+def measure(side: str, trainable: bool, device: str = "cpu", hidden: int = H, sequences: int = N,
+            length: int = T) -> dict:  # fmt: skip
+    """One side's peak (MB) and time over forward + backward, in a fresh process."""
+    code = PROBE.format(root=ROOT, side=side, trainable=trainable, device=device, V=V, H=hidden, N=sequences, T=length)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{side}: the probe failed:\n{proc.stderr[-2000:]}")
@@ -82,15 +93,19 @@ def measure(side: str, trainable: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: peak CUDA allocation, and TRL's kernel on its Triton path")  # fmt: skip
+    parser.add_argument("--hidden", type=int, default=H, help="hidden size (Qwen3-14B: 5120)")
     args = parser.parse_args()
     ratios = {}
-    print(f"per-token log-probs, forward + backward: {N} x {T} tokens, hidden {H}, vocabulary {V:,}, fp32, CPU")
+    print(f"per-token log-probs, forward + backward: {N} x {T} tokens, hidden {args.hidden}, vocabulary {V:,}, "
+          f"fp32, {args.device}")  # fmt: skip
     for trainable in (False, True):
         runs: dict[str, list[dict]] = {s: [] for s in SIDES}
         for r in range(args.rounds):
             order = list(SIDES) if r % 2 == 0 else list(SIDES)[::-1]  # alternate which side goes first
             for side in order:
-                runs[side].append(measure(side, trainable))
+                runs[side].append(measure(side, trainable, args.device, args.hidden))
         ref = runs["trl_chunked"][0]
         for side, rows in runs.items():  # every side computes the same numbers
             for row in rows:

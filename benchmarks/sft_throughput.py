@@ -43,10 +43,19 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import StepClock, constant_lr, fused_adamw  # noqa: E402  (benchmarks/common.py)
+from common import (  # noqa: E402
+    StepClock,
+    add_machine_args,
+    constant_lr,
+    describe,
+    fused_adamw,
+    hf_model,
+    lightning_kwargs,  # (benchmarks/common.py)
+    trl_kwargs,
+)
 
 from qgen.data import IGNORE_INDEX, QuestionDataModule  # noqa: E402
-from qgen.models import LoraSpec, causal_lm_nll, embedded_path, load_causal_lm  # noqa: E402
+from qgen.models import LoraSpec, causal_lm_nll, load_causal_lm  # noqa: E402
 from qgen.sft import SFTModule  # noqa: E402
 
 LR, CLIP, SEED = 2e-4, 1.0, 0
@@ -112,10 +121,11 @@ def run_qgen(dm, args, meter: Meter, cpu_kernels: bool, checkpointing: bool = Fa
             meter.step_end()
 
     L.seed_everything(SEED)
-    module = Measured(lora=LoraSpec(r=32, alpha=64, dropout=0.05, cpu_kernels=cpu_kernels),
+    module = Measured(model_name_or_path=args.model, dtype=args.dtype,
+                      lora=LoraSpec(r=32, alpha=64, dropout=0.05, cpu_kernels=cpu_kernels),
                       gradient_checkpointing=checkpointing, packing=packing, optimizer=fused_adamw(LR),
                       scheduler=constant_lr)  # fmt: skip
-    trainer = L.Trainer(max_steps=args.warmup + args.steps, accelerator="cpu", devices=1, logger=False,
+    trainer = L.Trainer(max_steps=args.warmup + args.steps, **lightning_kwargs(args), logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, gradient_clip_val=CLIP, gradient_clip_algorithm="norm",
                         callbacks=[StepEnd()])  # fmt: skip
@@ -128,7 +138,7 @@ def run_trl(dm, args, meter: Meter, batches, variant: str = ""):
     import trl.trainer.utils as trl_utils
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     rows = [(ids[m.bool()].tolist(), (lab[m.bool()] != IGNORE_INDEX).int().tolist())
@@ -150,10 +160,10 @@ def run_trl(dm, args, meter: Meter, batches, variant: str = ""):
         weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
         optim="adamw_torch_fused", max_grad_norm=CLIP, gradient_checkpointing=variant == "ckpt",
         gradient_checkpointing_kwargs={"use_reentrant": False}, padding_free=variant == "padfree",
-        train_sampling_strategy="sequential", bf16=False, use_cpu=True, report_to=[], save_strategy="no",
+        train_sampling_strategy="sequential", **trl_kwargs(args), report_to=[], save_strategy="no",
         logging_steps=1000, dataloader_num_workers=0, completion_only_loss=True, seed=SEED, disable_tqdm=True,
     )  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(embedded_path())
+    model = hf_model(args)
     peft = LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = Measured(model=model, args=config, train_dataset=dataset, processing_class=dm.tokenizer,
                        peft_config=peft, callbacks=[StepEnd()])  # fmt: skip
@@ -171,12 +181,15 @@ def run_trl(dm, args, meter: Meter, batches, variant: str = ""):
 # ------------------------------------------------------------------------------------------------- bare
 def run_bare(dm, args, meter: Meter, batches):
     L.seed_everything(SEED)
-    model = load_causal_lm(None, LoraSpec(r=32, alpha=64, dropout=0.05, cpu_kernels=False))
+    model = load_causal_lm(args.model, LoraSpec(r=32, alpha=64, dropout=0.05, cpu_kernels=False),
+                           dtype=args.dtype).to(args.device)  # fmt: skip
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = fused_adamw(LR)(params)
+    autocast = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     for batch in batches[: args.warmup + args.steps]:
         meter.loss_batch(batch["input_ids"], batch["attention_mask"])
-        loss = causal_lm_nll(model, batch).loss
+        with autocast:
+            loss = causal_lm_nll(model, {k: v.to(args.device) for k, v in batch.items()}).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         optimizer.step()
@@ -218,10 +231,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sides", nargs="+", default=DEFAULT_SIDES, choices=DEFAULT_SIDES + OPTIONAL_SIDES)
+    add_machine_args(parser)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    dm = QuestionDataModule(batch_size=args.batch_size, max_length=args.max_length, val_fraction=0.0, seed=SEED)
+    dm = QuestionDataModule(tokenizer=args.model, batch_size=args.batch_size, max_length=args.max_length,
+                            val_fraction=0.0, seed=SEED)  # fmt: skip
     dm.setup("fit")
     batches = qgen_batches(dm, args.warmup + args.steps)
     reference = [[ids[m.bool()].tolist() for ids, m in zip(b["input_ids"], b["attention_mask"])]
@@ -242,7 +257,7 @@ def main() -> None:
             print(f"{r:>5}  {side:<13} {meter.tokens_per_s:>9.0f} {meter.s_per_step:>7.3f} "
                   f"{meter.tokens_per_step:>11.0f}", flush=True)  # fmt: skip
 
-    print(f"\nSFT throughput, embedded default, {len(batches)} batches of {args.batch_size} (max_length "
+    print(f"\nSFT throughput, {describe(args)}, {len(batches)} batches of {args.batch_size} (max_length "
           f"{args.max_length}, {padding:.1%} padding), {args.steps} timed steps, {args.threads} threads, "
           f"{args.rounds} rounds")  # fmt: skip
     print(f"{'side':<13} {'tokens/s median':>15}  every round")
