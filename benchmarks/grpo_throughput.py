@@ -50,16 +50,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (  # noqa: E402
-    StepClock,
-    add_machine_args,
-    constant_lr,
-    describe,
-    fused_adamw,
-    hf_model,
-    lightning_kwargs,  # (benchmarks/common.py)
-    trl_kwargs,
-)
+import common  # noqa: E402  (benchmarks/common.py: what the sides share; model and machine)
+from common import StepClock, constant_lr, fused_adamw  # noqa: E402
 
 from callbacks import DifficultyReward, DiversityReward, NoveltyReward, RigorReward  # noqa: E402
 from qgen.data import QuestionDataModule  # noqa: E402
@@ -124,8 +116,8 @@ def run_qgen(dm, rewards, args, meter: Meter, cpu_kernels: bool = False, checkpo
     module.configure_model()
     for cb in rewards.values():
         module.register_reward(cb)
-    L.Trainer(max_steps=args.warmup + args.steps, **lightning_kwargs(args), logger=False, enable_checkpointing=False,
-              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, gradient_clip_val=CLIP,
+    L.Trainer(max_steps=args.warmup + args.steps, **common.lightning_kwargs(args), logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, gradient_clip_val=CLIP,
               callbacks=[Measure()]).fit(module, dm)  # fmt: skip
 
 
@@ -158,7 +150,7 @@ def run_trl(dm, rewards, args, meter: Meter, order: list[int], checkpointing: bo
     engine = dict(use_vllm=True, vllm_mode="colocate", vllm_max_model_length=1024,
                   vllm_importance_sampling_correction=True) if vllm else {}  # fmt: skip
     config = GRPOConfig(
-        output_dir=tempfile.mkdtemp(), seed=SEED, **trl_kwargs(args), max_steps=args.warmup + args.steps,
+        output_dir=tempfile.mkdtemp(), seed=SEED, **common.trl_kwargs(args), max_steps=args.warmup + args.steps,
         per_device_train_batch_size=PROMPTS * G, num_generations=G, gradient_accumulation_steps=1,
         max_completion_length=args.max_new_tokens, generation_kwargs=length, **engine,
         temperature=1.0, top_p=1.0, top_k=0, beta=0.04, epsilon=0.2, epsilon_high=0.28, loss_type="grpo",
@@ -169,7 +161,7 @@ def run_trl(dm, rewards, args, meter: Meter, order: list[int], checkpointing: bo
         disable_tqdm=True, dataloader_num_workers=0,
     )  # fmt: skip
     peft = LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    trainer = GRPOTrainer(model=hf_model(args), reward_funcs=reward,
+    trainer = GRPOTrainer(model=common.hf_model(args), reward_funcs=reward,
                           args=config, train_dataset=dataset, processing_class=dm.tokenizer, peft_config=peft,
                           callbacks=[StepEnd()])  # fmt: skip
     ids = trainer._tokenize_prompts([examples[i].messages[:-1] for i in order[:4]])[0]
@@ -195,7 +187,7 @@ def main() -> None:
     parser.add_argument("--sides", nargs="+", default=None, choices=SIDES,
                         help="default: the five hf sides; --backends hf,vllm: qgen, trl, qgen-vllm, trl-vllm")  # fmt: skip
     parser.add_argument("--backends", default="hf", help="hf, or hf,vllm for the four-side vLLM comparison")
-    add_machine_args(parser)
+    common.add_machine_args(parser)
     args = parser.parse_args()
     if args.sides is None:
         args.sides = ["qgen", "trl", "qgen-vllm", "trl-vllm"] if "vllm" in args.backends else SIDES[:5]
@@ -233,7 +225,7 @@ def main() -> None:
             print(f"{r:>5}  {side:<11} {meter.s_per_step:>7.3f} {expected_tokens:>15d} {meter.gen_tokens_per_s:>13.0f}",
                   flush=True)  # fmt: skip
 
-    print(f"\nGRPO throughput, {describe(args)}, {PROMPTS} prompts x G={G} x {args.max_new_tokens} tokens (EOS "
+    print(f"\nGRPO throughput, {common.describe(args)}, {PROMPTS} prompts x G={G} x {args.max_new_tokens} tokens (EOS "
           f"suppressed), beta 0.04, {args.steps} timed steps, {args.rounds} rounds")  # fmt: skip
     print(f"{'side':<11} {'s/step median':>13} {'gen tokens/s':>13}  every round (s/step)")
     for side, meters in rounds.items():

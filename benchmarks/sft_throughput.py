@@ -43,16 +43,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import (  # noqa: E402
-    StepClock,
-    add_machine_args,
-    constant_lr,
-    describe,
-    fused_adamw,
-    hf_model,
-    lightning_kwargs,  # (benchmarks/common.py)
-    trl_kwargs,
-)
+import common  # noqa: E402  (benchmarks/common.py: what the sides share; model and machine)
+from common import StepClock, constant_lr, fused_adamw  # noqa: E402
 
 from qgen.data import IGNORE_INDEX, QuestionDataModule  # noqa: E402
 from qgen.models import LoraSpec, causal_lm_nll, load_causal_lm  # noqa: E402
@@ -125,7 +117,7 @@ def run_qgen(dm, args, meter: Meter, cpu_kernels: bool, checkpointing: bool = Fa
                       lora=LoraSpec(r=32, alpha=64, dropout=0.05, cpu_kernels=cpu_kernels),
                       gradient_checkpointing=checkpointing, packing=packing, optimizer=fused_adamw(LR),
                       scheduler=constant_lr)  # fmt: skip
-    trainer = L.Trainer(max_steps=args.warmup + args.steps, **lightning_kwargs(args), logger=False,
+    trainer = L.Trainer(max_steps=args.warmup + args.steps, **common.lightning_kwargs(args), logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, gradient_clip_val=CLIP, gradient_clip_algorithm="norm",
                         callbacks=[StepEnd()])  # fmt: skip
@@ -160,10 +152,10 @@ def run_trl(dm, args, meter: Meter, batches, variant: str = ""):
         weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0,
         optim="adamw_torch_fused", max_grad_norm=CLIP, gradient_checkpointing=variant == "ckpt",
         gradient_checkpointing_kwargs={"use_reentrant": False}, padding_free=variant == "padfree",
-        train_sampling_strategy="sequential", **trl_kwargs(args), report_to=[], save_strategy="no",
+        train_sampling_strategy="sequential", **common.trl_kwargs(args), report_to=[], save_strategy="no",
         logging_steps=1000, dataloader_num_workers=0, completion_only_loss=True, seed=SEED, disable_tqdm=True,
     )  # fmt: skip
-    model = hf_model(args)
+    model = common.hf_model(args)
     peft = LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = Measured(model=model, args=config, train_dataset=dataset, processing_class=dm.tokenizer,
                        peft_config=peft, callbacks=[StepEnd()])  # fmt: skip
@@ -231,7 +223,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sides", nargs="+", default=DEFAULT_SIDES, choices=DEFAULT_SIDES + OPTIONAL_SIDES)
-    add_machine_args(parser)
+    common.add_machine_args(parser)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -257,7 +249,7 @@ def main() -> None:
             print(f"{r:>5}  {side:<13} {meter.tokens_per_s:>9.0f} {meter.s_per_step:>7.3f} "
                   f"{meter.tokens_per_step:>11.0f}", flush=True)  # fmt: skip
 
-    print(f"\nSFT throughput, {describe(args)}, {len(batches)} batches of {args.batch_size} (max_length "
+    print(f"\nSFT throughput, {common.describe(args)}, {len(batches)} batches of {args.batch_size} (max_length "
           f"{args.max_length}, {padding:.1%} padding), {args.steps} timed steps, {args.threads} threads, "
           f"{args.rounds} rounds")  # fmt: skip
     print(f"{'side':<13} {'tokens/s median':>15}  every round")
