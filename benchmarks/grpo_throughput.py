@@ -117,8 +117,8 @@ def run_qgen(dm, rewards, args, meter: Meter, cpu_kernels: bool = False, checkpo
     for cb in rewards.values():
         module.register_reward(cb)
     L.Trainer(max_steps=args.warmup + args.steps, **common.lightning_kwargs(args), logger=False,
-              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, gradient_clip_val=CLIP,
-              callbacks=[Measure()]).fit(module, dm)  # fmt: skip
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              limit_val_batches=0, gradient_clip_val=CLIP, callbacks=[Measure()]).fit(module, dm)  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------------- TRL
