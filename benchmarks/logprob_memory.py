@@ -2,7 +2,7 @@
 
 16 x 256 tokens, hidden size 256, Qwen's vocabulary of 151,936, fp32 on CPU. Each measurement runs in a
 fresh Python process: inputs are built first, then the peak resident-set growth over forward + backward
-of ``sum(w * logp)`` is read (``ru_maxrss``), so every side pays for exactly what its forward saves and its
+of ``sum(w * logp)`` is read (``VmHWM``), so every side pays for exactly what its forward saves and its
 backward allocates. Sides:
 
 - ``qgen``: ``qgen.losses.token_logprobs`` (the GRPO policy and reference passes);
@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V, H, N, T = 151_936, 256, 16, 256
 
 PROBE = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 sys.path.insert(0, {root!r})
 torch.set_num_threads(2)
 side, trainable, device = {side!r}, {trainable!r}, {device!r}
@@ -62,7 +62,8 @@ def used():  # KiB: the host's peak resident set, or CUDA's peak allocation
     if device == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/status") as fh:  # VmHWM: this process's own peak (ru_maxrss carries the parent's over)
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
 if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
 base = used()

@@ -9,12 +9,27 @@ import torch
 from lightning.pytorch import Callback
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident host memory. On Linux ``VmHWM`` (the high-water mark of this process's own
+    memory): ``ru_maxrss`` carries over the parent's peak across fork and exec, so a rank started by a large
+    process (a test runner, a notebook) would report its parent's peak.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """This process's peak so far: CUDA's max allocated bytes on ``device``, else the peak resident host memory."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return kb * 1024 / 1e9 if sys.platform != "darwin" else kb / 1e9
+    return peak_rss_bytes() / 1e9
 
 
 class MemoryMonitor(Callback):

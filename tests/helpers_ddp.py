@@ -2,20 +2,15 @@
 
 import json
 import os
-import resource
 
 import bitsandbytes  # noqa: F401 - the libraries a (Q)LoRA run imports count in HostMemoryDump's baseline
 import peft  # noqa: F401
 from lightning.pytorch import Callback
 
 from callbacks import RepetitionReward, RewardCallback
+from callbacks.memory import peak_rss_bytes
 
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-AFTER_IMPORT = _peak_rss_bytes()  # this module is imported while the command line is parsed, before any model
+AFTER_IMPORT = peak_rss_bytes()  # this module is imported while the command line is parsed, before any model
 
 
 class BankDump(Callback):
@@ -213,4 +208,4 @@ class HostMemoryDump(Callback):
     def on_train_end(self, trainer, pl_module):
         path = os.path.join(os.environ["QGEN_TEST_DUMP"], f"host_rank{trainer.global_rank}.json")
         with open(path, "w", encoding="utf-8") as fh:
-            json.dump({"after_import": AFTER_IMPORT, "peak": _peak_rss_bytes()}, fh)
+            json.dump({"after_import": AFTER_IMPORT, "peak": peak_rss_bytes()}, fh)
