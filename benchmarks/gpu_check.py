@@ -186,11 +186,12 @@ def part_e(args) -> dict:
 
 
 PARTS = [
-    Part("a", "QLoRA SFT, Qwen3-14B architecture (configs/qwen3-14b-sft.yaml)", 110, part_a),
+    # budgets: 440 s in all, so that start-up and the wheel install keep the whole run under 8 minutes
+    Part("a", "QLoRA SFT, Qwen3-14B architecture (configs/qwen3-14b-sft.yaml)", 130, part_a),
     Part("b", "GRPO, Qwen3-14B architecture (configs/qwen3-14b-grpo.yaml, hf)", 120, part_b),
-    Part("c", "qgen vs TRL, Qwen3-1.7B bf16 LoRA (SFT, GRPO)", 150, part_c),
-    Part("d", "log-prob peak memory, vocabulary 151,936", 40, part_d),
-    Part("e", "gpu-marked tests", 40, part_e),
+    Part("c", "qgen vs TRL, Qwen3-1.7B bf16 LoRA (SFT, GRPO)", 130, part_c),
+    Part("d", "log-prob peak memory, vocabulary 151,936", 30, part_d),
+    Part("e", "gpu-marked tests", 30, part_e),
 ]
 
 
