@@ -30,6 +30,10 @@ Design points:
   there at once (:func:`qgen.fourbit.quantize_linear`): about 10 GB of GPU memory, never the 29.5 GB of the
   bf16 model, nothing on disk.
 
+The last line is ``parts_ok=N sft_vs_trl_gpu=… grpo_vs_trl_gpu=… logprob_mem_vs_trl_gpu=…`` (the ratios of the
+parts that ran). Part d checks that every side computed the same log-probs and gradients; part c's scripts
+assert their own same-work conditions.
+
 ``--dry`` runs every part through the same code (same commands and parsing) on the CPU with the embedded
 default, a few steps each, so that the script cannot rot between visits to a GPU (``tests/test_gpu_check.py``);
 its figures are CPU figures and say nothing about a GPU.
@@ -168,7 +172,12 @@ def part_d(args) -> dict:
 
     device, hidden, n, t = ("cpu", 64, 1, 64) if args.dry else ("cuda", 5120, 16, 256)
     sides = ["qgen", "trl_chunked", "trl_chunked_4096"]
-    peaks = {side: round(measure(side, False, device, hidden, n, t)["peak_mb"], 1) for side in sides}
+    runs = {side: measure(side, False, device, hidden, n, t) for side in sides}
+    ref = runs["trl_chunked"]
+    for side, row in runs.items():  # the same work: every side computes the same log-probs and gradients
+        assert abs(row["logp_sum"] - ref["logp_sum"]) <= 1e-4 * abs(ref["logp_sum"]), (side, row, ref)
+        assert abs(row["grad_h_norm"] - ref["grad_h_norm"]) <= 1e-3 * ref["grad_h_norm"], (side, row, ref)
+    peaks = {side: round(row["peak_mb"], 1) for side, row in runs.items()}
     best_trl = min(v for k, v in peaks.items() if k.startswith("trl"))
     figures = {f"{side}_peak_mb": v for side, v in peaks.items()}
     figures["logprob_mem_vs_trl_gpu"] = round(peaks["qgen"] / best_trl, 3) if best_trl else None
@@ -289,6 +298,12 @@ def main() -> None:
         write(results, args.out)
         print(f"part {part.key}: {entry['status']} in {entry['seconds']:.0f} s  {entry.get('figures', '')}", flush=True)
     print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.md")
+    # the summary line: parts that ran, and the comparison figures where their parts did
+    figures = {k: v for key in "abcd" for k, v in results.get(key, {}).get("figures", {}).items()}
+    summary = {"parts_ok": sum(results[p.key]["status"] == "ok" for p in PARTS if p.key in results),
+               **{name: figures[name] for name in ("sft_vs_trl_gpu", "grpo_vs_trl_gpu", "logprob_mem_vs_trl_gpu")
+                  if figures.get(name) is not None}}  # fmt: skip
+    print(" ".join(f"{name}={value}" for name, value in summary.items()))
 
 
 if __name__ == "__main__":

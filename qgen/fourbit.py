@@ -80,10 +80,13 @@ def wire_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _broadcast(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+def broadcast_from_rank0(tensor: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    """Rank 0's ``tensor`` on every rank, through the process group's device (:func:`wire_device` unless
+    ``device``); the result is on that device (``tensor`` itself when it is already there).
+    """
     import torch.distributed as dist
 
-    moved = tensor.to(device)
+    moved = tensor.to(device or wire_device())
     dist.broadcast(moved, src=0)
     return moved
 
@@ -92,9 +95,9 @@ def _broadcast_header(header: Any | None, device: torch.device) -> Any:
     import torch.distributed as dist
 
     data = json.dumps(header).encode() if dist.get_rank() == 0 else b""
-    size = _broadcast(torch.tensor([len(data)], dtype=torch.int64), device)
+    size = broadcast_from_rank0(torch.tensor([len(data)], dtype=torch.int64), device)
     buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(int(size), dtype=torch.uint8)
-    return json.loads(bytes(_broadcast(buffer, device).cpu().tolist()).decode())
+    return json.loads(bytes(broadcast_from_rank0(buffer, device).cpu().tolist()).decode())
 
 
 def share_layout(model: nn.Module, device: torch.device | str | None, config) -> int:
@@ -127,10 +130,10 @@ def share_layout(model: nn.Module, device: torch.device | str | None, config) ->
     header = _broadcast_header(header, wire)
     if dist.get_rank() == 0:
         for tensor in tensors:
-            _broadcast(tensor, wire)
+            broadcast_from_rank0(tensor, wire)
         return len(header)
     for entry in header:
-        state = {key: _broadcast(torch.empty(shape, dtype=getattr(torch, dtype)), wire)
+        state = {key: broadcast_from_rank0(torch.empty(shape, dtype=getattr(torch, dtype)), wire)
                  for key, shape, dtype in entry["state"]}  # fmt: skip
         linear = model.get_submodule(entry["name"])
         if type(linear) is not nn.Linear:

@@ -30,6 +30,8 @@ def test_dry_run_records_every_part_with_its_figures(tmp_path):
     assert results["c"]["figures"]["grpo_gen_tokens_per_step"] == 2 * 8 * 8  # 2 prompts x G 8 x 8 tokens, EOS off
     assert {"qgen_peak_mb", "trl_chunked_peak_mb", "logprob_mem_vs_trl_gpu"} <= set(results["d"]["figures"])
     assert results["e"]["figures"]["skipped"] >= 1 and results["e"]["figures"]["passed"] == 0  # no GPU here
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("parts_ok=5 sft_vs_trl_gpu=") and "logprob_mem_vs_trl_gpu=" in last
     table = out.with_suffix(".md").read_text()
     assert "DRY RUN" in table and all(f"| {key} |" in table for key in "abcde")
 

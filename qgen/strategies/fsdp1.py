@@ -122,12 +122,9 @@ def receive_from_rank0(model: nn.Module, decoder: nn.Module, tied: list[nn.Param
     """
     import functools
 
-    import torch.distributed as dist
-
-    from qgen.fourbit import materialize, wire_device
+    from qgen.fourbit import broadcast_from_rank0, materialize
 
     device = torch.device(device or "cpu")
-    wire = wire_device()
     memo: dict[int, nn.Parameter] = {}  # tied parameters stay tied
     in_decoder, tied_ids, sent = {id(m) for m in decoder.modules()}, {id(p) for p in tied}, set()
     for module in model.modules():
@@ -138,8 +135,7 @@ def receive_from_rank0(model: nn.Module, decoder: nn.Module, tied: list[nn.Param
         for tensor in [*module.parameters(recurse=False), *(module.buffers(recurse=False) if outside else ())]:
             if id(tensor) not in sent:
                 sent.add(id(tensor))
-                moved = tensor.data.to(wire)
-                dist.broadcast(moved, src=0)
+                moved = broadcast_from_rank0(tensor.data)
                 if moved is not tensor.data:
                     tensor.data.copy_(moved)
     return {"sync_module_states": True, "param_init_fn": functools.partial(materialize, device=device)}

@@ -134,13 +134,15 @@ class FSDP2Strategy(ModelParallelStrategy):
         import torch.distributed as dist
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+        from qgen.fourbit import wire_device
+
         full = dict(model.state_dict()) if self.global_rank == 0 else {}
         shard_model(model, self.device_mesh["data_parallel"], self.param_dtype)
         if self.world_size > 1:
             set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
                                                                        broadcast_from_rank0=True))  # fmt: skip
             del full
-            device = dist.distributed_c10d._get_pg_default_device()  # cuda under NCCL, cpu under gloo
+            device = wire_device()  # cuda under NCCL, cpu under gloo
             for module in model.modules():
                 for name, buffer in list(module._buffers.items()):
                     if buffer is None:
